@@ -1,0 +1,124 @@
+"""The one place the config is read: DictConfig in, plain built parts out."""
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from .corruptions import CORRUPTIONS, Corruption
+from .data import DATASETS, Splits
+from .devices import DEVICES
+from .losses import LOSSES, ReconstructionLoss
+from .models import MODELS, Autoencoder
+from .optim import OPTIMIZERS
+from .registry import ConfigError, Registry, number
+from .regularizers import REGULARIZERS, Penalty
+
+GROUPS = {"data": DATASETS, "model": MODELS, "loss": LOSSES, "reg": REGULARIZERS,
+          "corruption": CORRUPTIONS, "optim": OPTIMIZERS, "device": DEVICES}
+
+
+@dataclass(frozen=True)
+class Trainer:
+    epochs: int
+    batch_size: int
+    seed: int
+    log_every: int
+
+
+@dataclass
+class Parts:
+    device: torch.device
+    data: Splits
+    model: Autoencoder
+    loss: ReconstructionLoss
+    penalty: Penalty
+    corruption: Corruption
+    optimizer: torch.optim.Optimizer
+    trainer: Trainer
+
+    @property
+    def trace(self) -> bool:
+        """Keep encoder derivatives in the forward pass (exact closed-form Jacobian)."""
+        return self.penalty.jacobian == "exact" and hasattr(self.model, "jacobian_sq_norm")
+
+    @property
+    def input_grad(self) -> bool:
+        """The penalty differentiates the code with respect to the input through autograd."""
+        return self.penalty.jacobian is not None and not self.trace
+
+
+def build_part(group: str, registry: Registry, node, **context):
+    """`registry[node.name](**node's other keys, **the context the builder asks for)`."""
+    options = OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else dict(node)
+    try:
+        builder = registry.get(options.pop("name", None))
+        accepted = inspect.signature(builder).parameters
+        unknown = sorted(set(options) - set(accepted) - set(context))
+        if unknown:
+            keys = ", ".join(k for k in accepted if k not in context)
+            raise ConfigError(f"unknown key(s) {', '.join(unknown)}; this {group} takes: {keys}", unknown[0])
+        missing = [k for k, p in accepted.items()
+                   if p.default is p.empty and k not in options and k not in context]
+        if missing:
+            raise ConfigError(f"missing value; add {group}.{missing[0]}=... on the command line", missing[0])
+        return builder(**options, **{k: v for k, v in context.items() if k in accepted})
+    except ConfigError as e:
+        raise e.within(group) from None
+
+
+def trainer_settings(node) -> Trainer:
+    try:
+        return Trainer(epochs=number(node.epochs, "epochs", low=1, integer=True),
+                       batch_size=number(node.batch_size, "batch_size", low=1, integer=True),
+                       seed=number(node.seed, "seed", integer=True),
+                       log_every=number(node.log_every, "log_every", low=1, integer=True))
+    except ConfigError as e:
+        raise e.within("trainer") from None
+
+
+def check_compatible(data: Splits, model: Autoencoder, loss: ReconstructionLoss, penalty: Penalty,
+                     trainer: Trainer) -> None:
+    """Cross-part contracts, checked once before training."""
+    if loss.needs_sigmoid_output and not model.sigmoid_output:
+        raise ConfigError("loss=bce needs a sigmoid output; set model.output_activation=sigmoid",
+                          "model.output_activation")
+    if loss.needs_sigmoid_output:
+        low, high = data.train.x.min().item(), data.train.x.max().item()
+        if low < 0 or high > 1:
+            raise ConfigError(f"loss=bce needs targets in [0, 1], but data={data.name} spans "
+                              f"[{low:g}, {high:g}]; use loss=mse or rescale the data", "loss")
+    if penalty.needs_unit_latent and not model.latent_unit_interval:
+        raise ConfigError(f"reg={penalty.name} needs latent activations in (0, 1); set "
+                          f"model.latent_activation=sigmoid (or model=sparse_kl)", "model.latent_activation")
+    if trainer.batch_size > len(data.train):
+        raise ConfigError(f"must be <= the {len(data.train)} training samples of data={data.name}, "
+                          f"got {trainer.batch_size}", "trainer.batch_size")
+
+
+def build(cfg: DictConfig) -> Parts:
+    """Config → parts, in dependency order; every problem surfaces here as a ConfigError."""
+    trainer = trainer_settings(cfg.trainer)
+    device = build_part("device", DEVICES, cfg.device)
+    torch.manual_seed(trainer.seed)
+    data = build_part("data", DATASETS, cfg.data)
+    model = build_part("model", MODELS, cfg.model, input_shape=data.image_shape)
+    loss = build_part("loss", LOSSES, cfg.loss)
+    penalty = build_part("reg", REGULARIZERS, cfg.reg)
+    corruption = build_part("corruption", CORRUPTIONS, cfg.corruption, image_shape=data.image_shape)
+    check_compatible(data, model, loss, penalty, trainer)
+    model = model.to(device)
+    optimizer = build_part("optim", OPTIMIZERS, cfg.optim, params=model.parameters(), device=device)
+    return Parts(device, resident(data, device), model, loss, penalty, corruption, optimizer, trainer)
+
+
+def resident(data: Splits, device: torch.device, share: float = 0.5) -> Splits:
+    """Move the data to the device when it takes under `share` of the free device memory."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        size = sum(s.x.numel() * s.x.element_size() for s in (data.train, data.val, data.test))
+        if size > share * free:
+            return data
+    return data.to(device)

@@ -1,0 +1,63 @@
+"""Terminal output (rich): a live progress bar, epoch lines through it, a final metrics table."""
+from __future__ import annotations
+
+import os
+import sys
+from contextlib import contextmanager
+from typing import Iterator
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+console = Console()
+errors = Console(stderr=True)
+
+
+def live() -> bool:
+    """Draw live bars only on a real terminal, and never under CI."""
+    return console.is_terminal and not os.environ.get("CI")
+
+
+@contextmanager
+def progress(total_steps: int) -> Iterator["Bar"]:
+    with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                  TimeElapsedColumn(), TextColumn("{task.fields[losses]}"),
+                  console=console, disable=not live(), transient=False) as bar:
+        yield Bar(bar, bar.add_task("train", total=total_steps, losses=""))
+
+
+class Bar:
+    def __init__(self, progress: Progress, task):
+        self._progress, self._task = progress, task
+
+    def advance(self, steps: int = 1) -> None:
+        self._progress.advance(self._task, steps)
+
+    def show(self, terms: dict[str, float]) -> None:
+        self._progress.update(self._task, losses=format_terms(terms))
+
+    def log(self, message: str) -> None:
+        self._progress.console.print(message, highlight=False, soft_wrap=True)
+
+
+def format_terms(terms: dict[str, float]) -> str:
+    return "  ".join(f"{name} {value:.4g}" for name, value in terms.items())
+
+
+def summary(metrics: dict[str, dict[str, float]], title: str) -> None:
+    """One row per split, one column per metric name found in any split."""
+    columns = list(dict.fromkeys(k for split in metrics.values() for k in split))
+    table = Table(title=title)
+    table.add_column("split")
+    for name in columns:
+        table.add_column(name, justify="right")
+    for split, values in metrics.items():
+        table.add_row(split, *(f"{values[c]:.5g}" if c in values else "" for c in columns))
+    console.print(table)
+
+
+def error(message: str) -> None:
+    """One line on stderr: what is wrong and how to fix it."""
+    errors.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    sys.stderr.flush()

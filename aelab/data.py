@@ -1,0 +1,111 @@
+"""Datasets as float tensors in [0, 1], flattened to (N, C*H*W), split train/val/test with a seed."""
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from .registry import ConfigError, Registry, number
+
+DATASETS = Registry("data")
+
+
+@dataclass(frozen=True)
+class Split:
+    x: Tensor       # (N, C*H*W) float32 in [0, 1]
+    labels: Tensor  # (N,) int64, for linear probes and plots
+
+    def __len__(self) -> int:
+        return self.x.shape[0]
+
+    def to(self, device: torch.device) -> "Split":
+        return Split(self.x.to(device), self.labels.to(device))
+
+
+@dataclass(frozen=True)
+class Splits:
+    name: str
+    image_shape: tuple[int, int, int]  # (C, H, W)
+    train: Split
+    val: Split
+    test: Split
+
+    def to(self, device: torch.device) -> "Splits":
+        return replace(self, train=self.train.to(device), val=self.val.to(device), test=self.test.to(device))
+
+
+def _fraction(value, key: str) -> float:
+    return number(value, key, low=0, high=1, high_open=True)
+
+
+def _carve(x: Tensor, labels: Tensor, fractions: list[float], seed: int) -> list[Split]:
+    """Shuffle with `seed`, then cut off the given fractions in order; the rest is the last split."""
+    order = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))
+    x, labels = x[order], labels[order]
+    splits, start = [], 0
+    for f in fractions:
+        n = int(round(f * len(x)))
+        splits.append(Split(x[start:start + n], labels[start:start + n]))
+        start += n
+    splits.append(Split(x[start:], labels[start:]))
+    return splits
+
+
+@DATASETS.register
+def digits(val_fraction: float = 0.15, test_fraction: float = 0.15, split_seed: int = 0) -> Splits:
+    """scikit-learn's bundled 8x8 handwritten digits (1,797 images, 0..16 scaled to [0, 1])."""
+    from sklearn.datasets import load_digits
+
+    val_f, test_f = _fraction(val_fraction, "val_fraction"), _fraction(test_fraction, "test_fraction")
+    if val_f + test_f >= 1:
+        raise ConfigError(f"val_fraction + test_fraction must be < 1, got {val_f + test_f:g}", "test_fraction")
+    bunch = load_digits()
+    x = torch.tensor(bunch.data, dtype=torch.float32) / 16.0
+    labels = torch.tensor(bunch.target, dtype=torch.int64)
+    test, val, train = _carve(x, labels, [test_f, val_f], number(split_seed, "split_seed", integer=True))
+    return Splits("digits", (1, 8, 8), train, val, test)
+
+
+def _torchvision(name: str, cls_name: str, root: str, download: bool, val_fraction: float,
+                 split_seed: int) -> Splits:
+    """A torchvision image set: its train file split into train/val, its test file as test."""
+    import torchvision
+
+    cls = getattr(torchvision.datasets, cls_name)
+    root_path = Path(root).expanduser()
+    try:
+        sets = [cls(str(root_path), train=t, download=bool(download)) for t in (True, False)]
+    except RuntimeError as e:
+        if "not found" not in str(e).lower():
+            raise
+        raise ConfigError(
+            f"no {cls_name} files under {root_path / cls_name / 'raw'}; put the four idx files "
+            f"(train-images-idx3-ubyte, ...) there, or set data.download=true (needs internet)", "root") from None
+    except OSError as e:  # download attempted without a network
+        raise ConfigError(f"could not download {cls_name} into {root_path}: {e}; "
+                          f"place the files under {root_path / cls_name / 'raw'} and set data.download=false",
+                          "download") from None
+    train_set, test_set = sets
+    to_x = lambda images: images.reshape(len(images), -1).to(torch.float32) / 255.0  # noqa: E731
+    val, train = _carve(to_x(train_set.data), train_set.targets.long(),
+                        [_fraction(val_fraction, "val_fraction")], number(split_seed, "split_seed", integer=True))
+    h, w = train_set.data.shape[1:]
+    return Splits(name, (1, h, w), train, val, Split(to_x(test_set.data), test_set.targets.long()))
+
+
+@DATASETS.register
+def mnist(root: str = "data", download: bool = False, val_fraction: float = 0.1, split_seed: int = 0) -> Splits:
+    return _torchvision("mnist", "MNIST", root, download, val_fraction, split_seed)
+
+
+@DATASETS.register
+def fashion_mnist(root: str = "data", download: bool = False, val_fraction: float = 0.1,
+                  split_seed: int = 0) -> Splits:
+    return _torchvision("fashion_mnist", "FashionMNIST", root, download, val_fraction, split_seed)
+
+
+@DATASETS.register
+def kmnist(root: str = "data", download: bool = False, val_fraction: float = 0.1, split_seed: int = 0) -> Splits:
+    return _torchvision("kmnist", "KMNIST", root, download, val_fraction, split_seed)

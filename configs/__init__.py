@@ -1,0 +1,1 @@
+"""aelab's Hydra config groups, shipped inside the package as `aelab.configs`."""
