@@ -11,7 +11,7 @@ from .models import Autoencoder, Forward
 from .registry import ConfigError, Registry, number
 
 REGULARIZERS = Registry("reg")
-KL_EPS = 1e-8  # the seed's clamp of rho_hat away from 0 and 1
+KL_EPS = 1e-8  # the seed's clamp of rho_hat away from 0 and 1 (raised to the dtype's resolution)
 
 
 @dataclass(frozen=True)
@@ -34,7 +34,8 @@ def l1_term(latent: Tensor) -> Tensor:
 
 def kl_term(latent: Tensor, rho: float) -> Tensor:
     """Sum over units j of KL(rho || rho_hat_j), rho_hat_j the batch-mean activation of unit j."""
-    rho_hat = latent.mean(0).clamp(KL_EPS, 1 - KL_EPS)
+    eps = max(KL_EPS, torch.finfo(latent.dtype).eps)  # in float32, 1 - 1e-8 rounds to 1: log(0)
+    rho_hat = latent.mean(0).clamp(eps, 1 - eps)
     return (rho * torch.log(rho / rho_hat) + (1 - rho) * torch.log((1 - rho) / (1 - rho_hat))).sum()
 
 

@@ -1,0 +1,87 @@
+"""Shared fixtures: Hydra-composed configs, the CLI in a subprocess, and MNIST-layout data roots."""
+from __future__ import annotations
+
+import gzip
+import os
+import struct
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from hydra import compose, initialize_config_module
+
+SHARED_MNIST = Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist-t10k"
+FAST = ["trainer.epochs=1", "trainer.batch_size=64", "device=cpu"]
+
+
+@pytest.fixture
+def make_cfg():
+    """compose(overrides) → the same DictConfig `aelab train` would get."""
+    def make(*overrides: str):
+        with initialize_config_module("aelab.configs", version_base="1.3"):
+            return compose("train", overrides=list(overrides))
+    return make
+
+
+def run_cli(*args: str, cwd: Path, check: bool = True, timeout: float = 600) -> subprocess.CompletedProcess:
+    """`aelab ARGS` as a user types it, in a fresh process."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "HYDRA_FULL_ERROR": "0"}
+    proc = subprocess.run([sys.executable, "-m", "aelab", *args], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"aelab {' '.join(args)} exited {proc.returncode}\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+def write_idx(path: Path, array: np.ndarray) -> None:
+    """IDX file (MNIST's format): magic 0x0803 / 0x0801 for uint8 images / labels, then big-endian dims."""
+    header = struct.pack(">HBB", 0, 0x08, array.ndim) + struct.pack(f">{array.ndim}I", *array.shape)
+    path.write_bytes(header + array.astype(np.uint8).tobytes())
+
+
+def read_idx_gz(path: Path) -> np.ndarray:
+    data = gzip.decompress(path.read_bytes())
+    ndim = data[3]
+    dims = struct.unpack(f">{ndim}I", data[4:4 + 4 * ndim])
+    return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(dims)
+
+
+def torchvision_root(root: Path, folder: str, images: np.ndarray, labels: np.ndarray, n_train: int) -> Path:
+    """A torchvision-layout root: ROOT/FOLDER/raw/{train,t10k}-{images-idx3,labels-idx1}-ubyte."""
+    raw = root / folder / "raw"
+    raw.mkdir(parents=True, exist_ok=True)
+    write_idx(raw / "train-images-idx3-ubyte", images[:n_train])
+    write_idx(raw / "train-labels-idx1-ubyte", labels[:n_train])
+    write_idx(raw / "t10k-images-idx3-ubyte", images[n_train:])
+    write_idx(raw / "t10k-labels-idx1-ubyte", labels[n_train:])
+    return root
+
+
+@pytest.fixture(scope="session")
+def synthetic_root(tmp_path_factory) -> Path:
+    """Small random 28x28 images in MNIST, FashionMNIST and KMNIST layout (400 train, 100 test)."""
+    root = tmp_path_factory.mktemp("tv")
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, size=(500, 28, 28), dtype=np.uint8)
+    labels = rng.integers(0, 10, size=500, dtype=np.uint8)
+    for folder in ("MNIST", "FashionMNIST", "KMNIST"):
+        torchvision_root(root, folder, images, labels, 400)
+    return root
+
+
+@pytest.fixture(scope="session")
+def real_mnist_root(tmp_path_factory) -> Path:
+    """The real MNIST test set, split 8,000 / 2,000 into a torchvision-layout root; skips without it."""
+    if not SHARED_MNIST.is_dir():
+        pytest.skip(f"{SHARED_MNIST} is absent")
+    images = read_idx_gz(SHARED_MNIST / "t10k-images-idx3-ubyte.gz")
+    labels = read_idx_gz(SHARED_MNIST / "t10k-labels-idx1-ubyte.gz")
+    return torchvision_root(tmp_path_factory.mktemp("mnist"), "MNIST", images, labels, 8000)
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)

@@ -1,0 +1,120 @@
+"""End to end through the real CLI, in subprocesses, as a user runs it."""
+import json
+from pathlib import Path
+
+import pytest
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from aelab.build import GROUPS
+from conftest import FAST, run_cli
+
+SIX_TAGS = {f"{split}/{term}" for split in ("train", "val") for term in ("total", "recon", "reg")}
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def events(run_dir: Path) -> EventAccumulator:
+    acc = EventAccumulator(str(run_dir), size_guidance={"scalars": 0, "images": 0})
+    acc.Reload()
+    return acc
+
+
+def option_names(group: str) -> list[str]:
+    return sorted(p.stem for p in (ROOT / "configs" / group).glob("*.yaml"))
+
+
+def test_top_level_help_lists_commands(tmp_path):
+    out = run_cli("--help", cwd=tmp_path).stdout
+    assert "train" in out and "usage: aelab" in out
+
+
+def test_unknown_command_is_a_one_line_error(tmp_path):
+    proc = run_cli("trian", cwd=tmp_path, check=False)
+    assert proc.returncode == 2 and "unknown command 'trian'; choose from: train" in proc.stderr
+
+
+def test_train_help_and_cfg_job(tmp_path):
+    helped = run_cli("train", "--help", cwd=tmp_path).stdout
+    for group in GROUPS:
+        assert f"{group}:" in helped  # Hydra lists each config group with its options
+    printed = run_cli("train", "--cfg", "job", "reg=l1", "reg.weight=0.5", cwd=tmp_path).stdout
+    assert "name: l1" in printed and "weight: 0.5" in printed
+    assert not (tmp_path / "outputs").exists()  # --cfg only prints
+
+
+def test_bce_kl_run_writes_events_metrics_and_checkpoint(tmp_path):
+    run_dir = tmp_path / "run"
+    run_cli("train", "loss=bce", "reg=kl", "trainer.epochs=2", "trainer.log_every=5", "device=cpu",
+            f"hydra.run.dir={run_dir}", cwd=tmp_path)
+    acc = events(run_dir)
+    assert SIX_TAGS <= set(acc.Tags()["scalars"])
+    assert len(acc.Scalars("val/total")) == 2 and len(acc.Scalars("train/total")) >= 2
+    assert "val/clean_corrupted_reconstructed" in acc.Tags()["images"]
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    for split in ("train", "val", "test"):
+        assert metrics[split]["total"] == pytest.approx(metrics[split]["recon"] + 0.1 * metrics[split]["reg"],
+                                                        rel=1e-5)
+    assert {"mse", "bce", "mae"} <= set(metrics["test"])
+    assert (run_dir / ".hydra" / "config.yaml").exists() and (run_dir / "checkpoint.pt").exists()
+
+
+def test_default_run_learns(tmp_path):
+    run_dir = tmp_path / "run"
+    run_cli("train", "trainer.epochs=10", f"hydra.run.dir={run_dir}", cwd=tmp_path)
+    val = [e.value for e in events(run_dir).Scalars("val/total")]
+    assert val[-1] < 0.6 * val[0]
+
+
+@pytest.mark.parametrize("group,extra", [
+    ("model", []), ("loss", []), ("reg", ["model=sparse_kl"]), ("corruption", []), ("optim", []),
+    ("data", ["trainer.batch_size=16"]),
+])
+def test_every_option_runs_one_epoch(tmp_path, synthetic_root, group, extra):
+    """One multirun per group: every YAML option of the group trains one epoch and writes metrics."""
+    sweep = tmp_path / "sweep"
+    # digits, the default, runs in every other test; the torchvision sets share data.root
+    options = [o for o in option_names(group) if not (group == "data" and o == "digits")]
+    run_cli("train", "-m", f"{group}={','.join(options)}", *FAST, *extra, f"paths.data={synthetic_root}"
+            if group == "data" else "trainer.log_every=1", f"hydra.sweep.dir={sweep}", cwd=tmp_path)
+    jobs = sorted(p.parent for p in sweep.glob("*/metrics.json"))
+    assert len(jobs) == len(options)
+    for job in jobs:
+        metrics = json.loads((job / "metrics.json").read_text())
+        assert metrics["test"]["mse"] > 0 and metrics["steps"] >= 1
+
+
+def test_devices(tmp_path):
+    import torch
+    run_cli("train", "device=cpu", "trainer.epochs=1", f"hydra.run.dir={tmp_path / 'cpu'}", cwd=tmp_path)
+    auto = run_cli("train", "device=auto", "trainer.epochs=1", f"hydra.run.dir={tmp_path / 'auto'}", cwd=tmp_path)
+    expected = "cuda" if torch.cuda.is_available() else "cpu"
+    assert json.loads((tmp_path / "auto" / "metrics.json").read_text())["device"].startswith(expected), auto.stdout
+    cuda = run_cli("train", "device=cuda", "trainer.epochs=1", f"hydra.run.dir={tmp_path / 'cuda'}", cwd=tmp_path,
+                   check=False)
+    if not torch.cuda.is_available():
+        assert cuda.returncode == 2 and "device: no CUDA GPU is visible" in cuda.stderr
+        assert "Traceback" not in cuda.stderr
+
+
+def test_two_job_multirun_makes_two_run_dirs(tmp_path):
+    run_cli("train", "-m", "reg=l1", "reg.weight=1e-3,1e-1", *FAST, cwd=tmp_path)
+    jobs = sorted((tmp_path / "outputs" / "multirun").glob("*/*/*/metrics.json"))
+    names = [p.parent.name for p in jobs]
+    assert len(names) == 2 and names[0].startswith("0_") and names[1].startswith("1_")
+    assert "reg.weight=0.001" in names[0] and "reg.weight=0.1" in names[1]
+    for job in jobs:
+        assert list(job.parent.glob("events.out.tfevents.*"))  # one TensorBoard run per job
+
+
+@pytest.mark.parametrize("args,message", [
+    (["reg=kll"], "Could not find 'reg/kll'"),
+    (["reg=l1", "reg.weight=-1"], "reg.weight: must be >= 0, got -1"),
+    (["reg=l1", "reg.weight=abc"], "reg.weight: must be a number, got 'abc'"),
+    (["reg.wieght=1"], "Key 'wieght' is not in struct"),
+    (["corruption=block", "corruption.size=20"], "corruption.size: must be <= the image side 8"),
+])
+def test_bad_input_fails_with_a_clear_message(tmp_path, args, message):
+    proc = run_cli("train", *args, "device=cpu", f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path, check=False)
+    assert proc.returncode != 0
+    assert message in proc.stderr
+    assert "Traceback" not in proc.stderr + proc.stdout
+    assert not (tmp_path / "run" / "metrics.json").exists()
