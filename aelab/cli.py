@@ -1,10 +1,12 @@
 """`aelab COMMAND ...`: argv → the command; `aelab train` is a Hydra app over aelab's config groups."""
 from __future__ import annotations
 
+import shutil
 import sys
 from pathlib import Path
 
 import hydra
+import yaml
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
@@ -15,28 +17,82 @@ USAGE = """usage: aelab COMMAND [ARGS]
 
 commands:
   train    train an autoencoder (Hydra app: GROUP=OPTION overrides, -m sweeps, --help, --cfg job)
+           continue a stopped run with: aelab train resume=RUN_DIR
 
 examples:
   aelab train loss=bce reg=kl model=sparse_kl
   aelab train -m reg=l1 reg.weight=1e-4,1e-3,1e-2,1e-1,1
   aelab train --help
 """
+RESULTS = ("checkpoint.pt", "metrics.json")  # what makes a directory an aelab run
+HYDRA_ONLY = {".hydra", "train.log"}
 
 
 @hydra.main(config_path="configs", config_name="train", version_base="1.3")
 def train(cfg: DictConfig) -> float:
     """One job; returns validation total loss (the value a sweeper would minimise)."""
+    from .faults import TrainingFault
     from .train import run  # torch is imported only once a job runs: --help stays fast
 
+    run_dir = Path(HydraConfig.get().runtime.output_dir)
     try:
-        record = run(cfg, Path(HydraConfig.get().runtime.output_dir))
+        if not cfg.resume and any((run_dir / name).exists() for name in RESULTS):
+            raise ConfigError(f"{run_dir} already holds an aelab run; choose a new dir, or continue it with "
+                              f"aelab train resume={run_dir}", "hydra.run.dir")
+        record = run(cfg, run_dir, resume=bool(cfg.resume))
     except ConfigError as e:
+        if not cfg.resume and set(p.name for p in run_dir.iterdir()) <= HYDRA_ONLY:
+            shutil.rmtree(run_dir, ignore_errors=True)  # nothing ran: leave no empty run behind
         console.error(str(e))
         sys.exit(2)
+    except TrainingFault as e:
+        console.error(str(e))
+        sys.exit(e.exit_code)
     return record["val"]["total"]
 
 
-COMMANDS = {"train": train}
+def resume_args(args: list[str]) -> list[str]:
+    """`resume=RUN_DIR` → that run's own overrides, in its own dir, with resume on."""
+    wanted = [a for a in args if a.startswith("resume=")]
+    if not wanted:
+        return args
+    value = wanted[-1].split("=", 1)[1]
+    if value.lower() in ("true", "false"):
+        raise ConfigError("give the run dir to continue: aelab train resume=outputs/DATE/TIME", "resume")
+    run_dir = Path(value).expanduser()
+    overrides = run_dir / ".hydra" / "overrides.yaml"
+    if not overrides.is_file() or not (run_dir / "checkpoint.pt").exists():
+        raise ConfigError(f"{run_dir} is not an aelab run (it needs .hydra/overrides.yaml and checkpoint.pt); "
+                          f"pass a run dir under outputs/", "resume")
+    saved = [o for o in yaml.safe_load(overrides.read_text()) or [] if not o.startswith("resume=")]
+    rest = [a for a in args if not a.startswith(("resume=", "hydra.run.dir="))]
+    return [*saved, *rest, f"hydra.run.dir={run_dir}", "resume=true"]
+
+
+def refuse_used_dirs(args: list[str]) -> None:
+    """An explicit run or sweep dir that already holds results is never written into."""
+    for arg in args:
+        key, _, value = arg.partition("=")
+        if key in ("hydra.run.dir", "hydra.sweep.dir") and value and "resume=true" not in args:
+            used = [p for name in RESULTS for p in Path(value).expanduser().glob(f"**/{name}")]
+            if used:
+                raise ConfigError(f"{value} already holds aelab results ({used[0]}); choose a new dir, "
+                                  f"or continue a run with aelab train resume=RUN_DIR", key)
+
+
+def train_command(args: list[str]) -> int:
+    try:
+        args = resume_args(args)
+        refuse_used_dirs(args)
+    except ConfigError as e:
+        console.error(str(e))
+        return 2
+    sys.argv = ["aelab train", *args]
+    train()
+    return 0
+
+
+COMMANDS = {"train": train_command}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -48,9 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     if command is None:
         console.error(f"unknown command '{args[0]}'; choose from: {', '.join(COMMANDS)}")
         return 2
-    sys.argv = [f"aelab {args[0]}", *args[1:]]
-    command()
-    return 0
+    return command(args[1:])
 
 
 if __name__ == "__main__":

@@ -20,11 +20,11 @@ def live() -> bool:
 
 
 @contextmanager
-def progress(total_steps: int) -> Iterator["Bar"]:
+def progress(total_steps: int, completed: int = 0) -> Iterator["Bar"]:
     with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                   TimeElapsedColumn(), TextColumn("{task.fields[losses]}"),
                   console=console, disable=not live(), transient=False) as bar:
-        yield Bar(bar, bar.add_task("train", total=total_steps, losses=""))
+        yield Bar(bar, bar.add_task("train", total=total_steps, completed=completed, losses=""))
 
 
 class Bar:

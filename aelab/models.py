@@ -179,7 +179,8 @@ class ConvAutoencoder(Autoencoder):
 
 
 def _sizes(values, key: str, allow_empty: bool) -> list[int]:
-    values = list(values)
+    if not isinstance(values, (list, tuple)):
+        raise ConfigError(f"must be a list of sizes, e.g. [256, 128], got {values!r}", key)
     if not values and not allow_empty:
         raise ConfigError("must list at least one size, e.g. [16, 32]", key)
     return [number(v, key, low=1, integer=True) for v in values]

@@ -1,6 +1,7 @@
 """Name → builder registries: key = YAML file name = command-line value."""
 from __future__ import annotations
 
+import math
 from typing import Callable, Iterator
 
 
@@ -59,16 +60,18 @@ def number(value, key: str, *, low: float | None = None, high: float | None = No
            low_open: bool = False, high_open: bool = False, integer: bool = False) -> float | int:
     """Validate a numeric hyperparameter; the error names `key` and the allowed range."""
     kind = "an integer" if integer else "a number"
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+    if isinstance(value, bool):
+        raise ConfigError(f"must be {kind}, got {value!r}", key)
+    if not isinstance(value, (int, float)):
         try:
             value = int(value) if integer else float(value)
         except (TypeError, ValueError):
             raise ConfigError(f"must be {kind}, got {value!r}", key) from None
+    if not math.isfinite(value):
+        raise ConfigError(f"must be a finite number, got {value!r}", key)
     if integer and float(value) != int(value):
         raise ConfigError(f"must be {kind}, got {value!r}", key)
     value = int(value) if integer else float(value)
-    if value != value or value in (float("inf"), float("-inf")):
-        raise ConfigError(f"must be a finite number, got {value!r}", key)
     too_low = low is not None and (value <= low if low_open else value < low)
     too_high = high is not None and (value >= high if high_open else value > high)
     if too_low or too_high:

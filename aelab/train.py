@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import os
 import time
 from pathlib import Path
 from typing import Iterator, Optional
@@ -13,8 +12,10 @@ from torch import Tensor
 from torch.utils.tensorboard import SummaryWriter
 from torchvision.utils import make_grid
 
-from . import console
+from . import checkpoint, console
 from .build import Parts, build
+from .checkpoint import Position
+from .faults import FiniteWatch, StopSignals, environment
 from .losses import LOSSES
 
 TERMS = ("total", "recon", "reg")
@@ -33,47 +34,47 @@ def loss_terms(parts: Parts, clean: Tensor, generator: Optional[torch.Generator]
     return {"total": recon + parts.penalty.weight * reg, "recon": recon, "reg": reg}
 
 
-def train_step(parts: Parts, clean: Tensor) -> dict[str, Tensor]:
+def train_step(parts: Parts, clean: Tensor) -> Tensor:
+    """One optimizer step; returns the detached (total, recon, reg) without a host sync."""
     parts.optimizer.zero_grad(set_to_none=True)
     terms = loss_terms(parts, clean)
     terms["total"].backward()
     parts.optimizer.step()
-    return {name: value.detach() for name, value in terms.items()}
+    return torch.stack([terms[name].detach() for name in TERMS])
 
 
-def batches(x: Tensor, batch_size: int, device: torch.device, shuffle: bool) -> Iterator[Tensor]:
-    """Batches gathered where the data lives (on the device when it fits), reshuffled each call."""
-    order = torch.randperm(len(x), device=x.device) if shuffle else None
-    for start in range(0, len(x), batch_size):
-        chunk = x[order[start:start + batch_size]] if shuffle else x[start:start + batch_size]
+def batches(x: Tensor, batch_size: int, device: torch.device, order: Optional[Tensor] = None,
+            start: int = 0) -> Iterator[Tensor]:
+    """Batches gathered where the data lives (on the device when it fits), from batch `start` on."""
+    for begin in range(start * batch_size, len(x), batch_size):
+        chunk = x[begin:begin + batch_size] if order is None else x[order[begin:begin + batch_size]]
         yield chunk.to(device, non_blocking=True)
 
 
 def evaluate(parts: Parts, x: Tensor) -> dict[str, float]:
     """Mean {total, recon, reg} of the training objective, corruption drawn from a fixed seed."""
     generator = torch.Generator(parts.device).manual_seed(parts.trainer.seed)
-    sums = dict.fromkeys(TERMS, 0.0)
+    sums = torch.zeros(len(TERMS), device=parts.device)
     parts.model.eval()
     with torch.set_grad_enabled(parts.input_grad):
-        for clean in batches(x, parts.trainer.batch_size, parts.device, shuffle=False):
-            for name, value in loss_terms(parts, clean, generator).items():
-                sums[name] = sums[name] + value.detach() * len(clean)
+        for clean in batches(x, parts.trainer.batch_size, parts.device):
+            terms = loss_terms(parts, clean, generator)
+            sums += torch.stack([terms[name].detach() for name in TERMS]) * len(clean)
     parts.model.train()
-    return {name: float(total / len(x)) for name, total in sums.items()}
+    return dict(zip(TERMS, (sums / len(x)).tolist()))
 
 
 @torch.no_grad()
 def recon_metrics(parts: Parts, x: Tensor) -> dict[str, float]:
     """MSE, BCE and MAE per element of reconstructing clean inputs, whatever the training loss."""
-    metrics = {name: LOSSES.get(name)() for name in RECON_METRICS}
-    sums = dict.fromkeys(RECON_METRICS, 0.0)
+    metrics = [LOSSES.get(name)() for name in RECON_METRICS]
+    sums = torch.zeros(len(metrics), device=parts.device)
     parts.model.eval()
-    for clean in batches(x, parts.trainer.batch_size, parts.device, shuffle=False):
+    for clean in batches(x, parts.trainer.batch_size, parts.device):
         fwd = parts.model(clean)
-        for name, metric in metrics.items():
-            sums[name] = sums[name] + metric(fwd, clean) * len(clean)
+        sums += torch.stack([metric(fwd, clean) for metric in metrics]) * len(clean)
     parts.model.train()
-    return {name: float(total / len(x)) for name, total in sums.items()}
+    return dict(zip(RECON_METRICS, (sums / len(x)).tolist()))
 
 
 @torch.no_grad()
@@ -88,65 +89,80 @@ def image_grid(parts: Parts, x: Tensor) -> Tensor:
     return make_grid(images.cpu(), nrow=len(clean), pad_value=1.0)
 
 
-def save_checkpoint(parts: Parts, cfg: DictConfig, path: Path, epoch: int, step: int) -> None:
-    """Written to a temporary file, then renamed: a crash never leaves half a checkpoint."""
-    state = {"model": parts.model.state_dict(), "optimizer": parts.optimizer.state_dict(),
-             "epoch": epoch, "step": step, "config": OmegaConf.to_container(cfg, resolve=True)}
-    tmp = path.with_suffix(".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
-
-
 def log_terms(writer: SummaryWriter, prefix: str, terms: dict[str, float], step: int) -> None:
     for name, value in terms.items():
         writer.add_scalar(f"{prefix}/{name}", value, step)
 
 
-def train_epoch(parts: Parts, writer: SummaryWriter, bar: console.Bar, step: int) -> tuple[int, dict]:
-    """One pass over the shuffled training split; scalars are read back only every log_every steps."""
+def train_epoch(parts: Parts, pos: Position, writer: SummaryWriter, bar: console.Bar, watch: FiniteWatch,
+                stop: StopSignals) -> None:
+    """Train on the rest of this epoch's shuffle; reads scalars back only every log_every steps."""
     every = parts.trainer.log_every
-    epoch_sums = window = dict.fromkeys(TERMS, 0.0)
-    seen = 0
-    for clean in batches(parts.data.train.x, parts.trainer.batch_size, parts.device, shuffle=True):
+    for clean in batches(parts.data.train.x, parts.trainer.batch_size, parts.device, pos.order, pos.batch):
         terms = train_step(parts, clean)
-        step += 1
-        window = {name: window[name] + terms[name] for name in TERMS}
-        epoch_sums = {name: epoch_sums[name] + terms[name] * len(clean) for name in TERMS}
-        seen += len(clean)
+        pos.step, pos.batch, pos.seen = pos.step + 1, pos.batch + 1, pos.seen + len(clean)
+        watch.update(terms, pos.step)
+        pos.window += terms
+        pos.epoch_sums += terms * len(clean)
         bar.advance()
-        if step % every == 0:
-            means = {name: float(window[name] / every) for name in TERMS}
-            log_terms(writer, "train", means, step)
+        if pos.step % every == 0:
+            watch.check()
+            means = dict(zip(TERMS, (pos.window / every).tolist()))
+            log_terms(writer, "train", means, pos.step)
             bar.show(means)
-            window = dict.fromkeys(TERMS, 0.0)
-    return step, {name: float(epoch_sums[name] / seen) for name in TERMS}
+            pos.window.zero_()
+        if stop.requested:
+            return
 
 
-def run(cfg: DictConfig, run_dir: Path) -> dict:
-    """Train one configuration; write TensorBoard events, a checkpoint and metrics.json to run_dir."""
+def start_epoch(parts: Parts, pos: Position) -> None:
+    """A fresh shuffle of the training split (on the device holding it) and zeroed epoch sums."""
+    x = parts.data.train.x
+    pos.order = torch.randperm(len(x), device=x.device)
+    pos.batch, pos.seen = 0, 0
+    pos.epoch_sums = torch.zeros(len(TERMS), device=parts.device)
+    if pos.window is None:
+        pos.window = torch.zeros(len(TERMS), device=parts.device)
+
+
+def run(cfg: DictConfig, run_dir: Path, resume: bool = False) -> dict:
+    """Train one configuration; write TensorBoard events, checkpoints and metrics.json to run_dir."""
     parts = build(cfg)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    writer = SummaryWriter(str(run_dir))
-    writer.add_text("config", "    " + OmegaConf.to_yaml(cfg, resolve=True).replace("\n", "\n    "))
-    trainer, step, started = parts.trainer, 0, time.perf_counter()
+    pos = checkpoint.load(parts, run_dir) if resume else Position()
+    writer = SummaryWriter(str(run_dir), purge_step=pos.step + 1 if resume else None)
+    if not resume:
+        writer.add_text("config", "    " + OmegaConf.to_yaml(cfg, resolve=True).replace("\n", "\n    "))
+        (run_dir / "environment.json").write_text(json.dumps(environment(parts.device, parts.trainer.seed),
+                                                             indent=2) + "\n")
+    trainer, started, first_step = parts.trainer, time.perf_counter(), pos.step
     steps_per_epoch = -(-len(parts.data.train) // trainer.batch_size)
-    with console.progress(trainer.epochs * steps_per_epoch) as bar:
-        for epoch in range(1, trainer.epochs + 1):
-            step, train_means = train_epoch(parts, writer, bar, step)
+    watch = FiniteWatch(parts.device, TERMS, run_dir / checkpoint.FILE)
+    with console.progress(trainer.epochs * steps_per_epoch, pos.step) as bar, StopSignals() as stop:
+        while pos.epoch < trainer.epochs:
+            if pos.order is None:
+                start_epoch(parts, pos)
+            train_epoch(parts, pos, writer, bar, watch, stop)
+            watch.check()
+            if stop.requested:
+                writer.close()
+                stop.exit(checkpoint.save(parts, cfg, pos, run_dir), pos.step)
+            pos.epoch, pos.order = pos.epoch + 1, None
             val = evaluate(parts, parts.data.val.x)
-            log_terms(writer, "val", val, step)
-            writer.add_image("val/clean_corrupted_reconstructed", image_grid(parts, parts.data.val.x), step)
-            save_checkpoint(parts, cfg, run_dir / "checkpoint.pt", epoch, step)
-            bar.log(f"epoch {epoch}/{trainer.epochs}  train {console.format_terms(train_means)}"
+            log_terms(writer, "val", val, pos.step)
+            writer.add_image("val/clean_corrupted_reconstructed", image_grid(parts, parts.data.val.x), pos.step)
+            checkpoint.save(parts, cfg, pos, run_dir)
+            train = dict(zip(TERMS, (pos.epoch_sums / pos.seen).tolist()))
+            bar.log(f"epoch {pos.epoch}/{trainer.epochs}  train {console.format_terms(train)}"
                     f"  |  val {console.format_terms(val)}")
     seconds = time.perf_counter() - started
     metrics = {"train": evaluate(parts, parts.data.train.x), "val": evaluate(parts, parts.data.val.x),
                "test": {**evaluate(parts, parts.data.test.x), **recon_metrics(parts, parts.data.test.x)}}
     for split, values in metrics.items():
-        log_terms(writer, f"final_{split}", values, step)
+        log_terms(writer, f"final_{split}", values, pos.step)
     writer.close()
-    record = {**metrics, "epochs": trainer.epochs, "steps": step, "seconds": round(seconds, 3),
-              "samples_per_second": round(step * trainer.batch_size / seconds, 1), "device": str(parts.device)}
+    trained = (pos.step - first_step) * trainer.batch_size
+    record = {**metrics, "epochs": trainer.epochs, "steps": pos.step, "seconds": round(seconds, 3),
+              "samples_per_second": round(trained / seconds, 1), "device": str(parts.device)}
     (run_dir / "metrics.json").write_text(json.dumps(record, indent=2) + "\n")
     console.summary(metrics, title=f"aelab: {run_dir}")
     return record

@@ -1,0 +1,96 @@
+"""Surviving faults: non-finite losses, SIGINT/SIGTERM (e.g. a SLURM preemption), and provenance."""
+from __future__ import annotations
+
+import platform
+import signal
+import sys
+import threading
+from importlib import metadata
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from torch import Tensor
+
+
+
+class TrainingFault(RuntimeError):
+    """Training cannot go on; the message says what happened and what to do. Carries an exit code."""
+
+    def __init__(self, message: str, exit_code: int):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+class FiniteWatch:
+    """Remembers, on the device, the first step at which each loss term went NaN or inf.
+
+    `update` costs a few tiny kernels and no host sync; `check` (every log_every steps and at the
+    end of each epoch, before any checkpoint is written) reads it back and stops the run.
+    """
+
+    def __init__(self, device: torch.device, names: Sequence[str], last_good: Path):
+        self.names, self.last_good = list(names), last_good
+        self.first_bad = torch.full((len(names),), -1, dtype=torch.int64, device=device)
+
+    def update(self, terms: Tensor, step: int) -> None:
+        fresh = ~torch.isfinite(terms) & (self.first_bad < 0)
+        self.first_bad = torch.where(fresh, step, self.first_bad)
+
+    def check(self) -> None:
+        first_bad = self.first_bad.tolist()
+        bad = {name: step for name, step in zip(self.names, first_bad) if step >= 0}
+        if not bad:
+            return
+        step = min(bad.values())
+        terms = ", ".join(name for name, s in bad.items() if s == step)
+        kept = (f"the last good checkpoint is kept at {self.last_good}" if self.last_good.is_file()
+                else "no checkpoint had been written yet")
+        raise TrainingFault(f"loss term(s) {terms} became NaN or inf at step {step}; {kept}; "
+                            f"lower optim.lr or reg.weight and run again", exit_code=3)
+
+
+class StopSignals:
+    """SIGINT/SIGTERM ask the loop to stop after the current step; a second SIGINT stops at once."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self):
+        self.received: int | None = None
+        self._previous: dict = {}
+
+    @property
+    def requested(self) -> bool:
+        return self.received is not None
+
+    def _handle(self, signum, frame) -> None:
+        self.received = signum
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+    def __enter__(self) -> "StopSignals":
+        if threading.current_thread() is threading.main_thread():
+            self._previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
+
+    def exit(self, saved: Path, step: int) -> None:
+        name = signal.Signals(self.received).name
+        raise TrainingFault(f"stopped by {name} after step {step}; checkpoint saved to {saved}; "
+                            f"continue with: aelab train resume={saved.parent}", exit_code=128 + self.received)
+
+
+def environment(device: torch.device, seed: int) -> dict:
+    """What a rerun needs to reproduce the numbers: seed, versions, device."""
+    versions = {}
+    for package in ("aelab", "torch", "torchvision", "hydra-core", "omegaconf", "numpy", "scikit-learn"):
+        try:
+            versions[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            versions[package] = None
+    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else None
+    return {"seed": seed, "device": str(device), "gpu": gpu, "python": sys.version.split()[0],
+            "platform": platform.platform(), "argv": sys.argv, "versions": versions,
+            "cuda": torch.version.cuda, "threads": torch.get_num_threads()}

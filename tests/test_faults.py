@@ -1,0 +1,231 @@
+"""Reliability: one-line errors, NaN stops, SIGTERM/SIGINT checkpoints, bitwise resume, atomic saves."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from aelab import checkpoint
+from aelab.build import build, check_compatible
+from aelab.checkpoint import Position
+from aelab.cli import main
+from aelab.data import Split, Splits
+from aelab.registry import ConfigError
+from conftest import run_cli
+
+LONG = ["trainer.epochs=12", "trainer.batch_size=16", "trainer.log_every=7", "device=cpu",
+        "corruption=gaussian", "reg=l1"]
+
+
+def cli(capfd, *argv):
+    """`aelab ARGV` through aelab.cli.main, the console script's entry point: (exit code, stdout, stderr)."""
+    try:
+        code = main(list(argv))
+    except SystemExit as e:
+        code = e.code
+    out, err = capfd.readouterr()
+    return code, out, err
+
+
+def assert_clean_failure(proc, code, text):
+    assert proc.returncode == code, proc.stderr
+    assert text in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stderr + proc.stdout
+
+
+@pytest.mark.parametrize("args,text", [
+    (["model=resnet"], "Could not find 'model/resnet'"),
+    (["trainer.epohcs=3"], "Key 'epohcs' is not in struct"),
+    (["reg=l1", "reg.weight=-0.1"], "reg.weight: must be >= 0"),
+    (["reg=l1", "reg.weight=lots"], "reg.weight: must be a number"),
+    (["reg=kl", "reg.rho=1.2"], "reg.rho: must be in (0, 1)"),
+    (["reg=kl", "reg.rho=0"], "reg.rho: must be in (0, 1)"),
+    (["corruption=salt_pepper", "corruption.prob=1.5"], "corruption.prob: must be in [0, 1]"),
+    (["corruption=gaussian", "corruption.noise_factor=-0.2"], "corruption.noise_factor: must be >= 0"),
+    (["corruption=block", "corruption.size=12"], "corruption.size: must be <= the image side 8"),
+    (["reg=kl", "model.latent_activation=relu"], "model.latent_activation: reg=kl needs latent activations"),
+    (["device=cuda"], "device: no CUDA GPU is visible"),
+    (["data=mnist", "paths.data=/nonexistent"], "data.root: no MNIST files under /nonexistent/MNIST/raw"),
+    (["model.latent_dim=0"], "model.latent_dim: must be >= 1"),
+    (["model.hidden=[256,0]"], "model.hidden: must be >= 1"),
+    (["trainer.batch_size=100000"], "trainer.batch_size: must be <= the 1257 training samples"),
+    (["trainer.epochs=0"], "trainer.epochs: must be >= 1"),
+])
+def test_bad_input_is_one_clear_line(tmp_path, capfd, args, text):
+    """Through the console script's entry point, in process (test_cli.py runs a few as subprocesses)."""
+    if args == ["device=cuda"] and torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    code, out, err = cli(capfd, "train", *args, f"hydra.run.dir={tmp_path / 'run'}")
+    assert code not in (0, None)
+    assert text in err, err
+    if not text.startswith(("Could not find", "Key '")):  # aelab's own errors (Hydra's are its own)
+        assert err.startswith("error: ") and len(err.strip().splitlines()) == 1, err
+    assert "Traceback" not in out + err
+    assert not (tmp_path / "run").exists()  # nothing ran: no run dir is left behind
+
+
+def test_bce_with_data_outside_unit_interval_is_refused(make_cfg):
+    parts = build(make_cfg("device=cpu", "loss=bce"))
+    wide = Split(parts.data.train.x * 2 - 0.5, parts.data.train.labels)
+    data = Splits("scaled", parts.data.image_shape, wide, wide, wide)
+    with pytest.raises(ConfigError, match=r"loss=bce needs targets in \[0, 1\].*spans \[-0.5, 1.5\]"):
+        check_compatible(data, parts.model, parts.loss, parts.penalty, parts.trainer)
+
+
+def test_existing_run_is_never_overwritten(tmp_path):
+    run_dir = tmp_path / "run"
+    run_cli("train", "trainer.epochs=1", f"hydra.run.dir={run_dir}", cwd=tmp_path)
+    before = {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}
+    proc = run_cli("train", "trainer.epochs=2", f"hydra.run.dir={run_dir}", cwd=tmp_path, check=False)
+    assert_clean_failure(proc, 2, "already holds aelab results")
+    assert {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()} == before
+
+
+def test_resume_dir_that_is_not_a_run(tmp_path):
+    (tmp_path / "empty").mkdir()
+    proc = run_cli("train", f"resume={tmp_path / 'empty'}", cwd=tmp_path, check=False)
+    assert_clean_failure(proc, 2, "resume: " + str(tmp_path / "empty") + " is not an aelab run")
+
+
+def test_truncated_checkpoint_is_a_clear_error(tmp_path):
+    run_dir = tmp_path / "run"
+    run_cli("train", "trainer.epochs=1", f"hydra.run.dir={run_dir}", cwd=tmp_path)
+    ckpt = run_dir / "checkpoint.pt"
+    ckpt.write_bytes(ckpt.read_bytes()[:5000])
+    proc = run_cli("train", f"resume={run_dir}", cwd=tmp_path, check=False)
+    assert_clean_failure(proc, 2, "is unreadable or truncated")
+
+
+def test_nan_loss_stops_at_once_naming_step_and_terms(tmp_path):
+    run_dir = tmp_path / "run"
+    proc = run_cli("train", "optim=sgd", "optim.lr=1e12", "trainer.log_every=50", f"hydra.run.dir={run_dir}",
+                   cwd=tmp_path, check=False)
+    assert_clean_failure(proc, 3, "became NaN or inf at step")
+    assert "no checkpoint had been written yet" in proc.stderr and "lower optim.lr" in proc.stderr
+    assert not (run_dir / "metrics.json").exists() and not (run_dir / "checkpoint.pt").exists()
+
+
+def test_nan_after_a_good_epoch_keeps_the_good_checkpoint(tmp_path, make_cfg):
+    from aelab.faults import TrainingFault
+    from aelab.train import run
+
+    cfg = make_cfg("device=cpu", "trainer.epochs=3")
+    parts_run = tmp_path / "run"
+    parts_run.mkdir()
+    calls = {"n": 0}
+    original = torch.optim.Adam.step
+
+    def poisoned(self, *a, **k):  # the loss turns NaN during the second epoch
+        calls["n"] += 1
+        out = original(self, *a, **k)
+        if calls["n"] == 15:
+            for group in self.param_groups:
+                group["params"][0].data.fill_(float("nan"))
+        return out
+    torch.optim.Adam.step = poisoned
+    try:
+        with pytest.raises(TrainingFault, match="at step 16") as err:
+            run(cfg, parts_run)
+    finally:
+        torch.optim.Adam.step = original
+    assert "last good checkpoint is kept" in str(err.value)
+    state = torch.load(parts_run / "checkpoint.pt", weights_only=True)
+    assert state["position"]["epoch"] == 1 and state["position"]["step"] == 10
+    assert all(torch.isfinite(v).all() for v in state["model"].values())
+
+
+def start(args, cwd):
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    return subprocess.Popen([sys.executable, "-m", "aelab", "train", *args], cwd=cwd, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def wait_for_line(proc, text, timeout=120):
+    deadline = time.time() + timeout
+    for line in proc.stdout:
+        if text in line:
+            return
+        assert time.time() < deadline, f"no '{text}' within {timeout}s"
+    raise AssertionError(f"process ended before printing '{text}'")
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_signal_checkpoints_and_resume_matches_uninterrupted_run_bitwise(tmp_path, sig):
+    straight, stopped = tmp_path / "straight", tmp_path / "stopped"
+    run_cli("train", *LONG, f"hydra.run.dir={straight}", cwd=tmp_path)
+    proc = start([*LONG, f"hydra.run.dir={stopped}"], tmp_path)
+    wait_for_line(proc, "epoch 2/12")
+    proc.send_signal(sig)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + sig, err
+    assert f"stopped by {signal.Signals(sig).name}" in err and f"aelab train resume={stopped}" in err
+    assert "Traceback" not in err
+    assert not (stopped / "metrics.json").exists()
+    position = torch.load(stopped / "checkpoint.pt", weights_only=True)["position"]
+    assert 0 < position["step"] < 12 * 79
+    run_cli("train", f"resume={stopped}", cwd=tmp_path)
+    a = json.loads((straight / "metrics.json").read_text())
+    b = json.loads((stopped / "metrics.json").read_text())
+    for split in ("train", "val", "test"):
+        assert a[split] == b[split]  # bitwise: the same floats
+    acc = EventAccumulator(str(stopped))
+    acc.Reload()
+    steps = [e.step for e in acc.Scalars("train/total")]
+    assert steps == sorted(set(steps)) and steps[-1] == a["steps"] // 7 * 7  # no step logged twice
+    assert [e.step for e in acc.Scalars("val/total")] == sorted({e.step for e in acc.Scalars("val/total")})
+
+
+def test_same_seed_same_metrics_and_environment_recorded(tmp_path):
+    for name in ("a", "b"):
+        run_cli("train", "trainer.epochs=2", "corruption=masking", f"hydra.run.dir={tmp_path / name}", cwd=tmp_path)
+    a, b = (json.loads((tmp_path / n / "metrics.json").read_text()) for n in ("a", "b"))
+    assert a["test"] == b["test"] and a["val"] == b["val"]
+    env = json.loads((tmp_path / "a" / "environment.json").read_text())
+    assert env["seed"] == 0 and env["versions"]["torch"] == torch.__version__.split("+")[0] or env["versions"]["torch"]
+    assert env["device"] == "cpu" or env["device"].startswith("cuda")
+
+
+def test_checkpoint_write_is_atomic(tmp_path, make_cfg, monkeypatch):
+    parts = build(make_cfg("device=cpu"))
+    cfg = make_cfg("device=cpu")
+    good = checkpoint.save(parts, cfg, Position(epoch=1, step=5), tmp_path).read_bytes()
+
+    def crash(obj, f, *a, **k):
+        Path(f).write_bytes(b"half a checkpoint")
+        raise OSError("disk full")
+    monkeypatch.setattr(torch, "save", crash)
+    with pytest.raises(OSError):
+        checkpoint.save(parts, cfg, Position(epoch=2, step=10), tmp_path)
+    assert (tmp_path / "checkpoint.pt").read_bytes() == good
+
+
+KEYS = [("reg=l1", "reg.weight"), ("reg=kl", "reg.rho"), ("corruption=masking", "corruption.prob"),
+        ("corruption=gaussian", "corruption.noise_factor"), ("corruption=block", "corruption.size"),
+        (None, "model.latent_dim"), (None, "trainer.epochs"), (None, "trainer.batch_size"),
+        (None, "optim.lr"), (None, "trainer.log_every")]
+INVALID = st.one_of(
+    st.floats(max_value=-1e-6, allow_nan=False).map(repr),
+    st.text("abcdefghijklmnopqrstuvwxyz_", min_size=1, max_size=8),
+    st.sampled_from(["nan", "inf", "-inf", "null", "[]", "[1,2]", "{a:1}", "''", "true"]),
+)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(key=st.sampled_from(KEYS), value=INVALID)
+def test_random_invalid_values_never_traceback(tmp_path, capfd, key, value):
+    group, name = key
+    run_dir = tmp_path / uuid.uuid4().hex
+    argv = ["train", *([group] if group else []), f"{name}={value}", "device=cpu", f"hydra.run.dir={run_dir}"]
+    code, out, err = cli(capfd, *argv)
+    assert code not in (0, None), (argv, out)
+    assert "Traceback" not in out + err and err.strip(), (argv, err)
+    assert not (run_dir / "metrics.json").exists()
