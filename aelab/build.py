@@ -3,9 +3,11 @@ from __future__ import annotations
 
 import inspect
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 from .corruptions import CORRUPTIONS, Corruption
 from .data import DATASETS, Splits
@@ -28,6 +30,15 @@ class Trainer:
     log_every: int
 
 
+@dataclass(frozen=True)
+class EvalSettings:
+    threshold: float  # a unit is active on a sample when its activation > threshold (the seed's 0.1)
+    noise: dict[str, Corruption]  # test corruptions for the robustness metrics, by name
+    probe: bool  # linear probes on codes and on pixels
+    probe_max_samples: int
+    features: int  # decoded one-hot codes to draw
+
+
 @dataclass
 class Parts:
     device: torch.device
@@ -38,6 +49,7 @@ class Parts:
     corruption: Corruption
     optimizer: torch.optim.Optimizer
     trainer: Trainer
+    evaluation: EvalSettings
 
     @property
     def trace(self) -> bool:
@@ -79,6 +91,19 @@ def trainer_settings(node) -> Trainer:
         raise e.within("trainer") from None
 
 
+def eval_settings(node, image_shape: tuple[int, int, int]) -> EvalSettings:
+    try:
+        noise = {name: build_part(f"noise.{name}", CORRUPTIONS, {"name": name, **dict(params or {})},
+                                  image_shape=image_shape) for name, params in node.noise.items()}
+        return EvalSettings(threshold=number(node.threshold, "threshold"), noise=noise,
+                            probe=bool(node.probe),
+                            probe_max_samples=number(node.probe_max_samples, "probe_max_samples", low=10,
+                                                     integer=True),
+                            features=number(node.features, "features", low=1, integer=True))
+    except ConfigError as e:
+        raise e.within("eval") from None
+
+
 def check_compatible(data: Splits, model: Autoencoder, loss: ReconstructionLoss, penalty: Penalty,
                      trainer: Trainer) -> None:
     """Cross-part contracts, checked once before training."""
@@ -108,10 +133,11 @@ def build(cfg: DictConfig) -> Parts:
     loss = build_part("loss", LOSSES, cfg.loss)
     penalty = build_part("reg", REGULARIZERS, cfg.reg)
     corruption = build_part("corruption", CORRUPTIONS, cfg.corruption, image_shape=data.image_shape)
+    evaluation = eval_settings(cfg.eval, data.image_shape)
     check_compatible(data, model, loss, penalty, trainer)
     model = model.to(device)
     optimizer = build_part("optim", OPTIMIZERS, cfg.optim, params=model.parameters(), device=device)
-    return Parts(device, resident(data, device), model, loss, penalty, corruption, optimizer, trainer)
+    return Parts(device, resident(data, device), model, loss, penalty, corruption, optimizer, trainer, evaluation)
 
 
 def resident(data: Splits, device: torch.device, share: float = 0.5) -> Splits:
@@ -122,3 +148,23 @@ def resident(data: Splits, device: torch.device, share: float = 0.5) -> Splits:
         if size > share * free:
             return data
     return data.to(device)
+
+
+def run_config(run_dir: Path, overrides: list[str], allowed: tuple[str, ...] = ("eval.", "device.")) -> DictConfig:
+    """A finished run's composed config (.hydra/config.yaml) with `eval.*` / `device.*` overrides."""
+    path = run_dir / ".hydra" / "config.yaml"
+    if not path.is_file() or not (run_dir / "checkpoint.pt").is_file():
+        raise ConfigError(f"{run_dir} is not an aelab run (it needs .hydra/config.yaml and checkpoint.pt); "
+                          f"pass a run dir under outputs/", "RUN_DIR")
+    cfg = OmegaConf.load(path)
+    OmegaConf.set_struct(cfg, True)
+    for override in overrides:
+        key, sep, value = override.partition("=")
+        if not sep or not key.startswith(allowed):
+            raise ConfigError(f"takes KEY=VALUE overrides under {' or '.join(a + '*' for a in allowed)}, "
+                              f"e.g. eval.noise.gaussian.noise_factor=0.5; got '{override}'", "override")
+        try:
+            cfg.merge_with(OmegaConf.from_dotlist([override]))
+        except OmegaConfBaseException as e:
+            raise ConfigError(f"{str(e).splitlines()[0]}; see .hydra/config.yaml for the keys", key) from None
+    return cfg

@@ -18,6 +18,8 @@ USAGE = """usage: aelab COMMAND [ARGS]
 commands:
   train    train an autoencoder (Hydra app: GROUP=OPTION overrides, -m sweeps, --help, --cfg job)
            continue a stopped run with: aelab train resume=RUN_DIR
+  eval     aelab eval RUN_DIR [eval.KEY=VALUE ...]: recompute a finished run's test metrics
+  report   aelab report SWEEP_DIR: table, report.csv, report.md and plots of a sweep
 
 examples:
   aelab train loss=bce reg=kl model=sparse_kl
@@ -92,7 +94,35 @@ def train_command(args: list[str]) -> int:
     return 0
 
 
-COMMANDS = {"train": train_command}
+def eval_command(args: list[str]) -> int:
+    from .train import evaluate_run
+
+    if not args or args[0].startswith("-"):
+        print("usage: aelab eval RUN_DIR [eval.KEY=VALUE ...]   e.g. eval.noise.gaussian.noise_factor=0.5")
+        return 0 if args else 2
+    return guarded(lambda: evaluate_run(Path(args[0]), args[1:]))
+
+
+def report_command(args: list[str]) -> int:
+    from .report import report
+
+    if len(args) != 1 or args[0].startswith("-"):
+        print("usage: aelab report SWEEP_DIR   (the folder of an `aelab train -m` sweep)")
+        return 0 if args and args[0] in ("-h", "--help") else 2
+    return guarded(lambda: report(Path(args[0])))
+
+
+def guarded(action) -> int:
+    """Run a command; a ConfigError is one line on stderr and exit code 2."""
+    try:
+        action()
+    except ConfigError as e:
+        console.error(str(e))
+        return 2
+    return 0
+
+
+COMMANDS = {"train": train_command, "eval": eval_command, "report": report_command}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -57,6 +57,16 @@ def summary(metrics: dict[str, dict[str, float]], title: str) -> None:
     console.print(table)
 
 
+def metrics_table(metrics: dict[str, float], title: str) -> None:
+    """Two columns, one metric a row, in the order given."""
+    table = Table(title=title)
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for name, value in metrics.items():
+        table.add_row(name, f"{value:.5g}")
+    console.print(table)
+
+
 def error(message: str) -> None:
     """One line on stderr: what is wrong and how to fix it."""
     errors.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)

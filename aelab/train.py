@@ -4,34 +4,19 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
-from typing import Iterator, Optional
 
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from torch import Tensor
 from torch.utils.tensorboard import SummaryWriter
-from torchvision.utils import make_grid
 
 from . import checkpoint, console
-from .build import Parts, build
+from .build import Parts, build, run_config
 from .checkpoint import Position
 from .faults import FiniteWatch, StopSignals, environment
-from .losses import LOSSES
-
-TERMS = ("total", "recon", "reg")
-RECON_METRICS = ("mse", "bce", "mae")
-GRID_IMAGES = 8
-
-
-def loss_terms(parts: Parts, clean: Tensor, generator: Optional[torch.Generator] = None) -> dict[str, Tensor]:
-    """{total, recon, reg}: the encoder sees the corrupted batch, the loss compares to the clean one."""
-    inputs = parts.corruption(clean, generator)
-    if parts.input_grad:
-        inputs = inputs.detach().requires_grad_(True)
-    fwd = parts.model(inputs, trace=parts.trace)
-    recon = parts.loss(fwd, clean)
-    reg = parts.penalty(fwd, parts.model)
-    return {"total": recon + parts.penalty.weight * reg, "recon": recon, "reg": reg}
+from .logs import config_text, log_hparams, log_terms, test_pictures
+from .metrics import analyse, image_grid
+from .objective import TERMS, batches, evaluate, loss_terms
 
 
 def train_step(parts: Parts, clean: Tensor) -> Tensor:
@@ -41,57 +26,6 @@ def train_step(parts: Parts, clean: Tensor) -> Tensor:
     terms["total"].backward()
     parts.optimizer.step()
     return torch.stack([terms[name].detach() for name in TERMS])
-
-
-def batches(x: Tensor, batch_size: int, device: torch.device, order: Optional[Tensor] = None,
-            start: int = 0) -> Iterator[Tensor]:
-    """Batches gathered where the data lives (on the device when it fits), from batch `start` on."""
-    for begin in range(start * batch_size, len(x), batch_size):
-        chunk = x[begin:begin + batch_size] if order is None else x[order[begin:begin + batch_size]]
-        yield chunk.to(device, non_blocking=True)
-
-
-def evaluate(parts: Parts, x: Tensor) -> dict[str, float]:
-    """Mean {total, recon, reg} of the training objective, corruption drawn from a fixed seed."""
-    generator = torch.Generator(parts.device).manual_seed(parts.trainer.seed)
-    sums = torch.zeros(len(TERMS), device=parts.device)
-    parts.model.eval()
-    with torch.set_grad_enabled(parts.input_grad):
-        for clean in batches(x, parts.trainer.batch_size, parts.device):
-            terms = loss_terms(parts, clean, generator)
-            sums += torch.stack([terms[name].detach() for name in TERMS]) * len(clean)
-    parts.model.train()
-    return dict(zip(TERMS, (sums / len(x)).tolist()))
-
-
-@torch.no_grad()
-def recon_metrics(parts: Parts, x: Tensor) -> dict[str, float]:
-    """MSE, BCE and MAE per element of reconstructing clean inputs, whatever the training loss."""
-    metrics = [LOSSES.get(name)() for name in RECON_METRICS]
-    sums = torch.zeros(len(metrics), device=parts.device)
-    parts.model.eval()
-    for clean in batches(x, parts.trainer.batch_size, parts.device):
-        fwd = parts.model(clean)
-        sums += torch.stack([metric(fwd, clean) for metric in metrics]) * len(clean)
-    parts.model.train()
-    return dict(zip(RECON_METRICS, (sums / len(x)).tolist()))
-
-
-@torch.no_grad()
-def image_grid(parts: Parts, x: Tensor) -> Tensor:
-    """Rows: clean, corrupted, reconstructed (the first validation images, fixed-seed noise)."""
-    clean = x[:GRID_IMAGES].to(parts.device)
-    noisy = parts.corruption(clean, torch.Generator(parts.device).manual_seed(parts.trainer.seed))
-    parts.model.eval()
-    recon = parts.model(noisy).recon
-    parts.model.train()
-    images = torch.cat([clean, noisy, recon]).view(-1, *parts.data.image_shape).clamp(0, 1)
-    return make_grid(images.cpu(), nrow=len(clean), pad_value=1.0)
-
-
-def log_terms(writer: SummaryWriter, prefix: str, terms: dict[str, float], step: int) -> None:
-    for name, value in terms.items():
-        writer.add_scalar(f"{prefix}/{name}", value, step)
 
 
 def train_epoch(parts: Parts, pos: Position, writer: SummaryWriter, bar: console.Bar, watch: FiniteWatch,
@@ -131,7 +65,7 @@ def run(cfg: DictConfig, run_dir: Path, resume: bool = False) -> dict:
     pos = checkpoint.load(parts, run_dir) if resume else Position()
     writer = SummaryWriter(str(run_dir), purge_step=pos.step + 1 if resume else None)
     if not resume:
-        writer.add_text("config", "    " + OmegaConf.to_yaml(cfg, resolve=True).replace("\n", "\n    "))
+        writer.add_text("config", config_text(cfg))
         (run_dir / "environment.json").write_text(json.dumps(environment(parts.device, parts.trainer.seed),
                                                              indent=2) + "\n")
     trainer, started, first_step = parts.trainer, time.perf_counter(), pos.step
@@ -155,14 +89,38 @@ def run(cfg: DictConfig, run_dir: Path, resume: bool = False) -> dict:
             bar.log(f"epoch {pos.epoch}/{trainer.epochs}  train {console.format_terms(train)}"
                     f"  |  val {console.format_terms(val)}")
     seconds = time.perf_counter() - started
-    metrics = {"train": evaluate(parts, parts.data.train.x), "val": evaluate(parts, parts.data.val.x),
-               "test": {**evaluate(parts, parts.data.test.x), **recon_metrics(parts, parts.data.test.x)}}
-    for split, values in metrics.items():
-        log_terms(writer, f"final_{split}", values, pos.step)
-    writer.close()
+    record = finish(parts, cfg, run_dir, writer, pos.step)
     trained = (pos.step - first_step) * trainer.batch_size
-    record = {**metrics, "epochs": trainer.epochs, "steps": pos.step, "seconds": round(seconds, 3),
-              "samples_per_second": round(trained / seconds, 1), "device": str(parts.device)}
+    record.update(epochs=trainer.epochs, steps=pos.step, seconds=round(seconds, 3),
+                  samples_per_second=round(trained / seconds, 1), device=str(parts.device))
     (run_dir / "metrics.json").write_text(json.dumps(record, indent=2) + "\n")
-    console.summary(metrics, title=f"aelab: {run_dir}")
     return record
+
+
+def finish(parts: Parts, cfg: DictConfig, run_dir: Path, writer: SummaryWriter, step: int) -> dict:
+    """Final objective on every split and the test metrics: TensorBoard, PNG files, the rich table."""
+    found, arrays = analyse(parts, parts.evaluation)
+    metrics = {"train": evaluate(parts, parts.data.train.x), "val": evaluate(parts, parts.data.val.x),
+               "test": {**evaluate(parts, parts.data.test.x), **found}}
+    for split, values in metrics.items():
+        log_terms(writer, f"final_{split}", values, step)
+    test_pictures(parts, parts.evaluation, arrays, run_dir, writer, step)
+    log_hparams(writer, cfg, {"val_total": metrics["val"]["total"], **{f"test_{k}": v for k, v in found.items()}},
+                step)
+    writer.close()
+    console.summary({"train": metrics["train"], "val": metrics["val"]}, title=f"aelab: {run_dir.name}")
+    console.metrics_table(metrics["test"], title="test split")
+    return metrics
+
+
+def evaluate_run(run_dir: Path, overrides: list[str]) -> dict:
+    """`aelab eval`: reload a run's checkpoint, recompute the test metrics, print and save them."""
+    cfg = run_config(run_dir, overrides)
+    parts = build(cfg)
+    checkpoint.load(parts, run_dir)
+    found, _ = analyse(parts, parts.evaluation)
+    test = {**evaluate(parts, parts.data.test.x), **found}
+    name = "eval.json" if not overrides else "eval_" + "_".join(o.replace("/", "-") for o in overrides) + ".json"
+    (run_dir / name).write_text(json.dumps({"overrides": overrides, "test": test}, indent=2) + "\n")
+    console.metrics_table(test, title=f"aelab eval: {run_dir}")
+    return test

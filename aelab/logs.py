@@ -1,0 +1,91 @@
+"""What a run leaves to look at: TensorBoard scalars, images, histograms, HParams, and PNG files."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+from torch import Tensor
+from torch.utils.tensorboard import SummaryWriter
+from torch.utils.tensorboard.summary import hparams
+from torchvision.utils import save_image
+
+from .build import GROUPS, EvalSettings, Parts
+from .metrics import feature_grid, image_grid
+
+HPARAM_GROUPS = (*GROUPS, "trainer")
+
+
+def log_terms(writer: SummaryWriter, prefix: str, terms: dict[str, float], step: int) -> None:
+    for name, value in terms.items():
+        writer.add_scalar(f"{prefix}/{name}", value, step)
+
+
+def hparam_values(cfg: DictConfig) -> dict:
+    """Every scalar setting of the run's groups, flattened (`reg.weight`), lists as text."""
+    flat = {}
+    for group in HPARAM_GROUPS:
+        for key, value in OmegaConf.to_container(cfg[group], resolve=True).items():
+            flat[f"{group}.{key}"] = value if isinstance(value, (int, float, str, bool)) else str(value)
+    return flat
+
+
+def log_hparams(writer: SummaryWriter, cfg: DictConfig, metrics: dict[str, float], step: int) -> None:
+    """HParams dashboard entry in the run's own directory (SummaryWriter.add_hparams would make a sub-run)."""
+    scalars = {f"hparams/{name}": value for name, value in metrics.items()}
+    exp, ssi, sei = hparams(hparam_values(cfg), scalars)
+    for summary in (exp, ssi, sei):
+        writer.file_writer.add_summary(summary)
+    for tag, value in scalars.items():
+        writer.add_scalar(tag, value, step)
+
+
+def pyplot():
+    """matplotlib without a display, and without its INFO chatter in the run log."""
+    import logging
+
+    import matplotlib
+    matplotlib.use("Agg")
+    logging.getLogger("matplotlib").setLevel(logging.WARNING)
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def histogram_png(arrays: dict[str, Tensor], path: Path, threshold: float) -> None:
+    plt = pyplot()
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    left.hist(arrays["latent_activations"].flatten().cpu().numpy(), bins=60, color="tab:blue")
+    left.axvline(threshold, color="tab:red", linestyle="--", label=f"active threshold {threshold:g}")
+    left.set(xlabel="latent activation", ylabel="count (test samples x units)", title="Latent activations")
+    left.legend()
+    right.hist(arrays["lifetime_sparsity"].cpu().numpy(), bins=20, range=(0, 1), color="tab:green")
+    right.set(xlabel="fraction of test samples a unit is active on", ylabel="units",
+              title="Lifetime sparsity per unit")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def test_pictures(parts: Parts, settings: EvalSettings, arrays: dict[str, Tensor], run_dir: Path,
+                  writer: SummaryWriter | None, step: int) -> list[Path]:
+    """Reconstruction grid, decoded features and histograms: PNG files, and TensorBoard if a writer is given."""
+    grids = {"reconstructions": image_grid(parts, parts.data.test.x), "features": feature_grid(parts, settings.features)}
+    paths = []
+    for name, grid in grids.items():
+        paths.append(run_dir / f"{name}.png")
+        save_image(grid, paths[-1])
+        if writer is not None:
+            writer.add_image(f"test/{name}", grid, step)
+    paths.append(run_dir / "histograms.png")
+    histogram_png(arrays, paths[-1], settings.threshold)
+    if writer is not None:
+        for name, values in arrays.items():
+            writer.add_histogram(f"test/{name}", values.float().cpu(), step)
+    return paths
+
+
+def config_text(cfg: DictConfig) -> str:
+    """The resolved config as a TensorBoard markdown code block."""
+    return "    " + OmegaConf.to_yaml(cfg, resolve=True).replace("\n", "\n    ")
+
+

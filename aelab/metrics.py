@@ -1,0 +1,129 @@
+"""What a trained model learned, measured on the test split (the seed's metrics and exercises).
+
+Reconstruction (MSE, BCE, MAE, PSNR), sparsity (population, lifetime, dead units, mean activation),
+encoder sensitivity (mean ||J_f(x)||_F^2), denoising robustness (error against clean inputs under each
+test corruption, fixed seed) and linear-probe accuracy of the frozen codes next to raw pixels.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import Tensor
+from torchvision.utils import make_grid
+
+from .build import EvalSettings, Parts
+from .corruptions import Corruption
+from .losses import LOSSES
+from .objective import batches
+from .regularizers import encoder_sensitivity
+
+RECON = ("mse", "bce", "mae")
+GRID_IMAGES = 8
+
+
+@torch.no_grad()
+def reconstruction(parts: Parts, x: Tensor, corrupt: Corruption | None = None, seed: int = 0) -> dict:
+    """Per-element MSE, BCE, MAE and mean per-image PSNR (peak 1) of reconstructing clean x."""
+    generator = torch.Generator(parts.device).manual_seed(seed)
+    losses = [LOSSES.get(name)() for name in RECON]
+    sums = torch.zeros(len(RECON) + 1, device=parts.device)
+    parts.model.eval()
+    for clean in batches(x, parts.trainer.batch_size, parts.device):
+        fwd = parts.model(clean if corrupt is None else corrupt(clean, generator))
+        per_image = (fwd.recon - clean).pow(2).mean(1).clamp_min(1e-10)
+        psnr = (-10 * torch.log10(per_image)).sum()
+        sums += torch.stack([*(loss(fwd, clean) * len(clean) for loss in losses), psnr])
+    parts.model.train()
+    return dict(zip((*RECON, "psnr"), (sums / len(x)).tolist()))
+
+
+@torch.no_grad()
+def codes(parts: Parts, x: Tensor) -> Tensor:
+    """Latent codes of the clean inputs, (N, latent_dim)."""
+    parts.model.eval()
+    out = torch.cat([parts.model.encode(clean)[0] for clean in batches(x, parts.trainer.batch_size, parts.device)])
+    parts.model.train()
+    return out
+
+
+def sparsity(latent: Tensor, threshold: float) -> tuple[dict, Tensor]:
+    """Population sparsity (mean fraction of units active per sample), dead-unit fraction (never
+    active), mean activation; and the lifetime sparsity of each unit (fraction of samples it is active on)."""
+    active = (latent > threshold).float()
+    lifetime = active.mean(0)
+    return {"population_sparsity": active.mean(1).mean().item(),
+            "lifetime_sparsity": lifetime.mean().item(),
+            "dead_fraction": (lifetime == 0).float().mean().item(),
+            "mean_activation": latent.mean().item()}, lifetime
+
+
+def sensitivity(parts: Parts, x: Tensor) -> float:
+    """Mean over x of ||J_f(x)||_F^2, exact: the closed form for MLPs, batched autograd otherwise."""
+    autograd = not hasattr(parts.model, "jacobian_sq_norm")
+    total = torch.zeros((), device=parts.device)
+    parts.model.eval()
+    for clean in batches(x, parts.trainer.batch_size, parts.device):
+        with torch.set_grad_enabled(autograd):
+            inputs = clean.clone().requires_grad_(autograd)
+            total += encoder_sensitivity(parts.model(inputs, trace=True), parts.model).detach().sum()
+    parts.model.train()
+    return total.item() / len(x)
+
+
+def linear_probe(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, test_y: np.ndarray,
+                 max_samples: int, seed: int) -> float:
+    """Test accuracy of a logistic regression fit on (at most max_samples of) the train features."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    if len(train_x) > max_samples:
+        keep = np.random.default_rng(seed).choice(len(train_x), max_samples, replace=False)
+        train_x, train_y = train_x[keep], train_y[keep]
+    probe = make_pipeline(StandardScaler(), LogisticRegression(max_iter=1000))
+    probe.fit(train_x, train_y)
+    return float(probe.score(test_x, test_y))
+
+
+def analyse(parts: Parts, settings: EvalSettings) -> tuple[dict, dict[str, Tensor]]:
+    """All test metrics (flat dict for metrics.json) and the arrays behind the histograms."""
+    test, seed = parts.data.test, parts.trainer.seed
+    metrics = reconstruction(parts, test.x)
+    latent = codes(parts, test.x)
+    found, lifetime = sparsity(latent, settings.threshold)
+    metrics.update(found)
+    metrics["sensitivity"] = sensitivity(parts, test.x)
+    for name, corrupt in settings.noise.items():
+        metrics[f"mse_{name}"] = reconstruction(parts, test.x, corrupt, seed)["mse"]
+    if settings.probe:
+        train = parts.data.train
+        as_np = lambda t: t.detach().cpu().numpy()  # noqa: E731
+        metrics["probe_latent"] = linear_probe(as_np(codes(parts, train.x)), as_np(train.labels), as_np(latent),
+                                               as_np(test.labels), settings.probe_max_samples, seed)
+        metrics["probe_pixels"] = linear_probe(as_np(train.x), as_np(train.labels), as_np(test.x),
+                                               as_np(test.labels), settings.probe_max_samples, seed)
+    return metrics, {"latent_activations": latent, "lifetime_sparsity": lifetime}
+
+
+@torch.no_grad()
+def image_grid(parts: Parts, x: Tensor) -> Tensor:
+    """Rows: clean, corrupted, reconstructed (the first images of x, fixed-seed noise)."""
+    clean = x[:GRID_IMAGES].to(parts.device)
+    noisy = parts.corruption(clean, torch.Generator(parts.device).manual_seed(parts.trainer.seed))
+    parts.model.eval()
+    recon = parts.model(noisy).recon
+    parts.model.train()
+    images = torch.cat([clean, noisy, recon]).view(-1, *parts.data.image_shape).clamp(0, 1)
+    return make_grid(images.cpu(), nrow=len(clean), pad_value=1.0)
+
+
+@torch.no_grad()
+def feature_grid(parts: Parts, count: int) -> Tensor:
+    """Decoded one-hot codes: what each of the first `count` latent units draws (the decoder basis)."""
+    k = min(count, parts.model.latent_dim)
+    one_hot = torch.eye(k, parts.model.latent_dim, device=parts.device)
+    parts.model.eval()
+    images = parts.model.decode(one_hot)[0].view(k, *parts.data.image_shape).clamp(0, 1)
+    parts.model.train()
+    side = int(np.ceil(np.sqrt(k)))
+    return make_grid(images.cpu(), nrow=side, pad_value=1.0, normalize=True, scale_each=True)

@@ -1,0 +1,166 @@
+"""The report's pictures, chosen from what a sweep varied; every axis labelled, every line named."""
+from __future__ import annotations
+
+from collections import defaultdict
+from pathlib import Path
+
+from .logs import pyplot
+from .report import LABELS, SEED_KEY as SEED, Job, Row
+
+PANELS = ("mse", "population_sparsity", "sensitivity", "probe_latent")
+LOG_KEYS = ("weight", "lr")
+
+
+def is_number(text: str) -> bool:
+    try:
+        float(text)
+        return True
+    except ValueError:
+        return False
+
+
+def wants_log_x(key: str, values: list[float]) -> bool:
+    positive = [v for v in values if v > 0]
+    spread = len(positive) == len(values) and max(positive) / min(positive) >= 100
+    return spread or (any(word in key for word in LOG_KEYS) and len(positive) == len(values))
+
+
+def by_other_keys(rows: list[Row], key: str) -> dict[str, list[Row]]:
+    """Rows grouped into one line per setting of the other swept keys."""
+    lines = defaultdict(list)
+    for row in rows:
+        rest = ", ".join(f"{k}={v}" for k, v in row.setting.items() if k != key)
+        lines[rest].append(row)
+    return lines
+
+
+def save(fig, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    pyplot().close(fig)
+    return path
+
+
+def metrics_vs(rows: list[Row], key: str, out: Path, panels=PANELS) -> Path:
+    """Each metric against a numeric swept value, mean ± std over seeds, one line per other setting."""
+    plt = pyplot()
+    panels = [m for m in panels if any(r.values(m) for r in rows)]
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.6), squeeze=False)
+    xs_all = [float(r.setting[key]) for r in rows]
+    for ax, metric in zip(axes[0], panels):
+        for label, line in by_other_keys(rows, key).items():
+            line = sorted(line, key=lambda r: float(r.setting[key]))
+            stats = [r.mean_std(metric) for r in line]
+            ax.errorbar([float(r.setting[key]) for r in line], [m for m, _ in stats], yerr=[s for _, s in stats],
+                        marker="o", capsize=3, label=label or None)
+        if wants_log_x(key, xs_all):
+            ax.set_xscale("log")
+        ax.set(xlabel=key, ylabel=LABELS.get(metric, metric), title=LABELS.get(metric, metric))
+        if ax.get_legend_handles_labels()[1]:
+            ax.legend(fontsize=7)
+    return save(fig, out / f"metrics_vs_{key}.png")
+
+
+def metrics_by(rows: list[Row], key: str, out: Path, panels=PANELS) -> Path:
+    """Bars per option of a categorical swept key (loss=mse,bce,mae; reg=l1,kl; ...)."""
+    plt = pyplot()
+    panels = [m for m in panels if any(r.values(m) for r in rows)]
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.6), squeeze=False)
+    for ax, metric in zip(axes[0], panels):
+        stats = [r.mean_std(metric) for r in rows]
+        ax.bar(range(len(rows)), [m for m, _ in stats], yerr=[s for _, s in stats], capsize=3, color="tab:blue")
+        ax.set_xticks(range(len(rows)), [r.label for r in rows], rotation=30, ha="right", fontsize=7)
+        ax.set(xlabel=key, ylabel=LABELS.get(metric, metric), title=LABELS.get(metric, metric))
+    return save(fig, out / f"metrics_by_{key}.png")
+
+
+def trade_off(rows: list[Row], x_metric: str, name: str, out: Path) -> Path:
+    """Reconstruction error against a regularization effect, one point per setting, labelled."""
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(5.5, 4.2))
+    for row in rows:
+        (x, _), (y, _) = row.mean_std(x_metric), row.mean_std("mse")
+        ax.scatter(x, y, color="tab:purple")
+        ax.annotate(row.label, (x, y), fontsize=7, xytext=(4, 4), textcoords="offset points")
+    ax.set(xlabel=LABELS[x_metric], ylabel=LABELS["mse"], title=f"Reconstruction vs {LABELS[x_metric]}")
+    return save(fig, out / f"{name}.png")
+
+
+def denoising_vs_noise(rows: list[Row], out: Path) -> Path:
+    """Test MSE (against clean) under each test corruption, against the training noise level."""
+    plt = pyplot()
+    key = "corruption.noise_factor"
+    rows = sorted(rows, key=lambda r: float(r.setting[key]))
+    metrics = ["mse", *sorted({m for r in rows for j in r.jobs for m in j.metrics if m.startswith("mse_")})]
+    fig, ax = plt.subplots(figsize=(6, 4.2))
+    for metric in metrics:
+        stats = [r.mean_std(metric) for r in rows]
+        ax.errorbar([float(r.setting[key]) for r in rows], [m for m, _ in stats], yerr=[s for _, s in stats],
+                    marker="o", capsize=3, label="clean test input" if metric == "mse" else f"test {metric[4:]}")
+    ax.set(xlabel="training noise_factor (gaussian std)", ylabel="test MSE against clean input",
+           title="Denoising error vs training noise level")
+    ax.legend(fontsize=7)
+    return save(fig, out / "denoising_vs_noise.png")
+
+
+def robustness_heatmap(rows: list[Row], out: Path) -> Path:
+    """Train corruption (rows) x test corruption (columns): test MSE against clean inputs."""
+    plt = pyplot()
+    tests = ["mse", *sorted({m for r in rows for j in r.jobs for m in j.metrics if m.startswith("mse_")})]
+    grid = [[r.mean_std(m)[0] for m in tests] for r in rows]
+    fig, ax = plt.subplots(figsize=(1.6 * len(tests) + 2, 0.6 * len(rows) + 2))
+    image = ax.imshow(grid, cmap="viridis_r")
+    low, high = image.get_clim()
+    for i, line in enumerate(grid):
+        for j, value in enumerate(line):
+            dark = (value - low) / ((high - low) or 1) > 0.5  # viridis_r: high values are dark
+            ax.text(j, i, f"{value:.4f}", ha="center", va="center", fontsize=8, color="white" if dark else "black")
+    ax.set_xticks(range(len(tests)), ["none" if m == "mse" else m[4:] for m in tests])
+    ax.set_yticks(range(len(rows)), [r.label for r in rows], fontsize=8)
+    ax.set(xlabel="test corruption", ylabel="training setting", title="Test MSE against clean inputs")
+    fig.colorbar(image, ax=ax, label="MSE per element")
+    return save(fig, out / "robustness_heatmap.png")
+
+
+def loss_curves(jobs: list[Job], labels: dict[Path, str], out: Path) -> Path | None:
+    """val/total and train/total per run, read back from each run's TensorBoard events."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    plt = pyplot()
+    fig, (train_ax, val_ax) = plt.subplots(1, 2, figsize=(11, 4.2))
+    drawn = 0
+    for job in jobs:
+        events = EventAccumulator(str(job.path), size_guidance={"scalars": 0})
+        events.Reload()
+        for ax, tag in ((train_ax, "train/total"), (val_ax, "val/total")):
+            if tag in events.Tags()["scalars"]:
+                points = events.Scalars(tag)
+                ax.plot([p.step for p in points], [p.value for p in points], label=labels[job.path])
+                drawn += 1
+    if not drawn:
+        pyplot().close(fig)
+        return None
+    for ax, title in ((train_ax, "training loss"), (val_ax, "validation loss")):
+        ax.set(xlabel="optimizer step", ylabel="total loss", title=title, yscale="log")
+    val_ax.legend(fontsize=6, ncol=1 + len(jobs) // 12)
+    return save(fig, out / "loss_curves.png")
+
+
+def make_plots(rows: list[Row], jobs: list[Job], keys: list[str], out: Path) -> list[Path]:
+    numeric = [k for k in keys if all(is_number(r.setting[k]) for r in rows)]
+    paths = [metrics_vs(rows, k, out) for k in numeric]
+    paths += [metrics_by(rows, k, out) for k in keys if k not in numeric]
+    regs = {job.config.get("reg", {}).get("name") for job in jobs}
+    if "reg.weight" in numeric and regs & {"l1", "kl"}:
+        paths.append(trade_off(rows, "population_sparsity", "recon_vs_sparsity", out))
+    if "reg.weight" in numeric and "contractive" in regs:
+        paths.append(trade_off(rows, "sensitivity", "recon_vs_sensitivity", out))
+    if "corruption.noise_factor" in numeric:
+        paths.append(denoising_vs_noise(rows, out))
+    if "corruption" in keys:
+        paths.append(robustness_heatmap(rows, out))
+    labels = {job.path: row.label + (f" seed={job.overrides[SEED]}" if SEED in job.overrides else "")
+              for row in rows for job in row.jobs}
+    curves = loss_curves(jobs, labels, out)
+    return paths + ([curves] if curves else [])
+

@@ -1,0 +1,151 @@
+"""`aelab report SWEEP_DIR`: one row per setting of a sweep (seeds folded to mean ± std), CSV,
+Markdown and the plots that fit what was swept."""
+from __future__ import annotations
+
+import csv
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+from omegaconf import OmegaConf
+
+from .registry import ConfigError
+
+SEED_KEY = "trainer.seed"
+SPARSITY = ("population_sparsity", "dead_fraction", "mean_activation", "sensitivity")
+SHORT = {"population_sparsity": "active", "dead_fraction": "dead", "mean_activation": "mean act",
+         "sensitivity": "||J||²", "probe_latent": "probe", "val_total": "val"}
+LABELS = {"mse": "test MSE per element", "bce": "test BCE per element", "mae": "test MAE per element",
+          "psnr": "test PSNR (dB)", "population_sparsity": "population sparsity (fraction active)",
+          "dead_fraction": "dead units (fraction)", "mean_activation": "mean latent activation",
+          "sensitivity": "encoder sensitivity ||J||_F^2", "probe_latent": "linear-probe accuracy (codes)",
+          "probe_pixels": "linear-probe accuracy (pixels)", "val_total": "validation loss (total)"}
+
+
+@dataclass
+class Job:
+    path: Path
+    overrides: dict[str, str]  # key → value as typed on the command line (`reg.weight` → `1e-3`)
+    config: dict
+    metrics: dict[str, float]  # the test metrics, plus val_total
+
+
+@dataclass
+class Row:
+    setting: dict[str, str]  # swept key → value, seed excluded
+    jobs: list[Job]
+
+    def values(self, metric: str) -> list[float]:
+        return [j.metrics[metric] for j in self.jobs if metric in j.metrics]
+
+    def mean_std(self, metric: str) -> tuple[float, float]:
+        values = self.values(metric)
+        if not values:
+            return math.nan, math.nan
+        mean = sum(values) / len(values)
+        std = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else 0.0
+        return mean, std
+
+    @property
+    def label(self) -> str:
+        return ", ".join(f"{k}={v}" for k, v in self.setting.items()) or "run"
+
+
+def load_jobs(sweep_dir: Path) -> list[Job]:
+    """Every finished job below sweep_dir: a metrics.json beside Hydra's .hydra/ record."""
+    jobs = []
+    for metrics_path in sorted(sweep_dir.glob("**/metrics.json")):
+        hydra_dir = metrics_path.parent / ".hydra"
+        if not (hydra_dir / "overrides.yaml").is_file():
+            continue
+        overrides = dict(o.lstrip("+").split("=", 1) for o in yaml.safe_load((hydra_dir / "overrides.yaml").read_text())
+                         or [] if "=" in o)
+        record = json.loads(metrics_path.read_text())
+        metrics = {**record["test"], "val_total": record["val"]["total"]}
+        config = OmegaConf.to_container(OmegaConf.load(hydra_dir / "config.yaml"), resolve=False)
+        jobs.append(Job(metrics_path.parent, overrides, config, metrics))
+    if not jobs:
+        raise ConfigError(f"no finished jobs (metrics.json with .hydra/overrides.yaml) under {sweep_dir}; "
+                          f"pass the folder of an `aelab train -m` sweep", "SWEEP_DIR")
+    return jobs
+
+
+def swept_keys(jobs: list[Job]) -> list[str]:
+    """Override keys whose value differs between jobs, in command-line order; the seed last."""
+    keys = list(dict.fromkeys(k for j in jobs for k in j.overrides))
+    return [k for k in keys if len({j.overrides.get(k) for j in jobs}) > 1]
+
+
+def fold(jobs: list[Job], keys: list[str]) -> list[Row]:
+    rows: dict[tuple, Row] = {}
+    for job in jobs:
+        setting = {k: job.overrides.get(k, "") for k in keys if k != SEED_KEY}
+        rows.setdefault(tuple(setting.items()), Row(setting, [])).jobs.append(job)
+    return list(rows.values())
+
+
+def metric_names(jobs: list[Job]) -> list[str]:
+    return list(dict.fromkeys(m for j in jobs for m in j.metrics))
+
+
+def fmt(mean: float, std: float, n: int) -> str:
+    return f"{mean:.4g}" if n < 2 else f"{mean:.4g} ± {std:.2g}"
+
+
+def write_tables(rows: list[Row], keys: list[str], metrics: list[str], out: Path) -> tuple[Path, Path]:
+    setting_keys = [k for k in keys if k != SEED_KEY]
+    csv_path, md_path = out / "report.csv", out / "report.md"
+    with csv_path.open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow([*setting_keys, "runs", *(f"{m}_{s}" for m in metrics for s in ("mean", "std"))])
+        for row in rows:
+            stats = [v for m in metrics for v in row.mean_std(m)]
+            writer.writerow([*row.setting.values(), len(row.jobs), *stats])
+    header = [*setting_keys, "runs", *metrics]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for row in rows:
+        cells = [fmt(*row.mean_std(m), len(row.values(m))) for m in metrics]
+        lines.append("| " + " | ".join([*row.setting.values(), str(len(row.jobs)), *cells]) + " |")
+    md_path.write_text("\n".join(lines) + "\n")
+    return csv_path, md_path
+
+
+def print_table(rows: list[Row], keys: list[str], metrics: list[str], title: str) -> None:
+    from rich.table import Table
+
+    from .console import console
+    table = Table(title=title)
+    for key in [k for k in keys if k != SEED_KEY] + ["runs"]:
+        table.add_column(key)
+    for m in metrics:
+        table.add_column(SHORT.get(m, m.replace("mse_", "mse ")), justify="right")
+    for row in rows:
+        table.add_row(*row.setting.values(), str(len(row.jobs)),
+                      *(fmt(*row.mean_std(m), len(row.values(m))) for m in metrics))
+    console.print(table)
+
+
+def shown_metrics(keys: list[str]) -> list[str]:
+    """The terminal's columns: what the swept groups act on (CSV and Markdown hold every metric)."""
+    touches = lambda group: any(k == group or k.startswith(group + ".") for k in keys)  # noqa: E731
+    regularized = touches("reg") or touches("model")
+    return ["mse", "psnr", *(SPARSITY if regularized else ()), *(["mse_*"] if touches("corruption") else ()),
+            "probe_latent"]
+
+
+def report(sweep_dir: Path) -> dict:
+    """Load, fold, print, and write report.csv, report.md and the plots into sweep_dir."""
+    from .plots import make_plots
+
+    jobs = load_jobs(sweep_dir)
+    keys = swept_keys(jobs)
+    rows = fold(jobs, keys)
+    metrics = metric_names(jobs)
+    shown = [m for m in shown_metrics(keys) if m in metrics or m == "mse_*"]
+    shown = [n for m in shown for n in ([x for x in metrics if x.startswith("mse_")] if m == "mse_*" else [m])]
+    print_table(rows, keys, shown, title=f"aelab report: {sweep_dir} ({len(jobs)} runs)")
+    csv_path, md_path = write_tables(rows, keys, metrics, sweep_dir)
+    plots = make_plots(rows, jobs, [k for k in keys if k != SEED_KEY], sweep_dir)
+    return {"jobs": len(jobs), "rows": len(rows), "swept": keys, "files": [csv_path, md_path, *plots]}

@@ -1,0 +1,73 @@
+"""Test-split metrics against hand-built cases and closed forms."""
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from aelab.build import build
+from aelab.metrics import feature_grid, linear_probe, reconstruction, sensitivity, sparsity
+
+
+def test_sparsity_of_a_known_code():
+    # 4 samples x 5 units; unit 4 never active; threshold 0.1 (the seed's)
+    latent = torch.tensor([[0.5, 0.0, 0.2, 0.05, 0.0],
+                           [0.0, 0.9, 0.0, 0.00, 0.0],
+                           [0.3, 0.3, 0.3, 0.00, 0.0],
+                           [0.0, 0.0, 0.0, 0.50, 0.1]])
+    found, lifetime = sparsity(latent, threshold=0.1)
+    active = [[1, 0, 1, 0, 0], [0, 1, 0, 0, 0], [1, 1, 1, 0, 0], [0, 0, 0, 1, 0]]
+    assert found["population_sparsity"] == pytest.approx(np.mean([sum(r) / 5 for r in active]))
+    assert lifetime.tolist() == pytest.approx([0.5, 0.5, 0.5, 0.25, 0.0])
+    assert found["dead_fraction"] == pytest.approx(1 / 5)
+    assert found["mean_activation"] == pytest.approx(latent.mean().item())
+
+
+def test_sensitivity_of_a_linear_encoder_is_its_frobenius_norm(make_cfg):
+    parts = build(make_cfg("device=cpu", "model.hidden=[]", "model.latent_activation=identity"))
+    w = parts.model.enc_layers[0].weight
+    assert sensitivity(parts, parts.data.test.x) == pytest.approx(w.pow(2).sum().item(), rel=1e-5)
+
+
+def test_reconstruction_metrics_and_psnr(make_cfg):
+    parts = build(make_cfg("device=cpu"))
+    x = parts.data.test.x
+    with torch.no_grad():
+        recon = parts.model(x).recon
+    found = reconstruction(parts, x)
+    per_image = (recon - x).pow(2).mean(1)
+    assert found["mse"] == pytest.approx(per_image.mean().item(), rel=1e-5)
+    assert found["mae"] == pytest.approx((recon - x).abs().mean().item(), rel=1e-5)
+    assert found["psnr"] == pytest.approx((10 * torch.log10(1 / per_image)).mean().item(), rel=1e-5)
+    identity = reconstruction(parts, x, corrupt=lambda c, g=None: c)
+    assert identity["mse"] == pytest.approx(found["mse"], rel=1e-6)
+
+
+def test_linear_probe_separates_separable_classes():
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 3, 400)
+    x = np.eye(3)[y] * 5 + rng.normal(0, 0.3, (400, 3))
+    assert linear_probe(x[:300], y[:300], x[300:], y[300:], max_samples=200, seed=0) == 1.0
+    noise = rng.normal(size=(400, 3))
+    assert linear_probe(noise[:300], y[:300], noise[300:], y[300:], max_samples=300, seed=0) < 0.6
+
+
+def test_feature_grid_decodes_one_hot_codes(make_cfg):
+    parts = build(make_cfg("device=cpu"))
+    grid = feature_grid(parts, 16)
+    assert grid.shape[0] == 3 and grid.shape[1] == 4 * 8 + 5 * 2  # 4x4 tiles of 8x8 with 2-px padding
+    with torch.no_grad():
+        first = parts.model.decode(torch.eye(1, 32))[0].view(8, 8)
+    tile = grid[0, 2:10, 2:10]
+    expected = (first - first.min()) / (first.max() - first.min())  # normalize=True, scale_each=True
+    torch.testing.assert_close(tile, expected, atol=1e-5, rtol=0)
+
+
+def test_robustness_is_the_same_noise_for_every_model(make_cfg):
+    from aelab.metrics import analyse
+    a = build(make_cfg("device=cpu", "eval.probe=false"))
+    b = build(make_cfg("device=cpu", "eval.probe=false", "trainer.seed=1"))
+    b.model.load_state_dict(a.model.state_dict())
+    b = type(b)(**{**b.__dict__, "trainer": a.trainer})  # same seed → same noisy test set
+    assert analyse(a, a.evaluation)[0] == analyse(b, b.evaluation)[0]
+    assert math.isfinite(analyse(a, a.evaluation)[0]["mse_block"])

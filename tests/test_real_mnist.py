@@ -1,0 +1,28 @@
+"""On real MNIST (skipped without ../shared/data/mnist-t10k): what the seed says each objective does."""
+import json
+
+import pytest
+
+from conftest import run_cli
+
+
+def train(tmp_path, root, name, *overrides):
+    run_dir = tmp_path / name
+    run_cli("train", "data=mnist", f"paths.data={root}", "device=cpu", "eval.probe=false", *overrides,
+            f"hydra.run.dir={run_dir}", cwd=tmp_path)
+    return json.loads((run_dir / "metrics.json").read_text())["test"]
+
+
+def test_kl_mean_activation_lands_near_rho(real_mnist_root, tmp_path):
+    test = train(tmp_path, real_mnist_root, "kl", "model=sparse_kl", "reg=kl", "reg.rho=0.05", "trainer.epochs=5")
+    assert test["mean_activation"] == pytest.approx(0.05, abs=0.025)
+    assert test["population_sparsity"] < 0.2  # most units quiet on most digits
+
+
+def test_denoising_model_beats_plain_model_on_noisy_inputs(real_mnist_root, tmp_path):
+    common = ["trainer.epochs=6", "trainer.batch_size=64", "eval.noise.gaussian.noise_factor=0.4"]
+    plain = train(tmp_path, real_mnist_root, "plain", *common)
+    denoising = train(tmp_path, real_mnist_root, "denoising", "corruption=gaussian", "corruption.noise_factor=0.4",
+                      *common)
+    assert denoising["mse_gaussian"] < 0.9 * plain["mse_gaussian"]
+    assert plain["mse"] < denoising["mse"]  # the price: clean inputs reconstruct less well

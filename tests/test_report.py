@@ -1,0 +1,141 @@
+"""Sweeps end to end: multirun → aelab report (table, CSV, Markdown, plots); aelab eval; TensorBoard."""
+import csv
+import json
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_module
+from PIL import Image
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from conftest import FAST, run_cli
+
+EXPERIMENTS = sorted(p.stem for p in (Path(__file__).resolve().parents[1] / "configs" / "experiment").glob("*.yaml"))
+
+
+@pytest.fixture(scope="module")
+def sweep(tmp_path_factory):
+    """reg=l1 at two weights x two seeds: 4 jobs, 2 settings."""
+    root = tmp_path_factory.mktemp("sweep")
+    run_cli("train", "-m", "reg=l1", "reg.weight=1e-3,1e-1", "trainer.seed=0,1", "trainer.epochs=2", "device=cpu",
+            "eval.probe_max_samples=300", f"hydra.sweep.dir={root / 'sweep'}", cwd=root)
+    return root / "sweep"
+
+
+def test_report_folds_seeds_and_writes_table_csv_markdown_plots(sweep):
+    proc = run_cli("report", str(sweep), cwd=sweep)
+    assert "aelab report" in proc.stdout and "4 runs" in proc.stdout
+    with (sweep / "report.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert [r["reg.weight"] for r in rows] == ["0.001", "0.1"] and all(r["runs"] == "2" for r in rows)
+    pairs = _pairs(sweep)
+    for r in rows:
+        a, b = pairs[r["reg.weight"]]
+        assert float(r["mse_mean"]) == pytest.approx((a + b) / 2, rel=1e-9)
+        assert float(r["mse_std"]) == pytest.approx(abs(a - b) / 2 ** 0.5, rel=1e-6)  # sample std of two
+    assert "± " in (sweep / "report.md").read_text()
+    pngs = sorted(sweep.glob("*.png"))
+    names = {p.name for p in pngs}
+    assert {"metrics_vs_reg.weight.png", "recon_vs_sparsity.png", "loss_curves.png"} <= names
+    for png in pngs:
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+        with Image.open(png) as image:
+            assert image.width >= 400 and image.height >= 300
+
+
+def _pairs(sweep):
+    """Per reg.weight, the test MSE of its two seeds, read from each job's own files."""
+    found = {}
+    for metrics in sweep.glob("*/metrics.json"):
+        overrides = (metrics.parent / ".hydra" / "overrides.yaml").read_text()
+        weight = "0.001" if "reg.weight=0.001" in overrides else "0.1"
+        found.setdefault(weight, []).append(json.loads(metrics.read_text())["test"]["mse"])
+    return found
+
+
+def test_report_of_a_folder_without_runs_is_a_clear_error(tmp_path):
+    proc = run_cli("report", str(tmp_path), cwd=tmp_path, check=False)
+    assert proc.returncode == 2 and "no finished jobs" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_eval_recomputes_metrics_with_other_noise_levels(sweep):
+    job = sorted(p.parent for p in sweep.glob("*/metrics.json"))[0]
+    stored = json.loads((job / "metrics.json").read_text())["test"]
+    run_cli("eval", str(job), cwd=job)
+    again = json.loads((job / "eval.json").read_text())["test"]
+    for key in ("mse", "psnr", "population_sparsity", "sensitivity", "mse_gaussian", "probe_latent"):
+        assert again[key] == pytest.approx(stored[key], rel=1e-6)
+    run_cli("eval", str(job), "eval.noise.gaussian.noise_factor=0.9", "eval.probe=false", cwd=job)
+    louder = json.loads(next(job.glob("eval_eval.noise.gaussian*.json")).read_text())["test"]
+    assert louder["mse_gaussian"] > stored["mse_gaussian"] and louder["mse"] == pytest.approx(stored["mse"])
+    bad = run_cli("eval", str(job), "reg.weight=3", cwd=job, check=False)
+    assert bad.returncode == 2 and "eval.* or device.*" in bad.stderr
+
+
+def test_hparams_live_in_the_run_dir_not_a_sub_run(sweep):
+    job = sorted(p.parent for p in sweep.glob("*/metrics.json"))[0]
+    assert not [p for p in job.iterdir() if p.is_dir() and p.name != ".hydra"]
+    acc = EventAccumulator(str(job))
+    acc.Reload()
+    assert {"_hparams_/experiment", "_hparams_/session_start_info", "_hparams_/session_end_info"} <= set(
+        acc.PluginTagToContent("hparams"))
+    assert "hparams/test_mse" in acc.Tags()["scalars"]
+    assert {"test/reconstructions", "test/features"} <= set(acc.Tags()["images"])
+    assert {"test/latent_activations", "test/lifetime_sparsity"} <= set(acc.Tags()["histograms"])
+    for name in ("reconstructions.png", "features.png", "histograms.png"):
+        with Image.open(job / name) as image:
+            assert image.width > 20
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_tensorboard_server_lists_scalars_and_images(sweep):
+    port = free_port()
+    server = subprocess.Popen([sys.executable, "-m", "tensorboard.main", "--logdir", str(sweep), "--port", str(port),
+                               "--host", "127.0.0.1"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline, scalars = time.time() + 90, {}
+        while time.time() < deadline:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/data/plugin/scalars/tags", timeout=5) as r:
+                    scalars = json.load(r)
+                if len(scalars) == 4:
+                    break
+            except OSError:
+                pass
+            time.sleep(1)
+        assert len(scalars) == 4  # one TensorBoard run per job
+        for tags in scalars.values():
+            assert {"train/total", "train/recon", "train/reg", "val/total", "val/recon", "val/reg"} <= set(tags)
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/data/plugin/images/tags", timeout=5) as r:
+            images = json.load(r)
+        assert all("val/clean_corrupted_reconstructed" in tags for tags in images.values())
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
+@pytest.mark.parametrize("name", EXPERIMENTS)
+def test_experiment_presets_compose_to_a_sweep(name):
+    with initialize_config_module("aelab.configs", version_base="1.3"):
+        cfg = compose("train", overrides=[f"+experiment={name}"], return_hydra_config=True)
+    params = cfg.hydra.sweeper.params
+    assert params and all(len(str(v).split(",")) >= 2 for v in params.values())
+    assert f"experiment/{name}" in cfg.hydra.sweep.dir
+    for key in params:
+        group = key.split(".")[0]
+        assert group in cfg, key
+
+
+def test_eight_seed_exercises_are_presets():
+    assert set(EXPERIMENTS) >= {"loss_comparison", "latent_dim_search", "l1_sweep", "kl_sweep", "l1_vs_kl",
+                                "contractive_lambda", "noise_levels", "noise_types"}
