@@ -123,10 +123,12 @@ def check_compatible(data: Splits, model: Autoencoder, loss: ReconstructionLoss,
                           f"got {trainer.batch_size}", "trainer.batch_size")
 
 
-def build(cfg: DictConfig) -> Parts:
-    """Config → parts, in dependency order; every problem surfaces here as a ConfigError."""
+def build(cfg: DictConfig, job_num: int | None = None) -> Parts:
+    """Config → parts, in dependency order; every problem surfaces here as a ConfigError.
+
+    `job_num`, a sweep job's number, spreads local sweep jobs over several GPUs."""
     trainer = trainer_settings(cfg.trainer)
-    device = build_part("device", DEVICES, cfg.device)
+    device = build_part("device", DEVICES, cfg.device, job_num=job_num)
     torch.manual_seed(trainer.seed)
     data = build_part("data", DATASETS, cfg.data)
     model = build_part("model", MODELS, cfg.model, input_shape=data.image_shape)

@@ -1,6 +1,8 @@
 """`aelab COMMAND ...`: argv → the command; `aelab train` is a Hydra app over aelab's config groups."""
 from __future__ import annotations
 
+import importlib.util
+import json
 import shutil
 import sys
 from pathlib import Path
@@ -8,6 +10,7 @@ from pathlib import Path
 import hydra
 import yaml
 from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from . import console
@@ -26,31 +29,58 @@ examples:
   aelab train -m reg=l1 reg.weight=1e-4,1e-3,1e-2,1e-1,1
   aelab train --help
 """
+PLUGINS = {  # command-line choice → the Hydra plugin it needs (pip install 'aelab[sweep]')
+    "launcher=parallel": "hydra_plugins.hydra_joblib_launcher",
+    "hydra/launcher=joblib": "hydra_plugins.hydra_joblib_launcher",
+    "launcher=local": "hydra_plugins.hydra_submitit_launcher",
+    "launcher=slurm": "hydra_plugins.hydra_submitit_launcher",
+    "hydra/launcher=submitit_local": "hydra_plugins.hydra_submitit_launcher",
+    "hydra/launcher=submitit_slurm": "hydra_plugins.hydra_submitit_launcher",
+    "+experiment=optuna_search": "hydra_plugins.hydra_optuna_sweeper",
+    "hydra/sweeper=optuna": "hydra_plugins.hydra_optuna_sweeper",
+}
 RESULTS = ("checkpoint.pt", "metrics.json")  # what makes a directory an aelab run
 HYDRA_ONLY = {".hydra", "train.log"}
 
 
 @hydra.main(config_path="configs", config_name="train", version_base="1.3")
 def train(cfg: DictConfig) -> float:
-    """One job; returns validation total loss (the value a sweeper would minimise)."""
+    """One job; returns the validation reconstruction error (what a sweeper minimises)."""
     from .faults import TrainingFault
     from .train import run  # torch is imported only once a job runs: --help stays fast
 
-    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    hydra_cfg = HydraConfig.get()
+    run_dir = Path(hydra_cfg.runtime.output_dir)
+    job_num = hydra_cfg.job.num if hydra_cfg.mode == RunMode.MULTIRUN else None
     try:
-        if not cfg.resume and any((run_dir / name).exists() for name in RESULTS):
-            raise ConfigError(f"{run_dir} already holds an aelab run; choose a new dir, or continue it with "
-                              f"aelab train resume={run_dir}", "hydra.run.dir")
-        record = run(cfg, run_dir, resume=bool(cfg.resume))
+        resume = resume_mode(cfg.resume, run_dir)
+        if resume == "done":  # a requeued or repeated job that already finished
+            return json.loads((run_dir / "metrics.json").read_text())["val"]["recon"]
+        record = run(cfg, run_dir, resume=resume, job_num=job_num)
     except ConfigError as e:
-        if not cfg.resume and set(p.name for p in run_dir.iterdir()) <= HYDRA_ONLY:
+        if cfg.resume is False and set(p.name for p in run_dir.iterdir()) <= HYDRA_ONLY:
             shutil.rmtree(run_dir, ignore_errors=True)  # nothing ran: leave no empty run behind
         console.error(str(e))
         sys.exit(2)
     except TrainingFault as e:
         console.error(str(e))
         sys.exit(e.exit_code)
-    return record["val"]["total"]
+    return record["val"]["recon"]
+
+
+def resume_mode(value, run_dir: Path) -> bool | str:
+    """resume=false|true|auto → whether to load run_dir's checkpoint ("done": nothing left to do)."""
+    held = [name for name in RESULTS if (run_dir / name).exists()]
+    if value == "auto":
+        return "done" if "metrics.json" in held else "checkpoint.pt" in held
+    if value is True:
+        return True
+    if value is False:
+        if held:
+            raise ConfigError(f"{run_dir} already holds an aelab run; choose a new dir, or continue it with "
+                              f"aelab train resume={run_dir}", "hydra.run.dir")
+        return False
+    raise ConfigError(f"must be false, auto, or a run dir (aelab train resume=RUN_DIR), got {value!r}", "resume")
 
 
 def resume_args(args: list[str]) -> list[str]:
@@ -59,7 +89,9 @@ def resume_args(args: list[str]) -> list[str]:
     if not wanted:
         return args
     value = wanted[-1].split("=", 1)[1]
-    if value.lower() in ("true", "false"):
+    if value.lower() in ("auto", "false"):
+        return args
+    if value.lower() == "true":
         raise ConfigError("give the run dir to continue: aelab train resume=outputs/DATE/TIME", "resume")
     run_dir = Path(value).expanduser()
     overrides = run_dir / ".hydra" / "overrides.yaml"
@@ -75,15 +107,25 @@ def refuse_used_dirs(args: list[str]) -> None:
     """An explicit run or sweep dir that already holds results is never written into."""
     for arg in args:
         key, _, value = arg.partition("=")
-        if key in ("hydra.run.dir", "hydra.sweep.dir") and value and "resume=true" not in args:
+        if key in ("hydra.run.dir", "hydra.sweep.dir") and value and not {"resume=true", "resume=auto"} & set(args):
             used = [p for name in RESULTS for p in Path(value).expanduser().glob(f"**/{name}")]
             if used:
                 raise ConfigError(f"{value} already holds aelab results ({used[0]}); choose a new dir, "
                                   f"or continue a run with aelab train resume=RUN_DIR", key)
 
 
+def require_plugins(args: list[str]) -> None:
+    for arg in args:
+        module = PLUGINS.get(arg)
+        if module and importlib.util.find_spec(module) is None:
+            package = module.split(".")[1].replace("_", "-")
+            raise ConfigError(f"{arg} needs the Hydra plugin {package}; install it with: pip install 'aelab[sweep]'",
+                              arg.split("=")[0].lstrip("+"))
+
+
 def train_command(args: list[str]) -> int:
     try:
+        require_plugins(args)
         args = resume_args(args)
         refuse_used_dirs(args)
     except ConfigError as e:

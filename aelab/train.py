@@ -59,9 +59,10 @@ def start_epoch(parts: Parts, pos: Position) -> None:
         pos.window = torch.zeros(len(TERMS), device=parts.device)
 
 
-def run(cfg: DictConfig, run_dir: Path, resume: bool = False) -> dict:
+def run(cfg: DictConfig, run_dir: Path, resume: bool = False, job_num: int | None = None) -> dict:
     """Train one configuration; write TensorBoard events, checkpoints and metrics.json to run_dir."""
-    parts = build(cfg)
+    started_at = time.time()
+    parts = build(cfg, job_num)
     pos = checkpoint.load(parts, run_dir) if resume else Position()
     writer = SummaryWriter(str(run_dir), purge_step=pos.step + 1 if resume else None)
     if not resume:
@@ -91,7 +92,8 @@ def run(cfg: DictConfig, run_dir: Path, resume: bool = False) -> dict:
     seconds = time.perf_counter() - started
     record = finish(parts, cfg, run_dir, writer, pos.step)
     trained = (pos.step - first_step) * trainer.batch_size
-    record.update(epochs=trainer.epochs, steps=pos.step, seconds=round(seconds, 3),
+    record.update(started_at=started_at, finished_at=time.time(), epochs=trainer.epochs, steps=pos.step,
+                  seconds=round(seconds, 3),
                   samples_per_second=round(trained / seconds, 1), device=str(parts.device))
     (run_dir / "metrics.json").write_text(json.dumps(record, indent=2) + "\n")
     return record

@@ -1,0 +1,160 @@
+"""Sweeps beyond one process: joblib and submitit_local launchers, SLURM config, Optuna, GPU spreading."""
+import json
+import os
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_module
+from omegaconf import OmegaConf
+
+from aelab.devices import gpu_for_job
+from conftest import run_cli
+
+SHORT = ["trainer.epochs=3", "device=cpu", "eval.probe=false"]
+
+
+def plugin(name):
+    return pytest.importorskip(f"hydra_plugins.{name}", reason="needs pip install 'aelab[sweep]'")
+
+
+def finished_jobs(sweep: Path) -> list[dict]:
+    return [json.loads(p.read_text()) for p in sorted(sweep.glob("*/metrics.json"))]
+
+
+def assert_overlapping(jobs: list[dict]) -> None:
+    (a, b) = jobs
+    assert a["started_at"] < b["finished_at"] and b["started_at"] < a["finished_at"], "jobs ran one after another"
+
+
+def test_joblib_launcher_runs_jobs_concurrently(tmp_path):
+    plugin("hydra_joblib_launcher")
+    sweep = tmp_path / "sweep"
+    run_cli("train", "-m", "launcher=parallel", "hydra.launcher.n_jobs=2", "reg=l1", "reg.weight=1e-3,1e-1", *SHORT,
+            f"hydra.sweep.dir={sweep}", cwd=tmp_path)
+    jobs = finished_jobs(sweep)
+    assert len(jobs) == 2
+    assert_overlapping(jobs)
+    report = run_cli("report", str(sweep), cwd=tmp_path)
+    assert "2 runs" in report.stdout and (sweep / "report.csv").is_file()
+
+
+def test_submitit_local_launcher_runs_jobs_concurrently(tmp_path):
+    plugin("hydra_submitit_launcher")
+    sweep = tmp_path / "sweep"
+    run_cli("train", "-m", "launcher=local", "corruption=gaussian", "corruption.noise_factor=0.1,0.3", *SHORT,
+            f"hydra.sweep.dir={sweep}", cwd=tmp_path)
+    jobs = finished_jobs(sweep)
+    assert len(jobs) == 2
+    assert_overlapping(jobs)
+
+
+def test_local_preset_caps_the_batch():
+    plugin("hydra_submitit_launcher")
+    with initialize_config_module("aelab.configs", version_base="1.3"):
+        cfg = compose("train", overrides=["launcher=local"], return_hydra_config=True)
+    assert cfg.hydra.sweeper.max_batch_size == 4 and cfg.hydra.launcher.gpus_per_node == 0
+
+
+@pytest.mark.parametrize("job,count,visible,expected", [
+    (0, 4, None, 0), (1, 4, None, 1), (5, 4, None, 1), (7, 2, None, 1),  # k mod n
+    (3, 4, "2", None), (3, 4, "0,1", None),  # the scheduler chose: respect it
+    (3, 1, None, None), (3, 0, None, None), (None, 4, None, None),  # one GPU, none, or not a sweep
+])
+def test_gpu_for_job(job, count, visible, expected):
+    assert gpu_for_job(job, count, visible) == expected
+
+
+def test_cuda_device_spreads_sweep_jobs(monkeypatch):
+    import torch
+
+    from aelab.devices import DEVICES
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 3)
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    assert [DEVICES.get("cuda")(job_num=k).index for k in range(5)] == [0, 1, 2, 0, 1]
+    assert DEVICES.get("auto")(job_num=4) == torch.device("cuda", 1)
+    assert DEVICES.get("cuda")(index=2, job_num=4).index == 2  # an explicit index wins
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "1")
+    assert DEVICES.get("cuda")(job_num=4).index == 0
+
+
+def optuna_trials(storage: str, study: str) -> int:
+    import optuna
+    return len(optuna.load_study(study_name=study, storage=storage).trials)
+
+
+def test_optuna_study_in_memory(tmp_path):
+    plugin("hydra_optuna_sweeper")
+    sweep = tmp_path / "study"
+    proc = run_cli("train", "-m", "+experiment=optuna_search", "hydra.sweeper.n_trials=3", *SHORT,
+                   f"hydra.sweep.dir={sweep}", cwd=tmp_path)
+    assert len(finished_jobs(sweep)) == 3
+    best = OmegaConf.load(sweep / "optimization_results.yaml")
+    values = [j["val"]["recon"] for j in finished_jobs(sweep)]
+    assert best.best_value == pytest.approx(min(values))  # the sweeper minimised what the runs returned
+    assert "Best value" in proc.stdout + proc.stderr
+    report = run_cli("report", str(sweep), cwd=tmp_path)
+    assert "3 runs" in report.stdout and (sweep / "metrics_vs_reg.weight.png").is_file()
+
+
+def test_optuna_study_resumes_from_sqlite(tmp_path):
+    plugin("hydra_optuna_sweeper")
+    storage = f"sqlite:///{tmp_path / 'study.db'}"
+    for attempt in (1, 2):
+        run_cli("train", "-m", "+experiment=optuna_search", "hydra.sweeper.n_trials=3", f"hydra.sweeper.storage={storage}",
+                "hydra.sweeper.study_name=resumable", *SHORT, f"hydra.sweep.dir={tmp_path / f'sweep{attempt}'}",
+                cwd=tmp_path)
+        assert optuna_trials(storage, "resumable") == 3 * attempt
+
+
+def test_slurm_preset_renders_the_expected_sbatch(tmp_path, monkeypatch):
+    plugin("hydra_submitit_launcher")
+    import submitit
+    from hydra_plugins.hydra_submitit_launcher.config import BaseQueueConf
+
+    with initialize_config_module("aelab.configs", version_base="1.3"):
+        cfg = compose("train", overrides=["launcher=slurm", "hydra.launcher.partition=gpu", "hydra.launcher.account=proj",
+                                          "hydra.launcher.timeout_min=120", "hydra.launcher.gpus_per_node=2",
+                                          f"hydra.sweep.dir={tmp_path}"], return_hydra_config=True)
+    assert cfg.resume == "auto"  # a requeued job continues from its checkpoint
+    params = OmegaConf.to_container(cfg.hydra.launcher, resolve=True)
+    assert params.pop("_target_").endswith("SlurmLauncher")
+    # the same parameter mapping as hydra_submitit_launcher's launch(); a stub srun stands in for a cluster
+    (tmp_path / "bin").mkdir()
+    (tmp_path / "bin" / "srun").write_text("#!/bin/sh\n")
+    (tmp_path / "bin" / "srun").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path / 'bin'}{os.pathsep}{os.environ['PATH']}")
+    base = set(OmegaConf.structured(BaseQueueConf).keys())
+    init = {"submitit_folder", "max_num_timeout"}
+    executor = submitit.AutoExecutor(folder=params["submitit_folder"], cluster="slurm",
+                                     slurm_max_num_timeout=params["max_num_timeout"])
+    executor.update_parameters(**{k if k in base else f"slurm_{k}": v for k, v in params.items() if k not in init})
+    script = executor._executor._make_submission_file_text("python -m aelab train", "UID")
+    for line in ("--partition=gpu", "--account=proj", "--time=120", "--gpus-per-node=2", "--requeue",
+                 "--signal=USR2@120", "--cpus-per-task=4", "--mem=16GB"):
+        assert f"#SBATCH {line}" in script
+    assert params["max_num_timeout"] == 3
+
+
+def test_missing_plugin_is_a_clear_error(tmp_path, monkeypatch):
+    import importlib.util
+
+    from aelab.cli import main
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name.startswith("hydra_plugins") else real(name, *a))
+    assert main(["train", "-m", "launcher=parallel", "reg.weight=1,2"]) == 2
+
+
+def test_requeued_job_resumes_automatically(tmp_path):
+    """resume=auto (the slurm preset's): a checkpoint without metrics resumes; a finished job is not redone."""
+    run_dir = tmp_path / "job"
+    run_cli("train", "trainer.epochs=2", "device=cpu", "eval.probe=false", f"hydra.run.dir={run_dir}", cwd=tmp_path)
+    finished = (run_dir / "metrics.json").read_text()
+    again = run_cli("train", "trainer.epochs=2", "device=cpu", "eval.probe=false", "resume=auto",
+                    f"hydra.run.dir={run_dir}", cwd=tmp_path)
+    assert (run_dir / "metrics.json").read_text() == finished and "epoch" not in again.stdout
+    (run_dir / "metrics.json").unlink()  # as if preempted after the checkpoint of epoch 2
+    longer = run_cli("train", "trainer.epochs=3", "device=cpu", "eval.probe=false", "resume=auto",
+                     f"hydra.run.dir={run_dir}", cwd=tmp_path)
+    assert "epoch 3/3" in longer.stdout and "epoch 1/3" not in longer.stdout
