@@ -130,10 +130,33 @@ class MLPAutoencoder(Autoencoder):
             return norms.sum().expand(batch) if d1 is None else d1.pow(2) @ norms
         a = rows if d1 is None else rows * d1.unsqueeze(1)
         if w1.shape[1] > w1.shape[0]:
-            sq = ((a @ (w1 @ w1.T)) * a).sum((1, 2))
+            sq = _GramQuadratic.apply(a, w1 @ w1.T)
         else:
             sq = (a @ w1).pow(2).sum((1, 2))
         return sq.expand(batch)
+
+
+class _GramQuadratic(torch.autograd.Function):
+    """q_b = tr(A_b G A_b^T) for a symmetric G, with the backward written out: dq/dA = 2 A G reuses
+    the forward's A G, and dq/dG = sum_b A_b^T A_b, one GEMM where autograd would spend two."""
+
+    @staticmethod
+    def forward(ctx, a: Tensor, gram: Tensor) -> Tensor:
+        ag = a @ gram
+        ctx.save_for_backward(a, ag)
+        return (ag * a).sum((1, 2))
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad: Tensor):
+        a, ag = ctx.saved_tensors
+        scale = grad.view(-1, 1, 1)
+        grad_a = 2 * scale * ag if ctx.needs_input_grad[0] else None
+        grad_gram = None
+        if ctx.needs_input_grad[1]:
+            weighted = (a * scale).flatten(0, 1)
+            grad_gram = weighted.T @ a.flatten(0, 1)
+        return grad_a, grad_gram
 
 
 class _Elementwise(nn.Module):

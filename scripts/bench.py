@@ -1,0 +1,264 @@
+"""Throughput of aelab's training loop against the tutorial's reference loop, in one process.
+
+    python scripts/bench.py                 # CUDA if present, else CPU
+    python scripts/bench.py --device cpu --steps 200 --json bench.json
+
+Both train the same 784-256-128-32 MLP autoencoder (Adam, batch 128) on the same MNIST-shaped data
+(the real MNIST test images from ../shared/data/mnist-t10k when present, else random images):
+
+- seed-faithful: the tutorial's loop as written (per-item PIL + ToTensor DataLoader, `.to(device)` per
+  batch, an if/elif switch on the regularizer, the per-latent Jacobian loop for the contractive term);
+- seed TensorDataset: the same loop over a TensorDataset DataLoader;
+- aelab: `aelab.train.train_epoch`, the loop `aelab train` runs, on parts built from aelab's configs.
+
+Cases: reg none / l1 / kl / contractive (the seed's sigmoid model, latent 64) and a gaussian
+denoising corruption. Prints samples/s and the ratio aelab / seed per case, peak memory, and aelab's
+epoch time at 1x, 2x and 4x the data size (cost should grow linearly).
+"""
+from __future__ import annotations
+
+import argparse
+import gzip
+import json
+import resource
+import struct
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+from torch.utils.data import DataLoader, Dataset, TensorDataset
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_MNIST = ROOT.parent / "shared" / "data" / "mnist-t10k" / "t10k-images-idx3-ubyte.gz"
+BATCH = 128
+
+# ---- the tutorial's reference, written from the spec ------------------------------------------
+
+
+class SeedAutoencoder(nn.Module):
+    """The tutorial's models: ReLU MLP (latent 32), KL variant (sigmoid latent), contractive (sigmoid)."""
+
+    def __init__(self, latent_dim=32, encoder_act=nn.ReLU, latent_act=None):
+        super().__init__()
+        layers = [nn.Linear(784, 256), encoder_act(), nn.Linear(256, 128), encoder_act(), nn.Linear(128, latent_dim)]
+        self.encoder = nn.Sequential(*layers, *([latent_act()] if latent_act else []))
+        self.decoder = nn.Sequential(nn.Linear(latent_dim, 128), nn.ReLU(), nn.Linear(128, 256), nn.ReLU(),
+                                     nn.Linear(256, 784), nn.Sigmoid())
+
+    def encode(self, x):
+        return self.encoder(x)
+
+    def forward(self, x):
+        z = self.encoder(x)
+        return self.decoder(z), z
+
+
+def seed_l1(latent):
+    return torch.mean(torch.abs(latent))
+
+
+def seed_kl(latent, rho=0.05):
+    rho_hat = torch.clamp(torch.mean(latent, dim=0), 1e-8, 1 - 1e-8)
+    return torch.sum(rho * torch.log(rho / rho_hat) + (1 - rho) * torch.log((1 - rho) / (1 - rho_hat)))
+
+
+def seed_jacobian_penalty(model, x):
+    x = x.requires_grad_(True)
+    z = model.encode(x)
+    total = 0.0
+    for i in range(z.shape[1]):
+        grad_outputs = torch.zeros_like(z)
+        grad_outputs[:, i] = 1.0
+        col = torch.autograd.grad(z, x, grad_outputs, create_graph=True, retain_graph=True)[0]
+        total = total + torch.sum(col ** 2)
+    return total / x.shape[0]
+
+
+class PILDigits(Dataset):
+    """Per-item PIL image → ToTensor, as torchvision's MNIST with transforms.ToTensor() does."""
+
+    def __init__(self, images_u8: np.ndarray):
+        self.images = images_u8
+
+    def __len__(self):
+        return len(self.images)
+
+    def __getitem__(self, i):
+        from PIL import Image
+        from torchvision.transforms.functional import to_tensor
+        return to_tensor(Image.fromarray(self.images[i], mode="L")), 0
+
+
+def seed_loop(loader, device, reg, steps, noise_factor=0.0):
+    """The tutorial's train_regularized_autoencoder, timed over `steps` batches after a warm-up."""
+    model_kw = {"kl": dict(latent_act=nn.Sigmoid),
+                "contractive": dict(latent_dim=64, encoder_act=nn.Sigmoid, latent_act=nn.Sigmoid)}.get(reg, {})
+    model = SeedAutoencoder(**model_kw).to(device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.001)
+    criterion = nn.MSELoss()
+    weight = {"l1": 1e-3, "kl": 0.1, "contractive": 0.1}.get(reg, 0.0)
+    done, warmup, start, it = 0, 5, None, iter(loader)
+    for step in range(steps + warmup):
+        try:
+            images, _ = next(it)
+        except StopIteration:
+            it = iter(loader)
+            images, _ = next(it)
+        if step == warmup:
+            sync(device)
+            start, done = time.perf_counter(), 0
+        images = images.view(images.size(0), -1).to(device)
+        optimizer.zero_grad()
+        inputs = torch.clamp(images + torch.randn_like(images) * noise_factor, 0, 1) if noise_factor else images
+        reconstructed, latent = model(inputs)
+        recon_loss = criterion(reconstructed, images)
+        if reg == "l1":
+            reg_loss = seed_l1(latent)
+        elif reg == "kl":
+            reg_loss = seed_kl(latent)
+        elif reg == "contractive":
+            reg_loss = seed_jacobian_penalty(model, inputs)
+        else:
+            reg_loss = torch.tensor(0.0, device=device)
+        total = recon_loss + weight * reg_loss
+        total.backward()
+        optimizer.step()
+        total.item(), recon_loss.item(), reg_loss.item()  # the seed reads every term back every step
+        done += images.size(0)
+    sync(device)
+    return done / (time.perf_counter() - start)
+
+
+# ---- aelab --------------------------------------------------------------------------------------
+
+CASES = {  # name → aelab overrides; the seed's regularizer and noise for the same case
+    "none": ([], "none", 0.0),
+    "l1": (["reg=l1", "reg.weight=1e-3"], "l1", 0.0),
+    "kl": (["reg=kl", "reg.weight=0.1"], "kl", 0.0),
+    "gaussian": (["corruption=gaussian", "corruption.noise_factor=0.3"], "none", 0.3),
+    "contractive": (["model=contractive", "reg=contractive", "reg.weight=0.1"], "contractive", 0.0),
+}
+
+
+def write_root(images: np.ndarray, root: Path) -> Path:
+    """A torchvision MNIST root (train = test = the bench images) for aelab's own data path."""
+    raw = root / "MNIST" / "raw"
+    raw.mkdir(parents=True, exist_ok=True)
+    labels = np.zeros(len(images), dtype=np.uint8)
+    for split in ("train", "t10k"):
+        for kind, array in (("images-idx3", images), ("labels-idx1", labels)):
+            header = struct.pack(">HBB", 0, 8, array.ndim) + struct.pack(f">{array.ndim}I", *array.shape)
+            (raw / f"{split}-{kind}-ubyte").write_bytes(header + array.tobytes())
+    return root
+
+
+def aelab_parts(root: Path, device: str, overrides: list[str]):
+    from hydra import compose, initialize_config_module
+
+    from aelab.build import build
+    with initialize_config_module("aelab.configs", version_base="1.3"):
+        cfg = compose("train", overrides=["data=mnist", f"paths.data={root}", "data.val_fraction=0.0",
+                                          f"device={device}", f"trainer.batch_size={BATCH}", "trainer.log_every=50",
+                                          *overrides])
+    return build(cfg)
+
+
+def aelab_epochs(parts, epochs: int) -> float:
+    """samples/s of aelab's own epoch loop (train_epoch: shuffle, gather on device, step, NaN watch)."""
+    from aelab.checkpoint import Position
+    from aelab.console import progress
+    from aelab.faults import FiniteWatch, StopSignals
+    from aelab.train import start_epoch, train_epoch
+    from torch.utils.tensorboard import SummaryWriter
+
+    with tempfile.TemporaryDirectory() as logs, progress(1) as bar, StopSignals() as stop:
+        writer = SummaryWriter(logs)
+        watch = FiniteWatch(parts.device, ("total", "recon", "reg"), Path(logs) / "none")
+        pos = Position()
+        times = []
+        for _ in range(epochs + 1):  # the first epoch warms up
+            start_epoch(parts, pos)
+            sync(parts.device)
+            begin = time.perf_counter()
+            train_epoch(parts, pos, writer, bar, watch, stop)
+            sync(parts.device)
+            times.append(time.perf_counter() - begin)
+            pos.order = None
+        watch.check()
+        writer.close()
+    return pos.seen * epochs / sum(times[1:]) if epochs else 0.0
+
+
+def sync(device):
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def peak_memory(device) -> str:
+    if torch.device(device).type == "cuda":
+        return f"{torch.cuda.max_memory_allocated() / 2**20:.0f} MiB GPU"
+    return f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB RSS"
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--steps", type=int, default=150, help="timed steps of each seed loop")
+    p.add_argument("--epochs", type=int, default=2, help="timed aelab epochs (after one warm-up epoch)")
+    p.add_argument("--n", type=int, default=10000, help="training images")
+    p.add_argument("--cases", default=",".join(CASES))
+    p.add_argument("--json", default="", help="also write the results here")
+    args = p.parse_args()
+    torch.manual_seed(0)
+    if SHARED_MNIST.is_file():
+        data = np.frombuffer(gzip.decompress(SHARED_MNIST.read_bytes()), np.uint8, offset=16).reshape(-1, 28, 28)
+        source = "MNIST t10k"
+    else:
+        data = np.random.default_rng(0).integers(0, 256, (args.n, 28, 28), dtype=np.uint8)
+        source = "random"
+    data = np.resize(data, (args.n, 28, 28))
+    print(f"device={args.device} ({torch.cuda.get_device_name() if args.device == 'cuda' else 'CPU'}) "
+          f"torch={torch.__version__} threads={torch.get_num_threads()} data={source} n={args.n} batch={BATCH}",
+          flush=True)
+    pil_loader = DataLoader(PILDigits(data), batch_size=BATCH, shuffle=True)
+    tensor = torch.tensor(data, dtype=torch.float32).div(255).unsqueeze(1)
+    tensor_loader = DataLoader(TensorDataset(tensor, torch.zeros(len(tensor))), batch_size=BATCH, shuffle=True)
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        root = write_root(data, Path(tmp))
+        for case in args.cases.split(","):
+            overrides, reg, noise = CASES[case]
+            steps = max(args.steps // 8, 10) if reg == "contractive" else args.steps
+            faithful = seed_loop(pil_loader, args.device, reg, steps, noise)
+            tensor_sps = seed_loop(tensor_loader, args.device, reg, steps, noise)
+            ours = aelab_epochs(aelab_parts(root, args.device, overrides), args.epochs)
+            rows.append({"case": case, "seed_faithful": faithful, "seed_tensordataset": tensor_sps, "aelab": ours,
+                         "x_faithful": ours / faithful, "x_tensordataset": ours / tensor_sps})
+            print(f"{case:12s} seed-faithful {faithful:9.0f}  seed-TensorDataset {tensor_sps:9.0f}  "
+                  f"aelab {ours:9.0f} samples/s   aelab/seed {ours / faithful:6.2f}x / {ours / tensor_sps:6.2f}x",
+                  flush=True)
+        scaling = {}
+        for factor in (1, 2, 4):
+            big = write_root(np.resize(data, (args.n * factor, 28, 28)), Path(tmp) / f"x{factor}")
+            parts = aelab_parts(big, args.device, [])
+            sps = aelab_epochs(parts, 1)
+            scaling[factor] = args.n * factor / sps
+            print(f"epoch at {factor}x data ({args.n * factor} images): {scaling[factor]:.3f} s "
+                  f"({scaling[factor] / scaling[1]:.2f}x the 1x epoch)", flush=True)
+    print(f"peak memory: {peak_memory(args.device)}")
+    print("\n| case | seed-faithful | seed TensorDataset | aelab | aelab / faithful | aelab / TensorDataset |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: |")
+    for r in rows:
+        print(f"| {r['case']} | {r['seed_faithful']:,.0f} | {r['seed_tensordataset']:,.0f} | {r['aelab']:,.0f} | "
+              f"{r['x_faithful']:.2f}x | {r['x_tensordataset']:.2f}x |")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"device": args.device, "rows": rows, "epoch_seconds": scaling,
+                                               "peak_memory": peak_memory(args.device), "argv": sys.argv}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
