@@ -99,15 +99,20 @@ def run(cfg: DictConfig, run_dir: Path, resume: bool = False, job_num: int | Non
     return record
 
 
+def test_split(parts: Parts) -> tuple[dict, dict]:
+    """The training objective and every metric of metrics.analyse on the test split."""
+    found, arrays = analyse(parts, parts.evaluation)
+    return {**evaluate(parts, parts.data.test.x), **found}, arrays
+
+
 def finish(parts: Parts, cfg: DictConfig, run_dir: Path, writer: SummaryWriter, step: int) -> dict:
     """Final objective on every split and the test metrics: TensorBoard, PNG files, the rich table."""
-    found, arrays = analyse(parts, parts.evaluation)
-    metrics = {"train": evaluate(parts, parts.data.train.x), "val": evaluate(parts, parts.data.val.x),
-               "test": {**evaluate(parts, parts.data.test.x), **found}}
+    test, arrays = test_split(parts)
+    metrics = {"train": evaluate(parts, parts.data.train.x), "val": evaluate(parts, parts.data.val.x), "test": test}
     for split, values in metrics.items():
         log_terms(writer, f"final_{split}", values, step)
     test_pictures(parts, parts.evaluation, arrays, run_dir, writer, step)
-    log_hparams(writer, cfg, {"val_total": metrics["val"]["total"], **{f"test_{k}": v for k, v in found.items()}},
+    log_hparams(writer, cfg, {"val_total": metrics["val"]["total"], **{f"test_{k}": v for k, v in test.items()}},
                 step)
     writer.close()
     console.summary({"train": metrics["train"], "val": metrics["val"]}, title=f"aelab: {run_dir.name}")
@@ -120,8 +125,7 @@ def evaluate_run(run_dir: Path, overrides: list[str]) -> dict:
     cfg = run_config(run_dir, overrides)
     parts = build(cfg)
     checkpoint.load(parts, run_dir)
-    found, _ = analyse(parts, parts.evaluation)
-    test = {**evaluate(parts, parts.data.test.x), **found}
+    test, _ = test_split(parts)
     name = "eval.json" if not overrides else "eval_" + "_".join(o.replace("/", "-") for o in overrides) + ".json"
     (run_dir / name).write_text(json.dumps({"overrides": overrides, "test": test}, indent=2) + "\n")
     console.metrics_table(test, title=f"aelab eval: {run_dir}")
