@@ -66,7 +66,7 @@ def histogram_png(arrays: dict[str, Tensor], path: Path, threshold: float) -> No
     plt.close(fig)
 
 
-def test_pictures(parts: Parts, settings: EvalSettings, arrays: dict[str, Tensor], run_dir: Path,
+def save_pictures(parts: Parts, settings: EvalSettings, arrays: dict[str, Tensor], run_dir: Path,
                   writer: SummaryWriter | None, step: int) -> list[Path]:
     """Reconstruction grid, decoded features and histograms: PNG files, and TensorBoard if a writer is given."""
     grids = {"reconstructions": image_grid(parts, parts.data.test.x), "features": feature_grid(parts, settings.features)}

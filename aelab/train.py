@@ -14,7 +14,7 @@ from . import checkpoint, console
 from .build import Parts, build, run_config
 from .checkpoint import Position
 from .faults import FiniteWatch, StopSignals, environment
-from .logs import config_text, log_hparams, log_terms, test_pictures
+from .logs import config_text, log_hparams, log_terms, save_pictures
 from .metrics import analyse, image_grid
 from .objective import TERMS, batches, evaluate, loss_terms
 
@@ -111,7 +111,7 @@ def finish(parts: Parts, cfg: DictConfig, run_dir: Path, writer: SummaryWriter, 
     metrics = {"train": evaluate(parts, parts.data.train.x), "val": evaluate(parts, parts.data.val.x), "test": test}
     for split, values in metrics.items():
         log_terms(writer, f"final_{split}", values, step)
-    test_pictures(parts, parts.evaluation, arrays, run_dir, writer, step)
+    save_pictures(parts, parts.evaluation, arrays, run_dir, writer, step)
     log_hparams(writer, cfg, {"val_total": metrics["val"]["total"], **{f"test_{k}": v for k, v in test.items()}},
                 step)
     writer.close()
