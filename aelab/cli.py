@@ -124,16 +124,13 @@ def require_plugins(args: list[str]) -> None:
 
 
 def train_command(args: list[str]) -> int:
-    try:
+    def launch() -> None:
         require_plugins(args)
-        args = resume_args(args)
-        refuse_used_dirs(args)
-    except ConfigError as e:
-        console.error(str(e))
-        return 2
-    sys.argv = ["aelab train", *args]
-    train()
-    return 0
+        overrides = resume_args(args)
+        refuse_used_dirs(overrides)
+        sys.argv = ["aelab train", *overrides]
+        train()
+    return guarded(launch)
 
 
 def eval_command(args: list[str]) -> int:

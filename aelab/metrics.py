@@ -14,7 +14,7 @@ from torchvision.utils import make_grid
 from .build import EvalSettings, Parts
 from .corruptions import Corruption
 from .losses import LOSSES
-from .objective import batches
+from .objective import batches, eval_mode
 from .regularizers import encoder_sensitivity
 
 RECON = ("mse", "bce", "mae")
@@ -27,23 +27,21 @@ def reconstruction(parts: Parts, x: Tensor, corrupt: Corruption | None = None, s
     generator = torch.Generator(parts.device).manual_seed(seed)
     losses = [LOSSES.get(name)() for name in RECON]
     sums = torch.zeros(len(RECON) + 1, device=parts.device)
-    parts.model.eval()
-    for clean in batches(x, parts.trainer.batch_size, parts.device):
-        fwd = parts.model(clean if corrupt is None else corrupt(clean, generator))
-        per_image = (fwd.recon - clean).pow(2).mean(1).clamp_min(1e-10)
-        psnr = (-10 * torch.log10(per_image)).sum()
-        sums += torch.stack([*(loss(fwd, clean) * len(clean) for loss in losses), psnr])
-    parts.model.train()
+    with eval_mode(parts.model):
+        for clean in batches(x, parts.trainer.batch_size, parts.device):
+            fwd = parts.model(clean if corrupt is None else corrupt(clean, generator))
+            per_image = (fwd.recon - clean).pow(2).mean(1).clamp_min(1e-10)
+            psnr = (-10 * torch.log10(per_image)).sum()
+            sums += torch.stack([*(loss(fwd, clean) * len(clean) for loss in losses), psnr])
     return dict(zip((*RECON, "psnr"), (sums / len(x)).tolist()))
 
 
 @torch.no_grad()
 def codes(parts: Parts, x: Tensor) -> Tensor:
     """Latent codes of the clean inputs, (N, latent_dim)."""
-    parts.model.eval()
-    out = torch.cat([parts.model.encode(clean)[0] for clean in batches(x, parts.trainer.batch_size, parts.device)])
-    parts.model.train()
-    return out
+    with eval_mode(parts.model):
+        return torch.cat([parts.model.encode(clean)[0]
+                          for clean in batches(x, parts.trainer.batch_size, parts.device)])
 
 
 def sparsity(latent: Tensor, threshold: float) -> tuple[dict, Tensor]:
@@ -61,12 +59,10 @@ def sensitivity(parts: Parts, x: Tensor) -> float:
     """Mean over x of ||J_f(x)||_F^2, exact: the closed form for MLPs, batched autograd otherwise."""
     autograd = not hasattr(parts.model, "jacobian_sq_norm")
     total = torch.zeros((), device=parts.device)
-    parts.model.eval()
-    for clean in batches(x, parts.trainer.batch_size, parts.device):
-        with torch.set_grad_enabled(autograd):
+    with eval_mode(parts.model), torch.set_grad_enabled(autograd):
+        for clean in batches(x, parts.trainer.batch_size, parts.device):
             inputs = clean.clone().requires_grad_(autograd)
             total += encoder_sensitivity(parts.model(inputs, trace=True), parts.model).detach().sum()
-    parts.model.train()
     return total.item() / len(x)
 
 
@@ -110,9 +106,8 @@ def image_grid(parts: Parts, x: Tensor) -> Tensor:
     """Rows: clean, corrupted, reconstructed (the first images of x, fixed-seed noise)."""
     clean = x[:GRID_IMAGES].to(parts.device)
     noisy = parts.corruption(clean, torch.Generator(parts.device).manual_seed(parts.trainer.seed))
-    parts.model.eval()
-    recon = parts.model(noisy).recon
-    parts.model.train()
+    with eval_mode(parts.model):
+        recon = parts.model(noisy).recon
     images = torch.cat([clean, noisy, recon]).view(-1, *parts.data.image_shape).clamp(0, 1)
     return make_grid(images.cpu(), nrow=len(clean), pad_value=1.0)
 
@@ -122,8 +117,7 @@ def feature_grid(parts: Parts, count: int) -> Tensor:
     """Decoded one-hot codes: what each of the first `count` latent units draws (the decoder basis)."""
     k = min(count, parts.model.latent_dim)
     one_hot = torch.eye(k, parts.model.latent_dim, device=parts.device)
-    parts.model.eval()
-    images = parts.model.decode(one_hot)[0].view(k, *parts.data.image_shape).clamp(0, 1)
-    parts.model.train()
+    with eval_mode(parts.model):
+        images = parts.model.decode(one_hot)[0].view(k, *parts.data.image_shape).clamp(0, 1)
     side = int(np.ceil(np.sqrt(k)))
     return make_grid(images.cpu(), nrow=side, pad_value=1.0, normalize=True, scale_each=True)

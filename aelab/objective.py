@@ -1,6 +1,7 @@
 """The training objective on a batch and averaged over a split: the terms every part of aelab logs."""
 from __future__ import annotations
 
+from contextlib import contextmanager
 from typing import Iterator, Optional
 
 import torch
@@ -30,14 +31,22 @@ def batches(x: Tensor, batch_size: int, device: torch.device, order: Optional[Te
         yield chunk.to(device, non_blocking=True)
 
 
+@contextmanager
+def eval_mode(model: torch.nn.Module) -> Iterator[None]:
+    """The model in eval mode for the block, back in train mode after it."""
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train()
+
+
 def evaluate(parts: Parts, x: Tensor) -> dict[str, float]:
     """Mean {total, recon, reg} of the training objective, corruption drawn from a fixed seed."""
     generator = torch.Generator(parts.device).manual_seed(parts.trainer.seed)
     sums = torch.zeros(len(TERMS), device=parts.device)
-    parts.model.eval()
-    with torch.set_grad_enabled(parts.input_grad):
+    with eval_mode(parts.model), torch.set_grad_enabled(parts.input_grad):
         for clean in batches(x, parts.trainer.batch_size, parts.device):
             terms = loss_terms(parts, clean, generator)
             sums += torch.stack([terms[name].detach() for name in TERMS]) * len(clean)
-    parts.model.train()
     return dict(zip(TERMS, (sums / len(x)).tolist()))

@@ -86,12 +86,17 @@ def trade_off(rows: list[Row], x_metric: str, name: str, out: Path) -> Path:
     return save(fig, out / f"{name}.png")
 
 
+def noise_metrics(rows: list[Row]) -> list[str]:
+    """`mse` (clean test input) and every `mse_<noise>` the runs measured."""
+    return ["mse", *sorted({m for r in rows for j in r.jobs for m in j.metrics if m.startswith("mse_")})]
+
+
 def denoising_vs_noise(rows: list[Row], out: Path) -> Path:
     """Test MSE (against clean) under each test corruption, against the training noise level."""
     plt = pyplot()
     key = "corruption.noise_factor"
     rows = sorted(rows, key=lambda r: float(r.setting[key]))
-    metrics = ["mse", *sorted({m for r in rows for j in r.jobs for m in j.metrics if m.startswith("mse_")})]
+    metrics = noise_metrics(rows)
     fig, ax = plt.subplots(figsize=(6, 4.2))
     for metric in metrics:
         stats = [r.mean_std(metric) for r in rows]
@@ -106,7 +111,7 @@ def denoising_vs_noise(rows: list[Row], out: Path) -> Path:
 def robustness_heatmap(rows: list[Row], out: Path) -> Path:
     """Train corruption (rows) x test corruption (columns): test MSE against clean inputs."""
     plt = pyplot()
-    tests = ["mse", *sorted({m for r in rows for j in r.jobs for m in j.metrics if m.startswith("mse_")})]
+    tests = noise_metrics(rows)
     grid = [[r.mean_std(m)[0] for m in tests] for r in rows]
     fig, ax = plt.subplots(figsize=(1.6 * len(tests) + 2, 0.6 * len(rows) + 2))
     image = ax.imshow(grid, cmap="viridis_r")
