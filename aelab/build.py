@@ -28,6 +28,9 @@ class Trainer:
     batch_size: int
     seed: int
     log_every: int
+    cuda_graph: str  # auto | on | off: replay the whole training step as one CUDA graph
+    compile: bool  # torch.compile the training objective
+    tf32: bool  # TF32 matmuls and convolutions on CUDA (float32 otherwise)
 
 
 @dataclass(frozen=True)
@@ -81,14 +84,42 @@ def build_part(group: str, registry: Registry, node, **context):
         raise e.within(group) from None
 
 
+CUDA_GRAPH = ("auto", "on", "off")
+
+
+def choice(value, key: str, choices: tuple[str, ...]) -> str:
+    """One of `choices`; YAML's bare on/off arrive as booleans and mean "on"/"off"."""
+    value = {True: "on", False: "off"}.get(value, value) if isinstance(value, bool) else value
+    if value not in choices:
+        raise ConfigError(f"must be one of {', '.join(choices)}, got {value!r}", key)
+    return value
+
+
+def flag(value, key: str) -> bool:
+    if not isinstance(value, bool):
+        raise ConfigError(f"must be true or false, got {value!r}", key)
+    return value
+
+
 def trainer_settings(node) -> Trainer:
     try:
         return Trainer(epochs=number(node.epochs, "epochs", low=1, integer=True),
                        batch_size=number(node.batch_size, "batch_size", low=1, integer=True),
                        seed=number(node.seed, "seed", integer=True),
-                       log_every=number(node.log_every, "log_every", low=1, integer=True))
+                       log_every=number(node.log_every, "log_every", low=1, integer=True),
+                       # .get: runs saved before these keys existed still load in `aelab eval`
+                       cuda_graph=choice(node.get("cuda_graph", "auto"), "cuda_graph", CUDA_GRAPH),
+                       compile=flag(node.get("compile", False), "compile"),
+                       tf32=flag(node.get("tf32", False), "tf32"))
     except ConfigError as e:
         raise e.within("trainer") from None
+
+
+def set_matmul_precision(tf32: bool) -> None:
+    """float32 matmuls and convolutions on CUDA, or TF32 ones (faster on Ampere and later)."""
+    precision = "tf32" if tf32 else "ieee"
+    torch.backends.cuda.matmul.fp32_precision = precision
+    torch.backends.cudnn.conv.fp32_precision = precision
 
 
 def eval_settings(node, image_shape: tuple[int, int, int]) -> EvalSettings:
@@ -105,7 +136,7 @@ def eval_settings(node, image_shape: tuple[int, int, int]) -> EvalSettings:
 
 
 def check_compatible(data: Splits, model: Autoencoder, loss: ReconstructionLoss, penalty: Penalty,
-                     trainer: Trainer) -> None:
+                     trainer: Trainer, device: torch.device) -> None:
     """Cross-part contracts, checked once before training."""
     if loss.needs_sigmoid_output and not model.sigmoid_output:
         raise ConfigError("loss=bce needs a sigmoid output; set model.output_activation=sigmoid",
@@ -118,6 +149,9 @@ def check_compatible(data: Splits, model: Autoencoder, loss: ReconstructionLoss,
     if penalty.needs_unit_latent and not model.latent_unit_interval:
         raise ConfigError(f"reg={penalty.name} needs latent activations in (0, 1); set "
                           f"model.latent_activation=sigmoid (or model=sparse_kl)", "model.latent_activation")
+    if trainer.cuda_graph == "on" and device.type != "cuda":
+        raise ConfigError(f"=on needs a CUDA device, but device is {device.type}; use trainer.cuda_graph=auto "
+                          f"(graphs where CUDA is, eager elsewhere) or off", "trainer.cuda_graph")
     if trainer.batch_size > len(data.train):
         raise ConfigError(f"must be <= the {len(data.train)} training samples of data={data.name}, "
                           f"got {trainer.batch_size}", "trainer.batch_size")
@@ -136,7 +170,8 @@ def build(cfg: DictConfig, job_num: int | None = None) -> Parts:
     penalty = build_part("reg", REGULARIZERS, cfg.reg)
     corruption = build_part("corruption", CORRUPTIONS, cfg.corruption, image_shape=data.image_shape)
     evaluation = eval_settings(cfg.eval, data.image_shape)
-    check_compatible(data, model, loss, penalty, trainer)
+    check_compatible(data, model, loss, penalty, trainer, device)
+    set_matmul_precision(trainer.tf32)
     model = model.to(device)
     optimizer = build_part("optim", OPTIMIZERS, cfg.optim, params=model.parameters(), device=device)
     return Parts(device, resident(data, device), model, loss, penalty, corruption, optimizer, trainer, evaluation)

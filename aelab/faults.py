@@ -25,17 +25,21 @@ class TrainingFault(RuntimeError):
 class FiniteWatch:
     """Remembers, on the device, the first step at which each loss term went NaN or inf.
 
-    `update` costs a few tiny kernels and no host sync; `check` (every log_every steps and at the
-    end of each epoch, before any checkpoint is written) reads it back and stops the run.
+    `update` costs a few tiny in-place kernels (a CUDA graph can hold them) and no host sync;
+    `check` (every log_every steps and at the end of each epoch, before any checkpoint is written)
+    reads it back and stops the run.
     """
 
-    def __init__(self, device: torch.device, names: Sequence[str], last_good: Path):
+    def __init__(self, device: torch.device, names: Sequence[str], last_good: Path, step: int = 0):
         self.names, self.last_good = list(names), last_good
         self.first_bad = torch.full((len(names),), -1, dtype=torch.int64, device=device)
+        self.step = torch.tensor(step, dtype=torch.int64, device=device)  # optimizer steps so far
 
-    def update(self, terms: Tensor, step: int) -> None:
+    def update(self, terms: Tensor) -> None:
+        """After each optimizer step, with its (total, recon, reg)."""
+        self.step += 1
         fresh = ~torch.isfinite(terms) & (self.first_bad < 0)
-        self.first_bad = torch.where(fresh, step, self.first_bad)
+        self.first_bad.copy_(torch.where(fresh, self.step, self.first_bad))
 
     def check(self) -> None:
         first_bad = self.first_bad.tolist()

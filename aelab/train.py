@@ -16,28 +16,17 @@ from .checkpoint import Position
 from .faults import FiniteWatch, StopSignals, environment
 from .logs import config_text, log_hparams, log_terms, save_pictures
 from .metrics import analyse, image_grid
-from .objective import TERMS, batches, evaluate, loss_terms
+from .objective import TERMS, batches, evaluate
+from .steps import Step, make_step
 
 
-def train_step(parts: Parts, clean: Tensor) -> Tensor:
-    """One optimizer step; returns the detached (total, recon, reg) without a host sync."""
-    parts.optimizer.zero_grad(set_to_none=True)
-    terms = loss_terms(parts, clean)
-    terms["total"].backward()
-    parts.optimizer.step()
-    return torch.stack([terms[name].detach() for name in TERMS])
-
-
-def train_epoch(parts: Parts, pos: Position, writer: SummaryWriter, bar: console.Bar, watch: FiniteWatch,
-                stop: StopSignals) -> None:
+def train_epoch(parts: Parts, pos: Position, step: Step, writer: SummaryWriter, bar: console.Bar,
+                watch: FiniteWatch, stop: StopSignals) -> None:
     """Train on the rest of this epoch's shuffle; reads scalars back only every log_every steps."""
     every = parts.trainer.log_every
     for clean in batches(parts.data.train.x, parts.trainer.batch_size, parts.device, pos.order, pos.batch):
-        terms = train_step(parts, clean)
+        step(clean)
         pos.step, pos.batch, pos.seen = pos.step + 1, pos.batch + 1, pos.seen + len(clean)
-        watch.update(terms, pos.step)
-        pos.window += terms
-        pos.epoch_sums += terms * len(clean)
         bar.advance()
         if pos.step % every == 0:
             watch.check()
@@ -50,11 +39,15 @@ def train_epoch(parts: Parts, pos: Position, writer: SummaryWriter, bar: console
 
 
 def start_epoch(parts: Parts, pos: Position) -> None:
-    """A fresh shuffle of the training split (on the device holding it) and zeroed epoch sums."""
+    """A fresh shuffle of the training split (on the device holding it) and zeroed epoch sums.
+
+    The sums are zeroed in place: a captured CUDA graph adds into these very tensors."""
     x = parts.data.train.x
     pos.order = torch.randperm(len(x), device=x.device)
     pos.batch, pos.seen = 0, 0
-    pos.epoch_sums = torch.zeros(len(TERMS), device=parts.device)
+    if pos.epoch_sums is None:
+        pos.epoch_sums = torch.zeros(len(TERMS), device=parts.device)
+    pos.epoch_sums.zero_()
     if pos.window is None:
         pos.window = torch.zeros(len(TERMS), device=parts.device)
 
@@ -71,12 +64,13 @@ def run(cfg: DictConfig, run_dir: Path, resume: bool = False, job_num: int | Non
                                                              indent=2) + "\n")
     trainer, started, first_step = parts.trainer, time.perf_counter(), pos.step
     steps_per_epoch = -(-len(parts.data.train) // trainer.batch_size)
-    watch = FiniteWatch(parts.device, TERMS, run_dir / checkpoint.FILE)
+    watch = FiniteWatch(parts.device, TERMS, run_dir / checkpoint.FILE, pos.step)
     with console.progress(trainer.epochs * steps_per_epoch, pos.step) as bar, StopSignals() as stop:
+        step = make_step(parts, pos, watch, bar.log)
         while pos.epoch < trainer.epochs:
             if pos.order is None:
                 start_epoch(parts, pos)
-            train_epoch(parts, pos, writer, bar, watch, stop)
+            train_epoch(parts, pos, step, writer, bar, watch, stop)
             watch.check()
             if stop.requested:
                 writer.close()
@@ -94,7 +88,8 @@ def run(cfg: DictConfig, run_dir: Path, resume: bool = False, job_num: int | Non
     trained = (pos.step - first_step) * trainer.batch_size
     record.update(started_at=started_at, finished_at=time.time(), epochs=trainer.epochs, steps=pos.step,
                   seconds=round(seconds, 3),
-                  samples_per_second=round(trained / seconds, 1), device=str(parts.device))
+                  samples_per_second=round(trained / seconds, 1), device=str(parts.device),
+                  step_mode=getattr(step, "mode", "eager"))
     (run_dir / "metrics.json").write_text(json.dumps(record, indent=2) + "\n")
     return record
 

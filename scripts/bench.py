@@ -9,11 +9,15 @@ Both train the same 784-256-128-32 MLP autoencoder (Adam, batch 128) on the same
 - seed-faithful: the tutorial's loop as written (per-item PIL + ToTensor DataLoader, `.to(device)` per
   batch, an if/elif switch on the regularizer, the per-latent Jacobian loop for the contractive term);
 - seed TensorDataset: the same loop over a TensorDataset DataLoader;
-- aelab: `aelab.train.train_epoch`, the loop `aelab train` runs, on parts built from aelab's configs.
+- aelab: `aelab.train.train_epoch` with the step `aelab train` makes (`aelab.steps.make_step`), on
+  parts built from aelab's configs: on CUDA the whole step replayed as a CUDA graph, and also timed
+  eagerly (trainer.cuda_graph=off) to show what the graph buys.
 
-Cases: reg none / l1 / kl / contractive (the seed's sigmoid model, latent 64) and a gaussian
-denoising corruption. Prints samples/s and the ratio aelab / seed per case, peak memory, and aelab's
-epoch time at 1x, 2x and 4x the data size (cost should grow linearly).
+Cases: reg none / l1 / kl / contractive exact and Hutchinson (the seed's sigmoid model, latent 64)
+and a gaussian denoising corruption. Prints samples/s and the ratio aelab / seed per case, peak
+memory, aelab's epoch time at 1x, 2x and 4x the data size (cost should grow linearly), and the
+issue's targets for the device, met or not. `--tf32` runs aelab with trainer.tf32=true (the seed
+loops stay float32).
 """
 from __future__ import annotations
 
@@ -95,6 +99,8 @@ class PILDigits(Dataset):
 
 def seed_loop(loader, device, reg, steps, noise_factor=0.0):
     """The tutorial's train_regularized_autoencoder, timed over `steps` batches after a warm-up."""
+    from aelab.build import set_matmul_precision
+    set_matmul_precision(False)  # the seed runs in torch's default float32, whatever aelab ran before
     model_kw = {"kl": dict(latent_act=nn.Sigmoid),
                 "contractive": dict(latent_dim=64, encoder_act=nn.Sigmoid, latent_act=nn.Sigmoid)}.get(reg, {})
     model = SeedAutoencoder(**model_kw).to(device)
@@ -141,6 +147,17 @@ CASES = {  # name → aelab overrides; the seed's regularizer and noise for the 
     "kl": (["reg=kl", "reg.weight=0.1"], "kl", 0.0),
     "gaussian": (["corruption=gaussian", "corruption.noise_factor=0.3"], "none", 0.3),
     "contractive": (["model=contractive", "reg=contractive", "reg.weight=0.1"], "contractive", 0.0),
+    "hutchinson": (["model=contractive", "reg=contractive", "reg.weight=0.1", "reg.method=hutchinson"],
+                   "contractive", 0.0),
+}
+
+# the issue's targets: (case, column, at least) per device type; "x_*" are ratios to the seed loops
+TARGETS = {
+    "cuda": [("none", "aelab", 400_000), ("none", "x_faithful", 35), ("none", "x_tensordataset", 10),
+             ("l1", "aelab", 300_000), ("kl", "aelab", 300_000), ("gaussian", "aelab", 300_000),
+             ("contractive", "aelab", 150_000), ("contractive", "x_tensordataset", 75),
+             ("contractive", "of_plain", 0.5)],
+    "cpu": [("none", "x_tensordataset", 1.2), ("contractive", "x_tensordataset", 3)],
 }
 
 
@@ -167,11 +184,13 @@ def aelab_parts(root: Path, device: str, overrides: list[str]):
     return build(cfg)
 
 
-def aelab_epochs(parts, epochs: int) -> float:
-    """samples/s of aelab's own epoch loop (train_epoch: shuffle, gather on device, step, NaN watch)."""
+def aelab_epochs(parts, epochs: int) -> tuple[float, str]:
+    """samples/s of aelab's own epoch loop (train_epoch: shuffle, gather on device, step, NaN watch),
+    and how the step ran (cuda graph or eager)."""
     from aelab.checkpoint import Position
     from aelab.console import progress
     from aelab.faults import FiniteWatch, StopSignals
+    from aelab.steps import make_step
     from aelab.train import start_epoch, train_epoch
     from torch.utils.tensorboard import SummaryWriter
 
@@ -179,18 +198,19 @@ def aelab_epochs(parts, epochs: int) -> float:
         writer = SummaryWriter(logs)
         watch = FiniteWatch(parts.device, ("total", "recon", "reg"), Path(logs) / "none")
         pos = Position()
+        step = make_step(parts, pos, watch, print)
         times = []
         for _ in range(epochs + 1):  # the first epoch warms up
             start_epoch(parts, pos)
             sync(parts.device)
             begin = time.perf_counter()
-            train_epoch(parts, pos, writer, bar, watch, stop)
+            train_epoch(parts, pos, step, writer, bar, watch, stop)
             sync(parts.device)
             times.append(time.perf_counter() - begin)
             pos.order = None
         watch.check()
         writer.close()
-    return pos.seen * epochs / sum(times[1:]) if epochs else 0.0
+    return (pos.seen * epochs / sum(times[1:]) if epochs else 0.0), getattr(step, "mode", "eager")
 
 
 def sync(device):
@@ -212,6 +232,7 @@ def main() -> None:
     p.add_argument("--n", type=int, default=10000, help="training images")
     p.add_argument("--cases", default=",".join(CASES))
     p.add_argument("--json", default="", help="also write the results here")
+    p.add_argument("--tf32", action="store_true", help="aelab with trainer.tf32=true")
     args = p.parse_args()
     torch.manual_seed(0)
     if SHARED_MNIST.is_file():
@@ -221,12 +242,15 @@ def main() -> None:
         data = np.random.default_rng(0).integers(0, 256, (args.n, 28, 28), dtype=np.uint8)
         source = "random"
     data = np.resize(data, (args.n, 28, 28))
-    print(f"device={args.device} ({torch.cuda.get_device_name() if args.device == 'cuda' else 'CPU'}) "
+    name = torch.cuda.get_device_name() if torch.device(args.device).type == "cuda" else "CPU"
+    print(f"device={args.device} ({name}) tf32={args.tf32} "
           f"torch={torch.__version__} threads={torch.get_num_threads()} data={source} n={args.n} batch={BATCH}",
           flush=True)
     pil_loader = DataLoader(PILDigits(data), batch_size=BATCH, shuffle=True)
     tensor = torch.tensor(data, dtype=torch.float32).div(255).unsqueeze(1)
     tensor_loader = DataLoader(TensorDataset(tensor, torch.zeros(len(tensor))), batch_size=BATCH, shuffle=True)
+    cuda = torch.device(args.device).type == "cuda"
+    extra = ["trainer.tf32=true"] if args.tf32 else []
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         root = write_root(data, Path(tmp))
@@ -235,29 +259,62 @@ def main() -> None:
             steps = max(args.steps // 8, 10) if reg == "contractive" else args.steps
             faithful = seed_loop(pil_loader, args.device, reg, steps, noise)
             tensor_sps = seed_loop(tensor_loader, args.device, reg, steps, noise)
-            ours = aelab_epochs(aelab_parts(root, args.device, overrides), args.epochs)
-            rows.append({"case": case, "seed_faithful": faithful, "seed_tensordataset": tensor_sps, "aelab": ours,
-                         "x_faithful": ours / faithful, "x_tensordataset": ours / tensor_sps})
+            ours, mode = aelab_epochs(aelab_parts(root, args.device, [*overrides, *extra]), args.epochs)
+            row = {"case": case, "seed_faithful": faithful, "seed_tensordataset": tensor_sps, "aelab": ours,
+                   "step_mode": mode, "x_faithful": ours / faithful, "x_tensordataset": ours / tensor_sps}
+            if cuda:
+                row["aelab_eager"], _ = aelab_epochs(aelab_parts(root, args.device, [*overrides, *extra,
+                                                                                    "trainer.cuda_graph=off"]),
+                                                     args.epochs)
+            rows.append(row)
             print(f"{case:12s} seed-faithful {faithful:9.0f}  seed-TensorDataset {tensor_sps:9.0f}  "
-                  f"aelab {ours:9.0f} samples/s   aelab/seed {ours / faithful:6.2f}x / {ours / tensor_sps:6.2f}x",
-                  flush=True)
+                  f"aelab {ours:9.0f} samples/s ({mode})   aelab/seed {ours / faithful:6.2f}x / "
+                  f"{ours / tensor_sps:6.2f}x" + (f"   eager {row['aelab_eager']:9.0f}" if cuda else ""), flush=True)
+        plain = next((r["aelab"] for r in rows if r["case"] == "none"), None)
+        for r in rows:
+            r["of_plain"] = r["aelab"] / plain if plain else None
         scaling = {}
         for factor in (1, 2, 4):
             big = write_root(np.resize(data, (args.n * factor, 28, 28)), Path(tmp) / f"x{factor}")
-            parts = aelab_parts(big, args.device, [])
-            sps = aelab_epochs(parts, 1)
+            sps, _ = aelab_epochs(aelab_parts(big, args.device, extra), 1)
             scaling[factor] = args.n * factor / sps
             print(f"epoch at {factor}x data ({args.n * factor} images): {scaling[factor]:.3f} s "
                   f"({scaling[factor] / scaling[1]:.2f}x the 1x epoch)", flush=True)
     print(f"peak memory: {peak_memory(args.device)}")
-    print("\n| case | seed-faithful | seed TensorDataset | aelab | aelab / faithful | aelab / TensorDataset |")
-    print("| --- | ---: | ---: | ---: | ---: | ---: |")
+    eager_head = " aelab eager |" if cuda else ""
+    print(f"\n| case | seed-faithful | seed TensorDataset | aelab |{eager_head} aelab / faithful | "
+          f"aelab / TensorDataset | aelab / aelab plain |")
+    print("| --- | ---: | ---: | ---: |" + (" ---: |" if cuda else "") + " ---: | ---: | ---: |")
     for r in rows:
-        print(f"| {r['case']} | {r['seed_faithful']:,.0f} | {r['seed_tensordataset']:,.0f} | {r['aelab']:,.0f} | "
-              f"{r['x_faithful']:.2f}x | {r['x_tensordataset']:.2f}x |")
+        eager = f" {r['aelab_eager']:,.0f} |" if cuda else ""
+        of_plain = f"{r['of_plain']:.2f}x" if r["of_plain"] else ""
+        print(f"| {r['case']} | {r['seed_faithful']:,.0f} | {r['seed_tensordataset']:,.0f} | {r['aelab']:,.0f} |"
+              f"{eager} {r['x_faithful']:.2f}x | {r['x_tensordataset']:.2f}x | {of_plain} |")
+    verdicts = targets(rows, "cuda" if cuda else "cpu")
     if args.json:
-        Path(args.json).write_text(json.dumps({"device": args.device, "rows": rows, "epoch_seconds": scaling,
-                                               "peak_memory": peak_memory(args.device), "argv": sys.argv}, indent=2))
+        Path(args.json).write_text(json.dumps({"device": args.device, "device_name": name, "tf32": args.tf32,
+                                               "rows": rows, "epoch_seconds": scaling, "targets": verdicts,
+                                               "peak_memory": peak_memory(args.device), "argv": sys.argv,
+                                               "date": time.strftime("%Y-%m-%d")}, indent=2))
+
+
+def targets(rows: list[dict], kind: str) -> list[dict]:
+    """The issue's targets for this device type, each with the measured value and met / NOT met."""
+    by_case = {r["case"]: r for r in rows}
+    verdicts = []
+    print("\n| target | measured | |")
+    print("| --- | ---: | --- |")
+    for case, column, floor in TARGETS[kind]:
+        if case not in by_case:
+            continue
+        value = by_case[case][column]
+        met = value is not None and value >= floor
+        unit = "" if column == "aelab" else "x"
+        label = {"aelab": "samples/s", "x_faithful": "x seed-faithful", "x_tensordataset": "x seed TensorDataset",
+                 "of_plain": "x aelab plain"}[column]
+        print(f"| {case}: >= {floor:,g} {label} | {value:,.2f}{unit} | {'met' if met else 'NOT met'} |")
+        verdicts.append({"case": case, "column": column, "target": floor, "value": value, "met": met})
+    return verdicts
 
 
 if __name__ == "__main__":

@@ -4,7 +4,8 @@ import torch
 
 from aelab.build import build
 from aelab.registry import ConfigError
-from aelab.train import evaluate, loss_terms, train_step
+from aelab.objective import evaluate, loss_terms
+from aelab.steps import train_step
 
 
 def test_default_config_builds_the_seed_shape(make_cfg):

@@ -59,6 +59,9 @@ def assert_clean_failure(proc, code, text):
     (["model.hidden=[256,0]"], "model.hidden: must be >= 1"),
     (["trainer.batch_size=100000"], "trainer.batch_size: must be <= the 1257 training samples"),
     (["trainer.epochs=0"], "trainer.epochs: must be >= 1"),
+    (["device=cpu", "trainer.cuda_graph=on"], "trainer.cuda_graph: =on needs a CUDA device, but device is cpu"),
+    (["trainer.cuda_graph=sometimes"], "trainer.cuda_graph: must be one of auto, on, off, got 'sometimes'"),
+    (["trainer.compile=1"], "trainer.compile: must be true or false, got 1"),
 ])
 def test_bad_input_is_one_clear_line(tmp_path, capfd, args, text):
     """Through the console script's entry point, in process (test_cli.py runs a few as subprocesses)."""
@@ -78,7 +81,7 @@ def test_bce_with_data_outside_unit_interval_is_refused(make_cfg):
     wide = Split(parts.data.train.x * 2 - 0.5, parts.data.train.labels)
     data = Splits("scaled", parts.data.image_shape, wide, wide, wide)
     with pytest.raises(ConfigError, match=r"loss=bce needs targets in \[0, 1\].*spans \[-0.5, 1.5\]"):
-        check_compatible(data, parts.model, parts.loss, parts.penalty, parts.trainer)
+        check_compatible(data, parts.model, parts.loss, parts.penalty, parts.trainer, parts.device)
 
 
 def test_existing_run_is_never_overwritten(tmp_path):
