@@ -1,4 +1,4 @@
-"""Optimizers over the model's parameters (fused kernels on CUDA)."""
+"""Optimizers over the model's parameters (Adam's and AdamW's fused kernels on CPU and CUDA)."""
 from __future__ import annotations
 
 from typing import Iterable
@@ -16,7 +16,7 @@ def _adam_args(lr, betas, weight_decay, device: torch.device) -> dict:
                 betas=(number(b1, "betas", low=0, high=1, high_open=True),
                        number(b2, "betas", low=0, high=1, high_open=True)),
                 weight_decay=number(weight_decay, "weight_decay", low=0),
-                fused=device.type == "cuda")
+                fused=device.type in ("cpu", "cuda"))
 
 
 @OPTIMIZERS.register

@@ -9,10 +9,10 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$out
 python -m pytest -q -p no:cacheprovider tests/test_gpu.py tests/test_steps.py tests/test_regularizers.py \
   2>&1 | tee "$out/tests.txt"
 tests=${PIPESTATUS[0]}
-PYTHONUNBUFFERED=1 python scripts/bench.py --device cuda --steps 300 --epochs 3 --json "$out/bench.json" \
+PYTHONUNBUFFERED=1 python scripts/bench.py --device cuda --steps 300 --epochs 3 --n 60000 --json "$out/bench.json" \
   2>&1 | tee "$out/bench.txt"
 bench=${PIPESTATUS[0]}
-PYTHONUNBUFFERED=1 python scripts/bench.py --device cuda --steps 300 --epochs 3 --cases none,contractive --tf32 \
+PYTHONUNBUFFERED=1 python scripts/bench.py --device cuda --steps 300 --epochs 3 --n 60000 --cases none,contractive --tf32 \
   --json "$out/bench_tf32.json" 2>&1 | tee "$out/bench_tf32.txt"
 tf32=${PIPESTATUS[0]}
 echo "== summary: tests exit $tests, bench exit $bench, tf32 bench exit $tf32; $(date -u +%F) $(tail -1 "$out/gpu.txt")"
