@@ -15,7 +15,7 @@ from .devices import DEVICES
 from .losses import LOSSES, ReconstructionLoss
 from .models import MODELS, Autoencoder
 from .optim import OPTIMIZERS
-from .registry import ConfigError, Registry, number
+from .registry import ConfigError, Registry, choice, flag, number
 from .regularizers import REGULARIZERS, Penalty
 
 GROUPS = {"data": DATASETS, "model": MODELS, "loss": LOSSES, "reg": REGULARIZERS,
@@ -85,20 +85,6 @@ def build_part(group: str, registry: Registry, node, **context):
 
 
 CUDA_GRAPH = ("auto", "on", "off")
-
-
-def choice(value, key: str, choices: tuple[str, ...]) -> str:
-    """One of `choices`; YAML's bare on/off arrive as booleans and mean "on"/"off"."""
-    value = {True: "on", False: "off"}.get(value, value) if isinstance(value, bool) else value
-    if value not in choices:
-        raise ConfigError(f"must be one of {', '.join(choices)}, got {value!r}", key)
-    return value
-
-
-def flag(value, key: str) -> bool:
-    if not isinstance(value, bool):
-        raise ConfigError(f"must be true or false, got {value!r}", key)
-    return value
 
 
 def trainer_settings(node) -> Trainer:

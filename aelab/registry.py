@@ -81,3 +81,18 @@ def number(value, key: str, *, low: float | None = None, high: float | None = No
             f"{'>' if low_open else '>='} {low:g}" if low is not None else f"{'<' if high_open else '<='} {high:g}")
         raise ConfigError(f"must be {span}, got {value:g}", key)
     return value
+
+
+def choice(value, key: str, choices: tuple[str, ...]) -> str:
+    """One of `choices`; YAML's bare on/off arrive as booleans and mean "on"/"off"."""
+    value = {True: "on", False: "off"}.get(value, value) if isinstance(value, bool) else value
+    if value not in choices:
+        raise ConfigError(f"must be one of {', '.join(choices)}, got {value!r}", key)
+    return value
+
+
+def flag(value, key: str) -> bool:
+    """A boolean setting; 1, "yes" and the like are refused rather than guessed."""
+    if not isinstance(value, bool):
+        raise ConfigError(f"must be true or false, got {value!r}", key)
+    return value

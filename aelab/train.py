@@ -7,7 +7,6 @@ from pathlib import Path
 
 import torch
 from omegaconf import DictConfig
-from torch import Tensor
 from torch.utils.tensorboard import SummaryWriter
 
 from . import checkpoint, console

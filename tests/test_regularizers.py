@@ -3,7 +3,6 @@ import math
 
 import pytest
 import torch
-import torch.nn as nn
 
 from aelab.models import ACTIVATIONS, MODELS
 from aelab.regularizers import (REGULARIZERS, encoder_sensitivity, hutchinson_sq_norm, kl_term,
