@@ -1,21 +1,34 @@
 #!/usr/bin/env bash
 # The GPU checks in one unattended go: the CUDA tests, the benchmark (float32, then TF32), a summary.
 #   bash scripts/gpu_check.sh [OUT_DIR]
-# Needs the project installed (pip install -e '.[dev]') on a machine with a CUDA GPU.
+# Where aelab is installed (pip install -e '.[dev]'), that is all. On a bare machine that has torch
+# but no package index (this project's lent GPUs), carry the pure-Python wheels aelab needs beyond
+# torch in .whl/ (git-ignored); fetch them once where pip works:
+#   pip download --no-deps -d .whl hydra-core==1.3.8 omegaconf==2.3.1
+#   pip wheel --no-deps -w .whl antlr4-python3-runtime==4.9.3
 set -uo pipefail
 out=${1:-${OUT:-gpu-check}}
+py=${PYTHON:-python3}
 mkdir -p "$out"
+if ! "$py" -c "import hydra, omegaconf" 2>/dev/null; then
+  "$py" -m pip install -q --no-index --no-deps .whl/*.whl || { echo "no hydra-core/omegaconf: carry .whl/"; exit 2; }
+fi
+if ! "$py" -c "import aelab.configs" 2>/dev/null; then  # not installed: install, or run from source
+  "$py" -m pip install -q --no-index --no-deps --no-build-isolation -e . 2>/dev/null ||
+    { ln -sfn ../configs aelab/configs && export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"; }
+  "$py" -c "import aelab.configs" || { echo "aelab is not importable"; exit 2; }
+fi
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$out/gpu.txt"
-python -m pytest -q -p no:cacheprovider tests/test_gpu.py tests/test_steps.py tests/test_regularizers.py \
-  2>&1 | tee "$out/tests.txt"
+"$py" -c "import torch; print('torch', torch.__version__, torch.cuda.get_device_name())" | tee -a "$out/gpu.txt"
+"$py" -m pytest -q -p no:cacheprovider tests/test_gpu.py tests/test_regularizers.py 2>&1 | tee "$out/tests.txt"
 tests=${PIPESTATUS[0]}
-PYTHONUNBUFFERED=1 python scripts/bench.py --device cuda --steps 300 --epochs 3 --n 60000 --json "$out/bench.json" \
-  2>&1 | tee "$out/bench.txt"
+PYTHONUNBUFFERED=1 "$py" scripts/bench.py --device cuda --steps 300 --epochs 3 --repeat 2 --n 60000 \
+  --json "$out/bench.json" 2>&1 | tee "$out/bench.txt"
 bench=${PIPESTATUS[0]}
-PYTHONUNBUFFERED=1 python scripts/bench.py --device cuda --steps 300 --epochs 3 --n 60000 --cases none,contractive --tf32 \
-  --json "$out/bench_tf32.json" 2>&1 | tee "$out/bench_tf32.txt"
+PYTHONUNBUFFERED=1 "$py" scripts/bench.py --device cuda --steps 300 --epochs 3 --repeat 2 --n 60000 \
+  --cases none,contractive --tf32 --json "$out/bench_tf32.json" 2>&1 | tee "$out/bench_tf32.txt"
 tf32=${PIPESTATUS[0]}
-echo "== summary: tests exit $tests, bench exit $bench, tf32 bench exit $tf32; $(date -u +%F) $(tail -1 "$out/gpu.txt")"
+echo "== summary: tests exit $tests, bench exit $bench, tf32 bench exit $tf32; $(date -u +%F); $(tail -1 "$out/gpu.txt")"
 tail -3 "$out/tests.txt"
 grep '^|' "$out/bench.txt"
 grep '^| none\|^| contractive' "$out/bench_tf32.txt"
