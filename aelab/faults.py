@@ -13,7 +13,6 @@ import torch
 from torch import Tensor
 
 
-
 class TrainingFault(RuntimeError):
     """Training cannot go on; the message says what happened and what to do. Carries an exit code."""
 

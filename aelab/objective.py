@@ -23,6 +23,11 @@ def loss_terms(parts: Parts, clean: Tensor, generator: Optional[torch.Generator]
     return {"total": recon + parts.penalty.weight * reg, "recon": recon, "reg": reg}
 
 
+def stacked(terms: dict[str, Tensor]) -> Tensor:
+    """The detached terms as one (total, recon, reg) vector, for sums kept on the device."""
+    return torch.stack([terms[name].detach() for name in TERMS])
+
+
 def batches(x: Tensor, batch_size: int, device: torch.device, order: Optional[Tensor] = None,
             start: int = 0) -> Iterator[Tensor]:
     """Batches gathered where the data lives (on the device when it fits), from batch `start` on."""
@@ -48,5 +53,5 @@ def evaluate(parts: Parts, x: Tensor) -> dict[str, float]:
     with eval_mode(parts.model), torch.set_grad_enabled(parts.input_grad):
         for clean in batches(x, parts.trainer.batch_size, parts.device):
             terms = loss_terms(parts, clean, generator)
-            sums += torch.stack([terms[name].detach() for name in TERMS]) * len(clean)
+            sums += stacked(terms) * len(clean)
     return dict(zip(TERMS, (sums / len(x)).tolist()))

@@ -15,7 +15,7 @@ from torch import Tensor
 from .build import Parts
 from .checkpoint import Position
 from .faults import FiniteWatch, TrainingFault
-from .objective import TERMS, loss_terms
+from .objective import loss_terms, stacked
 
 Step = Callable[[Tensor], None]
 Objective = Callable[[Parts, Tensor], dict]
@@ -27,7 +27,7 @@ def train_step(parts: Parts, clean: Tensor, objective: Objective = loss_terms) -
     terms = objective(parts, clean)
     terms["total"].backward()
     parts.optimizer.step()
-    return torch.stack([terms[name].detach() for name in TERMS])
+    return stacked(terms)
 
 
 def recorded_step(parts: Parts, pos: Position, watch: FiniteWatch, objective: Objective = loss_terms) -> Step:
