@@ -113,7 +113,7 @@ def eval_settings(node, image_shape: tuple[int, int, int]) -> EvalSettings:
         noise = {name: build_part(f"noise.{name}", CORRUPTIONS, {"name": name, **dict(params or {})},
                                   image_shape=image_shape) for name, params in node.noise.items()}
         return EvalSettings(threshold=number(node.threshold, "threshold"), noise=noise,
-                            probe=bool(node.probe),
+                            probe=flag(node.probe, "probe"),
                             probe_max_samples=number(node.probe_max_samples, "probe_max_samples", low=10,
                                                      integer=True),
                             features=number(node.features, "features", low=1, integer=True))

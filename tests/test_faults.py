@@ -62,6 +62,7 @@ def assert_clean_failure(proc, code, text):
     (["device=cpu", "trainer.cuda_graph=on"], "trainer.cuda_graph: =on needs a CUDA device, but device is cpu"),
     (["trainer.cuda_graph=sometimes"], "trainer.cuda_graph: must be one of auto, on, off, got 'sometimes'"),
     (["trainer.compile=1"], "trainer.compile: must be true or false, got 1"),
+    (["eval.probe=yes"], "eval.probe: must be true or false, got 'yes'"),
 ])
 def test_bad_input_is_one_clear_line(tmp_path, capfd, args, text):
     """Through the console script's entry point, in process (test_cli.py runs a few as subprocesses)."""

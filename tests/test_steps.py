@@ -170,3 +170,22 @@ def test_compiled_objective_from_the_cli_trains_like_eager(tmp_path):
     for split in ("train", "val"):
         for term in TERMS:
             assert runs["compiled"][split][term] == pytest.approx(runs["eager"][split][term], rel=1e-4)
+
+
+def test_tf32_is_opt_in_and_set_on_every_build(make_cfg):
+    build(make_cfg("device=cpu", "trainer.tf32=true"))
+    assert torch.backends.cuda.matmul.fp32_precision == torch.backends.cudnn.conv.fp32_precision == "tf32"
+    build(make_cfg("device=cpu"))  # a later run in the same process is float32 again
+    assert torch.backends.cuda.matmul.fp32_precision == torch.backends.cudnn.conv.fp32_precision == "ieee"
+
+
+def test_tf32_and_cuda_graph_off_from_the_cli(tmp_path):
+    """On the CPU both leave the numbers as they are: TF32 is a CUDA setting, and CPU steps are eager."""
+    runs = {}
+    for name, extra in (("default", []), ("set", ["trainer.tf32=true", "trainer.cuda_graph=off"])):
+        run_cli("train", "trainer.epochs=1", "eval.probe=false", *extra, f"hydra.run.dir={tmp_path / name}",
+                cwd=tmp_path)
+        runs[name] = json.loads((tmp_path / name / "metrics.json").read_text())
+    assert runs["set"]["step_mode"] == "eager"
+    assert {s: runs["set"][s] for s in ("train", "val", "test")} == \
+        {s: runs["default"][s] for s in ("train", "val", "test")}
