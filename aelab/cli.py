@@ -114,10 +114,17 @@ def refuse_used_dirs(args: list[str]) -> None:
                                   f"or continue a run with aelab train resume=RUN_DIR", key)
 
 
+def installed(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except ModuleNotFoundError:  # its parent package (hydra_plugins) is not there either
+        return False
+
+
 def require_plugins(args: list[str]) -> None:
     for arg in args:
         module = PLUGINS.get(arg)
-        if module and importlib.util.find_spec(module) is None:
+        if module and not installed(module):
             package = module.split(".")[1].replace("_", "-")
             raise ConfigError(f"{arg} needs the Hydra plugin {package}; install it with: pip install 'aelab[sweep]'",
                               arg.split("=")[0].lstrip("+"))

@@ -7,6 +7,7 @@ from contextlib import contextmanager
 from typing import Iterator
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
@@ -38,7 +39,7 @@ class Bar:
         self._progress.update(self._task, losses=format_terms(terms))
 
     def log(self, message: str) -> None:
-        self._progress.console.print(message, highlight=False, soft_wrap=True)
+        self._progress.console.print(message, markup=False, highlight=False, soft_wrap=True)
 
 
 def format_terms(terms: dict[str, float]) -> str:
@@ -68,6 +69,6 @@ def metrics_table(metrics: dict[str, float], title: str) -> None:
 
 
 def error(message: str) -> None:
-    """One line on stderr: what is wrong and how to fix it."""
-    errors.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    """One line on stderr: what is wrong and how to fix it (printed as written: "aelab[sweep]" is no markup)."""
+    errors.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
     sys.stderr.flush()

@@ -113,6 +113,7 @@ def write_tables(rows: list[Row], keys: list[str], metrics: list[str], out: Path
 
 
 def print_table(rows: list[Row], keys: list[str], metrics: list[str], title: str) -> None:
+    from rich.markup import escape
     from rich.table import Table
 
     from .console import console
@@ -122,7 +123,7 @@ def print_table(rows: list[Row], keys: list[str], metrics: list[str], title: str
     for m in metrics:
         table.add_column(SHORT.get(m, m.replace("mse_", "mse ")), justify="right")
     for row in rows:
-        table.add_row(*row.setting.values(), str(len(row.jobs)),
+        table.add_row(*map(escape, row.setting.values()), str(len(row.jobs)),
                       *(fmt(*row.mean_std(m), len(row.values(m))) for m in metrics))
     console.print(table)
 

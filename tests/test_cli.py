@@ -128,3 +128,17 @@ def test_remaining_keys_run_from_the_cli(tmp_path):
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["test"]["recon"] == pytest.approx(metrics["test"]["mse"] * 64, rel=1e-4)  # sum over 8x8 pixels
     assert metrics["test"]["reg"] > 0 and metrics["test"]["sensitivity"] > 0
+
+
+def test_terminal_text_is_printed_as_written(capsys, tmp_path):
+    """Square brackets in messages and table cells are text, not rich markup ('aelab[sweep]', '[relu]')."""
+    from aelab import console
+    from aelab.report import Job, Row, print_table
+    console.error("install it with: pip install 'aelab[sweep]'")
+    with console.progress(1) as bar:
+        bar.log("cuda graph: capture failed ([bold]x[/])")
+    job = Job(tmp_path, {"model.act": "[relu]"}, {}, {"mse": 0.5})
+    print_table([Row({"model.act": "[relu]"}, [job])], ["model.act"], ["mse"], "t")
+    out, err = capsys.readouterr()
+    assert "pip install 'aelab[sweep]'" in err
+    assert "capture failed ([bold]x[/])" in out and "[relu]" in out

@@ -136,14 +136,23 @@ def test_slurm_preset_renders_the_expected_sbatch(tmp_path, monkeypatch):
     assert params["max_num_timeout"] == 3
 
 
-def test_missing_plugin_is_a_clear_error(tmp_path, monkeypatch):
+def no_module(name):
+    raise ModuleNotFoundError(f"No module named '{name.split('.')[0]}'")
+
+
+@pytest.mark.parametrize("absent", [lambda name: None, no_module], ids=["plugin", "hydra_plugins"])
+def test_missing_plugin_is_a_clear_error(tmp_path, monkeypatch, capsys, absent):
+    """No such plugin, or no hydra_plugins package at all (find_spec raises): one line, exit 2."""
     import importlib.util
 
     from aelab.cli import main
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec",
-                        lambda name, *a: None if name.startswith("hydra_plugins") else real(name, *a))
+                        lambda name, *a: absent(name) if name.startswith("hydra_plugins") else real(name, *a))
     assert main(["train", "-m", "launcher=parallel", "reg.weight=1,2"]) == 2
+    err = capsys.readouterr().err
+    assert "needs the Hydra plugin hydra-joblib-launcher; install it with: pip install 'aelab[sweep]'" in err
+    assert "Traceback" not in err
 
 
 def test_requeued_job_resumes_automatically(tmp_path):
