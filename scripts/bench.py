@@ -4,7 +4,8 @@
     python scripts/bench.py --device cpu --steps 200 --json bench.json
 
 Both train the same 784-256-128-32 MLP autoencoder (Adam, batch 128) on the same MNIST-shaped data
-(the real MNIST test images from ../shared/data/mnist-t10k when present, else random images):
+(the real MNIST test images from shared/data/mnist-t10k beside or inside the checkout when present,
+else random images):
 
 - seed-faithful: the tutorial's loop as written (per-item PIL + ToTensor DataLoader, `.to(device)` per
   batch, an if/elif switch on the regularizer, the per-latent Jacobian loop for the contractive term);
@@ -37,7 +38,8 @@ import torch.nn as nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 ROOT = Path(__file__).resolve().parents[1]
-SHARED_MNIST = ROOT.parent / "shared" / "data" / "mnist-t10k" / "t10k-images-idx3-ubyte.gz"
+# ../shared beside the checkout, or a git-ignored shared/ inside it (which travels to a lent GPU)
+MNIST_IMAGES = [root / "shared" / "data" / "mnist-t10k" / "t10k-images-idx3-ubyte.gz" for root in (ROOT.parent, ROOT)]
 BATCH = 128
 
 # ---- the tutorial's reference, written from the spec ------------------------------------------
@@ -237,8 +239,9 @@ def main() -> None:
     p.add_argument("--tf32", action="store_true", help="aelab with trainer.tf32=true")
     args = p.parse_args()
     torch.manual_seed(0)
-    if SHARED_MNIST.is_file():
-        data = np.frombuffer(gzip.decompress(SHARED_MNIST.read_bytes()), np.uint8, offset=16).reshape(-1, 28, 28)
+    found = [path for path in MNIST_IMAGES if path.is_file()]
+    if found:
+        data = np.frombuffer(gzip.decompress(found[0].read_bytes()), np.uint8, offset=16).reshape(-1, 28, 28)
         source = "MNIST t10k"
     else:
         data = np.random.default_rng(0).integers(0, 256, (args.n, 28, 28), dtype=np.uint8)
@@ -258,7 +261,7 @@ def main() -> None:
         root = write_root(data, Path(tmp))
         for case in args.cases.split(","):
             overrides, reg, noise = CASES[case]
-            steps = max(args.steps // 8, 10) if reg == "contractive" else args.steps
+            steps = max(args.steps // 8, min(args.steps, 10)) if reg == "contractive" else args.steps
             faithful = max(seed_loop(pil_loader, args.device, reg, steps, noise) for _ in range(args.repeat))
             tensor_sps = max(seed_loop(tensor_loader, args.device, reg, steps, noise) for _ in range(args.repeat))
             ours, mode = aelab_epochs(aelab_parts(root, args.device, [*overrides, *extra]), args.epochs)

@@ -6,6 +6,10 @@
 # torch in .whl/ (git-ignored); fetch them once where pip works:
 #   pip download --no-deps -d .whl hydra-core==1.3.8 omegaconf==2.3.1
 #   pip wheel --no-deps -w .whl antlr4-python3-runtime==4.9.3
+# and, for the bench on real MNIST rather than random images, copy ../shared/data into the checkout
+# (shared/ is git-ignored and travels to a lent GPU): mkdir -p shared && cp -r ../shared/data shared/
+# Each phase has a time limit (seconds: TESTS_S, BENCH_S, TF32_S) so a hang cannot eat the GPU's time;
+# the whole script stays under 10 minutes.
 set -uo pipefail
 out=${1:-${OUT:-gpu-check}}
 py=${PYTHON:-python3}
@@ -20,15 +24,15 @@ if ! "$py" -c "import aelab.configs" 2>/dev/null; then  # not installed: install
 fi
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$out/gpu.txt"
 "$py" -c "import torch; print('torch', torch.__version__, torch.cuda.get_device_name())" | tee -a "$out/gpu.txt"
-"$py" -m pytest -q -p no:cacheprovider tests/test_gpu.py tests/test_regularizers.py 2>&1 | tee "$out/tests.txt"
+timeout -k 5 "${TESTS_S:-240}" "$py" -m pytest -q -p no:cacheprovider -rfE tests/test_gpu.py tests/test_regularizers.py 2>&1 | tee "$out/tests.txt"
 tests=${PIPESTATUS[0]}
-PYTHONUNBUFFERED=1 "$py" scripts/bench.py --device cuda --steps 300 --epochs 3 --repeat 2 --n 60000 \
-  --json "$out/bench.json" 2>&1 | tee "$out/bench.txt"
+PYTHONUNBUFFERED=1 timeout -k 5 "${BENCH_S:-240}" "$py" scripts/bench.py --device cuda --steps 300 \
+  --epochs 3 --repeat 2 --n 60000 --json "$out/bench.json" 2>&1 | tee "$out/bench.txt"
 bench=${PIPESTATUS[0]}
-PYTHONUNBUFFERED=1 "$py" scripts/bench.py --device cuda --steps 300 --epochs 3 --repeat 2 --n 60000 \
-  --cases none,contractive --tf32 --json "$out/bench_tf32.json" 2>&1 | tee "$out/bench_tf32.txt"
+PYTHONUNBUFFERED=1 timeout -k 5 "${TF32_S:-100}" "$py" scripts/bench.py --device cuda --steps 300 \
+  --epochs 3 --repeat 2 --n 60000 --cases none,contractive --tf32 --json "$out/bench_tf32.json" 2>&1 | tee "$out/bench_tf32.txt"
 tf32=${PIPESTATUS[0]}
-echo "== summary: tests exit $tests, bench exit $bench, tf32 bench exit $tf32; $(date -u +%F); $(tail -1 "$out/gpu.txt")"
+echo "== summary (exit 124: the phase ran out of time): tests exit $tests, bench exit $bench, tf32 bench exit $tf32; $(date -u +%F); $(tail -1 "$out/gpu.txt")"
 tail -3 "$out/tests.txt"
 grep '^|' "$out/bench.txt"
 grep '^| none\|^| contractive' "$out/bench_tf32.txt"
