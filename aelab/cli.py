@@ -12,8 +12,10 @@ import yaml
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
+from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
 from . import console
+from .overrides import check as check_overrides, first_line
 from .registry import ConfigError
 
 USAGE = """usage: aelab COMMAND [ARGS]
@@ -57,10 +59,10 @@ def train(cfg: DictConfig) -> float:
         if resume == "done":  # a requeued or repeated job that already finished
             return json.loads((run_dir / "metrics.json").read_text())["val"]["recon"]
         record = run(cfg, run_dir, resume=resume, job_num=job_num)
-    except ConfigError as e:
+    except (ConfigError, OmegaConfBaseException) as e:
         if cfg.resume is False and set(p.name for p in run_dir.iterdir()) <= HYDRA_ONLY:
             shutil.rmtree(run_dir, ignore_errors=True)  # nothing ran: leave no empty run behind
-        console.error(str(e))
+        console.error(str(config_error(e)))
         sys.exit(2)
     except TrainingFault as e:
         console.error(str(e))
@@ -135,6 +137,7 @@ def train_command(args: list[str]) -> int:
         require_plugins(args)
         overrides = resume_args(args)
         refuse_used_dirs(overrides)
+        check_overrides(overrides)
         sys.argv = ["aelab train", *overrides]
         train()
     return guarded(launch)
@@ -158,12 +161,24 @@ def report_command(args: list[str]) -> int:
     return guarded(lambda: report(Path(args[0])))
 
 
+def config_error(error: Exception) -> ConfigError:
+    """OmegaConf's errors (a key the config lacks, say after ~trainer.epochs) as aelab's one line."""
+    if isinstance(error, ConfigError):
+        return error
+    key = getattr(error, "full_key", None) or None
+    if isinstance(error, MissingMandatoryValue):
+        return ConfigError(f"has no value; set it, e.g. {key}=VALUE", key)
+    if key and ("Missing key" in str(error) or "not in struct" in str(error)):
+        return ConfigError(f"is missing from the config; put it back, e.g. +{key}=VALUE", key)
+    return ConfigError(first_line(error), key)
+
+
 def guarded(action) -> int:
-    """Run a command; a ConfigError is one line on stderr and exit code 2."""
+    """Run a command; a ConfigError (or OmegaConf's) is one line on stderr and exit code 2."""
     try:
         action()
-    except ConfigError as e:
-        console.error(str(e))
+    except (ConfigError, OmegaConfBaseException) as e:
+        console.error(str(config_error(e)))
         return 2
     return 0
 

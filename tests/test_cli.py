@@ -106,10 +106,10 @@ def test_two_job_multirun_makes_two_run_dirs(tmp_path):
 
 
 @pytest.mark.parametrize("args,message", [
-    (["reg=kll"], "Could not find 'reg/kll'"),
+    (["reg=kll"], "error: reg: unknown option 'kll'; choose from: contractive, kl, l1, none"),
     (["reg=l1", "reg.weight=-1"], "reg.weight: must be >= 0, got -1"),
     (["reg=l1", "reg.weight=abc"], "reg.weight: must be a number, got 'abc'"),
-    (["reg.wieght=1"], "Key 'wieght' is not in struct"),
+    (["reg.wieght=1"], "error: reg.wieght: no such key (did you mean reg.weight?)"),
     (["corruption=block", "corruption.size=20"], "corruption.size: must be <= the image side 8"),
 ])
 def test_bad_input_fails_with_a_clear_message(tmp_path, args, message):
