@@ -82,7 +82,7 @@ def composition_error(error: BaseException, chosen: list[str]) -> ConfigError:
     text = next(c for c in chosen if c.split("=")[0].lstrip("~+") == key)
     parent, _, name = key.rpartition(".")
     try:
-        node = compose("train", overrides=[c for c in chosen if c != text])
+        node = compose("train", overrides=[c for c in chosen if c != text], return_hydra_config=True)
         node = OmegaConf.select(node, parent) if parent else node
         siblings = [str(k) for k in node.keys()] if isinstance(node, DictConfig) else []
     except (HydraException, OmegaConfBaseException):  # the rest does not compose either: no hint

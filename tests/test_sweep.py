@@ -167,3 +167,14 @@ def test_requeued_job_resumes_automatically(tmp_path):
     longer = run_cli("train", "trainer.epochs=3", "device=cpu", "eval.probe=false", "resume=auto",
                      f"hydra.run.dir={run_dir}", cwd=tmp_path)
     assert "epoch 3/3" in longer.stdout and "epoch 1/3" not in longer.stdout
+
+
+def test_misspelled_launcher_key_is_one_line_before_any_job(tmp_path, capsys):
+    plugin("hydra_joblib_launcher")
+    from aelab.cli import main
+    code = main(["train", "-m", "launcher=parallel", "hydra.launcher.n_jbs=2", "reg=l1", "reg.weight=1,2",
+                 f"hydra.sweep.dir={tmp_path / 'sweep'}"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1
+    assert "hydra.launcher.n_jbs: no such key (did you mean hydra.launcher.n_jobs?)" in err
+    assert not (tmp_path / "sweep").exists()
