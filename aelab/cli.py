@@ -15,7 +15,7 @@ from omegaconf import DictConfig
 from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
 from . import console
-from .overrides import check as check_overrides, first_line
+from .overrides import check as check_overrides
 from .registry import ConfigError
 
 USAGE = """usage: aelab COMMAND [ARGS]
@@ -170,7 +170,7 @@ def config_error(error: Exception) -> ConfigError:
         return ConfigError(f"has no value; set it, e.g. {key}=VALUE", key)
     if key and ("Missing key" in str(error) or "not in struct" in str(error)):
         return ConfigError(f"is missing from the config; put it back, e.g. +{key}=VALUE", key)
-    return ConfigError(first_line(error), key)
+    return ConfigError(console.first_line(error), key)
 
 
 def guarded(action) -> int:

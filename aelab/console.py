@@ -68,6 +68,11 @@ def metrics_table(metrics: dict[str, float], title: str) -> None:
     console.print(table)
 
 
+def first_line(error: BaseException) -> str:
+    """An exception's first non-blank line (its type's name if it has none), for one-line reports."""
+    return next((line.strip() for line in str(error).splitlines() if line.strip()), type(error).__name__)
+
+
 def error(message: str) -> None:
     """One line on stderr: what is wrong and how to fix it (printed as written: "aelab[sweep]" is no markup)."""
     errors.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)

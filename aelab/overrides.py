@@ -13,17 +13,14 @@ from hydra.errors import HydraException
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from .console import first_line
 from .registry import ConfigError
 
 GRAMMAR = "https://hydra.cc/docs/advanced/override_grammar/basic/"
 
 
-def first_line(error: BaseException) -> str:
-    return next((line.strip() for line in str(error).splitlines() if line.strip()), type(error).__name__)
-
-
 def check(args: list[str]) -> None:
-    """Compose the config once before Hydra starts, so that a misspelled option, key or override is one
+    """Compose the config before Hydra starts, so that a misspelled option, key or override is one
     line naming the key and the fix (Hydra reports them over many lines, in a sweep only once jobs run).
     Every option of a swept group is checked; the other sweeps are composed with their first value."""
     if any(a.startswith("-") and a not in ("-m", "--multirun") for a in args):
@@ -32,7 +29,7 @@ def check(args: list[str]) -> None:
         loader = GlobalHydra.instance().config_loader()
         parser = OverridesParser.create(config_loader=loader)
         multirun = "-m" in args or "--multirun" in args
-        chosen, intervals = [], []
+        chosen, keys, intervals = [], [], []
         for text in (a for a in args if not a.startswith("-")):
             try:
                 override = parser.parse_override(text)
@@ -48,16 +45,19 @@ def check(args: list[str]) -> None:
             if override.is_interval_sweep():
                 intervals.append(key)
             chosen.append(f"{override.get_key_element()}={values[0]}" if values else text)
+            keys.append(key)
+        top = [key for key in keys if "." not in key and "/" not in key]  # `trainer=3` or `~reg`, say
         try:
-            cfg, base = compose("train", overrides=chosen, return_hydra_config=True), compose("train")
+            cfg = compose("train", overrides=chosen, return_hydra_config=True)
+            base = compose("train") if top else {}  # what those top-level keys were
         except (HydraException, OmegaConfBaseException, ValueError) as e:
             raise composition_error(e, chosen) from None
-        for section, node in base.items():  # `trainer=3` or `~reg` would take away a whole section
-            if isinstance(node, DictConfig) and not isinstance(cfg.get(section), DictConfig):
-                options = loader.get_group_options(str(section))
+        for section in top:  # a whole section of settings taken away
+            if isinstance(base.get(section), DictConfig) and not isinstance(cfg.get(section), DictConfig):
+                node, options = base[section], loader.get_group_options(section)
                 fix = (f"choose one of its options: {', '.join(options)}" if options else
                        f"set one of its keys, e.g. {section}.{next(iter(node), 'KEY')}=VALUE")
-                raise ConfigError(f"is a section of settings, not a value; {fix}", str(section))
+                raise ConfigError(f"is a section of settings, not a value; {fix}", section)
     if intervals and "optuna" not in cfg.hydra.sweeper._target_.lower():
         raise ConfigError("interval(...) is a search range for the Optuna sweeper: add hydra/sweeper=optuna "
                           "(pip install 'aelab[sweep]'), or list the values to sweep: a,b,c", intervals[0])

@@ -14,6 +14,7 @@ from torch import Tensor
 
 from .build import Parts
 from .checkpoint import Position
+from .console import first_line
 from .faults import FiniteWatch, TrainingFault
 from .objective import loss_terms, stacked
 
@@ -130,7 +131,7 @@ class GraphStep:
                 self.replay = self.backend.capture(self.step, self.static)
         except Exception as e:  # any capture failure: the step is still intact, eager can take over
             self.optimizer.zero_grad(set_to_none=True)
-            self.failed = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            self.failed = first_line(e)
             if self.required:
                 raise TrainingFault(f"trainer.cuda_graph=on: capturing the training step failed ({self.failed}); "
                                     f"use trainer.cuda_graph=auto to train eagerly instead", exit_code=2) from None
