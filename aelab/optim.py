@@ -1,34 +1,110 @@
 """Optimizers over the model's parameters (Adam's and AdamW's fused kernels on CPU and CUDA)."""
 from __future__ import annotations
 
-from typing import Iterable
+from typing import Iterable, Optional
 
 import torch
+from torch import Tensor
 
 from .registry import Registry, number
 
 OPTIMIZERS = Registry("optim")
 
+# torch's fused Adam kernel (multi-tensor apply) takes at most 36 tensors per launch, 4 lists deep, and
+# gives each 65,536-element chunk of a tensor one thread block, which strides over it 2,048 elements
+# at a time (512 threads, 4 each).
+TENSORS_PER_LAUNCH, CHUNK, STRIDE = 36, 65536, 2048
 
-def _adam_args(lr, betas, weight_decay, device: torch.device) -> dict:
+
+def piece_size(numels: list[int]) -> Optional[int]:
+    """Elements per piece so that tensors of these sizes, cut into pieces, fill one launch's 36 slots;
+    None where cutting cannot help (the tensors already fill the slots, or every piece would be a whole
+    chunk anyway). Each tensor's rounding adds at most one piece: sum ceil(n / size) <= 36."""
+    slots = TENSORS_PER_LAUNCH - len(numels)
+    if slots <= 0:
+        return None
+    size = -(-sum(numels) // slots)
+    size = -(-size // STRIDE) * STRIDE
+    return size if size < CHUNK else None
+
+
+class SplitFusedAdam(torch.optim.Adam):
+    """torch.optim.Adam(fused=True) (or AdamW, with decoupled_weight_decay), its kernel handed the
+    tensors cut into equal contiguous pieces.
+
+    The fused kernel runs one thread block per 65,536-element chunk, so a small model's update runs
+    on a handful of an H100's 132 SMs: for the seed's 475k-parameter MLP that is ~14 blocks, 72 us of
+    a 290 us training step (measured, batch 128). Cut into <= 36 pieces, the same kernel runs ~32
+    blocks in one launch. Same arithmetic on the same elements, same state and state_dict as torch's.
+    """
+
+    def __init__(self, params, decoupled_weight_decay: bool = False, **kwargs):
+        super().__init__(params, fused=True, decoupled_weight_decay=decoupled_weight_decay, **kwargs)
+
+    def __setstate__(self, state):
+        """A loaded state keeps the kind of weight decay this optimizer was built with (as torch's
+        AdamW does): a group saved without the key would otherwise load as Adam's L2 decay."""
+        super().__setstate__(state)
+        for group in self.param_groups:
+            group["decoupled_weight_decay"] = self.defaults["decoupled_weight_decay"]
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            params, grads, exp_avgs, exp_avg_sqs, steps = [], [], [], [], []
+            self._init_group(group, params, grads, exp_avgs, exp_avg_sqs, [], steps)
+            if not params:
+                continue
+            torch._foreach_add_(steps, 1)
+            lists = split(params, grads, exp_avgs, exp_avg_sqs, steps)
+            kernel = torch._fused_adamw_ if group["decoupled_weight_decay"] else torch._fused_adam_
+            for (p, g, m, v, s), _ in self._group_tensors_by_device_and_dtype(lists).values():
+                kernel(p, g, m, v, [], s, lr=group["lr"], beta1=group["betas"][0], beta2=group["betas"][1],
+                       weight_decay=group["weight_decay"], eps=group["eps"], amsgrad=False,
+                       maximize=group["maximize"])
+        return loss
+
+
+def split(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], exp_avg_sqs: list[Tensor],
+          steps: list[Tensor]) -> list[list[Tensor]]:
+    """The fused kernel's five lists, each tensor cut into views of piece_size elements (a parameter's
+    four tensors alike; each piece reads its parameter's one step count)."""
+    size = piece_size([p.numel() for p in params])
+    out: list[list[Tensor]] = [[], [], [], [], []]
+    for p, g, m, v, s in zip(params, grads, exp_avgs, exp_avg_sqs, steps):
+        tensors = (p, g, m, v)
+        if size is not None and p.numel() > size and all(t.is_contiguous() for t in tensors):
+            pieces = [t.view(-1).split(size) for t in tensors]
+        else:
+            pieces = [(t,) for t in tensors]
+        for column, part in zip(out, pieces):
+            column.extend(part)
+        out[4].extend([s] * len(pieces[0]))
+    return out
+
+
+def _adam_args(lr, betas, weight_decay) -> dict:
     b1, b2 = betas
     return dict(lr=number(lr, "lr", low=0, low_open=True),
                 betas=(number(b1, "betas", low=0, high=1, high_open=True),
                        number(b2, "betas", low=0, high=1, high_open=True)),
-                weight_decay=number(weight_decay, "weight_decay", low=0),
-                fused=device.type in ("cpu", "cuda"))
+                weight_decay=number(weight_decay, "weight_decay", low=0))
 
 
 @OPTIMIZERS.register
 def adam(params: Iterable[torch.nn.Parameter], device: torch.device, lr: float = 1e-3,
          betas: tuple[float, float] = (0.9, 0.999), weight_decay: float = 0.0) -> torch.optim.Optimizer:
-    return torch.optim.Adam(params, **_adam_args(lr, betas, weight_decay, device))
+    return SplitFusedAdam(params, **_adam_args(lr, betas, weight_decay))
 
 
 @OPTIMIZERS.register
 def adamw(params: Iterable[torch.nn.Parameter], device: torch.device, lr: float = 1e-3,
           betas: tuple[float, float] = (0.9, 0.999), weight_decay: float = 1e-2) -> torch.optim.Optimizer:
-    return torch.optim.AdamW(params, **_adam_args(lr, betas, weight_decay, device))
+    return SplitFusedAdam(params, decoupled_weight_decay=True, **_adam_args(lr, betas, weight_decay))
 
 
 @OPTIMIZERS.register

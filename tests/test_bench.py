@@ -23,4 +23,6 @@ def test_bench_reports_every_loop_scaling_and_targets(tmp_path):
     assert sorted(report["epoch_seconds"]) == ["1", "2", "4"]
     assert [(t["case"], t["column"]) for t in report["targets"]] == [("none", "x_tensordataset"),
                                                                      ("contractive", "x_tensordataset")]
+    assert sorted(report["adam_step_us"]) == ["aelab SplitFusedAdam", "torch fused Adam"]
+    assert all(us > 0 for us in report["adam_step_us"].values())
     assert "| none |" in proc.stdout and "peak memory" in proc.stdout

@@ -131,13 +131,14 @@ def test_nan_loss_stops_at_once_naming_step_and_terms(tmp_path):
 
 def test_nan_after_a_good_epoch_keeps_the_good_checkpoint(tmp_path, make_cfg):
     from aelab.faults import TrainingFault
+    from aelab.optim import SplitFusedAdam
     from aelab.train import run
 
     cfg = make_cfg("device=cpu", "trainer.epochs=3")
     parts_run = tmp_path / "run"
     parts_run.mkdir()
     calls = {"n": 0}
-    original = torch.optim.Adam.step
+    original = SplitFusedAdam.step
 
     def poisoned(self, *a, **k):  # the loss turns NaN during the second epoch
         calls["n"] += 1
@@ -146,12 +147,12 @@ def test_nan_after_a_good_epoch_keeps_the_good_checkpoint(tmp_path, make_cfg):
             for group in self.param_groups:
                 group["params"][0].data.fill_(float("nan"))
         return out
-    torch.optim.Adam.step = poisoned
+    SplitFusedAdam.step = poisoned
     try:
         with pytest.raises(TrainingFault, match="at step 16") as err:
             run(cfg, parts_run)
     finally:
-        torch.optim.Adam.step = original
+        SplitFusedAdam.step = original
     assert "last good checkpoint is kept" in str(err.value)
     state = torch.load(parts_run / "checkpoint.pt", weights_only=True)
     assert state["position"]["epoch"] == 1 and state["position"]["step"] == 10
