@@ -24,7 +24,8 @@ if ! "$py" -c "import aelab.configs" 2>/dev/null; then  # not installed: install
 fi
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$out/gpu.txt"
 "$py" -c "import torch; print('torch', torch.__version__, torch.cuda.get_device_name())" | tee -a "$out/gpu.txt"
-timeout -k 5 "${TESTS_S:-240}" "$py" -m pytest -q -p no:cacheprovider -rfE tests/test_gpu.py tests/test_regularizers.py 2>&1 | tee "$out/tests.txt"
+pertest=$("$py" -c "import pytest_timeout" 2>/dev/null && echo --timeout=90)  # one hung test must not take the rest
+timeout -k 5 "${TESTS_S:-240}" "$py" -m pytest -q -p no:cacheprovider -rfE --durations=6 $pertest tests/test_gpu.py tests/test_regularizers.py 2>&1 | tee "$out/tests.txt"
 tests=${PIPESTATUS[0]}
 PYTHONUNBUFFERED=1 timeout -k 5 "${BENCH_S:-240}" "$py" scripts/bench.py --device cuda --steps 300 \
   --epochs 3 --repeat 2 --n 60000 --json "$out/bench.json" 2>&1 | tee "$out/bench.txt"

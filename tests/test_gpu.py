@@ -119,8 +119,35 @@ def test_compiled_objective_under_the_graph(make_cfg, tmp_path):
 
 
 def test_aelab_train_on_cuda_replays_the_graph(tmp_path):
-    proc = run_cli("train", "device=cuda", "trainer.epochs=3", f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)
-    assert "cuda graph: whole training step captured for batches of 128" in proc.stdout
-    record = json.loads((tmp_path / "run" / "metrics.json").read_text())
-    assert record["step_mode"] == "cuda graph" and record["device"].startswith("cuda")
-    assert record["val"]["recon"] < 0.05
+    """The CLI's run on the bundled digits: replayed as a graph, it learns what the eager run learns."""
+    records, said = {}, {}
+    for mode in ("auto", "off"):
+        run_dir = tmp_path / mode
+        said[mode] = run_cli("train", "device=cuda", "trainer.epochs=3", f"trainer.cuda_graph={mode}",
+                             f"hydra.run.dir={run_dir}", cwd=tmp_path).stdout
+        records[mode] = json.loads((run_dir / "metrics.json").read_text())
+    assert "cuda graph: whole training step captured for batches of 128" in said["auto"]
+    assert "cuda graph" not in said["off"]
+    graphed, eager = records["auto"], records["off"]
+    assert graphed["step_mode"] == "cuda graph" and graphed["device"].startswith("cuda")
+    assert eager["step_mode"] == "eager"
+    # 3 epochs measured val recon 0.0755 on CPU, 0.0759 replayed on an H100 (2026-11-27)
+    assert graphed["val"]["recon"] < 0.09
+    assert graphed["val"]["recon"] == pytest.approx(eager["val"]["recon"], rel=1e-3)
+
+
+@pytest.mark.parametrize("decoupled", [False, True])
+def test_split_adam_is_torch_fused_adam_on_cuda(decoupled):
+    from aelab.optim import SplitFusedAdam
+    from test_optim import seed_mlp
+    ours, theirs = seed_mlp().cuda(), seed_mlp().cuda()
+    kw = dict(weight_decay=1e-2, decoupled_weight_decay=decoupled)
+    mine, reference = SplitFusedAdam(ours.parameters(), **kw), torch.optim.Adam(theirs.parameters(), fused=True, **kw)
+    gen = torch.Generator("cuda").manual_seed(0)
+    for _ in range(5):
+        x = torch.rand(128, 784, device="cuda", generator=gen)
+        for model, optimizer in ((ours, mine), (theirs, reference)):
+            optimizer.zero_grad(set_to_none=True)
+            torch.nn.functional.mse_loss(torch.sigmoid(model(x)), x).backward()
+            optimizer.step()
+    assert all(torch.equal(a, b) for a, b in zip(ours.parameters(), theirs.parameters()))
