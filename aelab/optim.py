@@ -6,7 +6,7 @@ from typing import Iterable, Optional
 import torch
 from torch import Tensor
 
-from .registry import Registry, number
+from .registry import ConfigError, Registry, number
 
 OPTIMIZERS = Registry("optim")
 
@@ -88,6 +88,8 @@ def split(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], exp
 
 
 def _adam_args(lr, betas, weight_decay) -> dict:
+    if isinstance(betas, str) or not hasattr(betas, "__len__") or len(betas) != 2:
+        raise ConfigError(f"must be two numbers [beta1, beta2], e.g. [0.9, 0.999], got {betas!r}", "betas")
     b1, b2 = betas
     return dict(lr=number(lr, "lr", low=0, low_open=True),
                 betas=(number(b1, "betas", low=0, high=1, high_open=True),

@@ -49,6 +49,9 @@ def test_splits_are_seeded_and_disjoint(make_cfg):
     (["trainer.epochs=0"], "trainer.epochs", ">= 1"),
     (["+reg.foo=1"], "reg.foo", "unknown key"),
     (["loss.reduction=median"], "loss.reduction", "choose from: mean, sum"),
+    (["optim.betas=[0.9]"], "optim.betas", "two numbers [beta1, beta2]"),
+    (["optim=adamw", "optim.betas=0.9"], "optim.betas", "two numbers [beta1, beta2]"),
+    (["optim.betas=[0.9,1.0]"], "optim.betas", "in [0, 1)"),
 ])
 def test_bad_config_names_key(make_cfg, overrides, key, text):
     with pytest.raises(ConfigError) as err:
