@@ -113,19 +113,25 @@ def write_tables(rows: list[Row], keys: list[str], metrics: list[str], out: Path
 
 
 def print_table(rows: list[Row], keys: list[str], metrics: list[str], title: str) -> None:
+    from rich.console import Console
     from rich.markup import escape
+    from rich.measure import Measurement
     from rich.table import Table
 
     from .console import console
-    table = Table(title=title)
+    table = Table(title=title)  # a narrow terminal folds cells onto more lines rather than cut them short
     for key in [k for k in keys if k != SEED_KEY] + ["runs"]:
-        table.add_column(key)
+        table.add_column(key, overflow="fold")
     for m in metrics:
-        table.add_column(SHORT.get(m, m.replace("mse_", "mse ")), justify="right")
+        table.add_column(SHORT.get(m, m.replace("mse_", "mse ")), justify="right", overflow="fold")
     for row in rows:
         table.add_row(*map(escape, row.setting.values()), str(len(row.jobs)),
                       *(fmt(*row.mean_std(m), len(row.values(m))) for m in metrics))
-    console.print(table)
+    if console.is_terminal:
+        console.print(table)
+    else:  # piped into a file or a log, the table gets the width it needs: there is no screen to fit
+        needed = Measurement.get(console, console.options.update(max_width=10_000), table).maximum
+        Console(file=console.file, width=max(console.width, needed)).print(table)
 
 
 def shown_metrics(keys: list[str]) -> list[str]:

@@ -39,6 +39,9 @@ def test_report_folds_seeds_and_writes_table_csv_markdown_plots(sweep):
         assert float(r["mse_mean"]) == pytest.approx((a + b) / 2, rel=1e-9)
         assert float(r["mse_std"]) == pytest.approx(abs(a - b) / 2 ** 0.5, rel=1e-6)  # sample std of two
     assert "± " in (sweep / "report.md").read_text()
+    header, _, *lines = [line.strip("| ").split(" | ") for line in (sweep / "report.md").read_text().splitlines()]
+    mse_cells = [cells[header.index("mse")] for cells in lines]
+    assert "…" not in proc.stdout and all(cell in proc.stdout for cell in mse_cells)  # piped: no cell cut short
     pngs = sorted(sweep.glob("*.png"))
     names = {p.name for p in pngs}
     assert {"metrics_vs_reg.weight.png", "recon_vs_sparsity.png", "loss_curves.png"} <= names
