@@ -18,7 +18,7 @@ Cases: reg none / l1 / kl / contractive exact and Hutchinson (the seed's sigmoid
 and a gaussian denoising corruption. Prints samples/s and the ratio aelab / seed per case, peak
 memory, aelab's epoch time at 1x, 2x and 4x the data size (cost should grow linearly), and the
 issue's targets for the device, met or not. `--tf32` runs aelab with trainer.tf32=true (the seed
-loops stay float32).
+loops stay float32); `--compile` with trainer.compile=true (it compiles in the untimed warm-up epoch).
 """
 from __future__ import annotations
 
@@ -269,6 +269,7 @@ def main() -> None:
     p.add_argument("--cases", default=",".join(CASES))
     p.add_argument("--json", default="", help="also write the results here")
     p.add_argument("--tf32", action="store_true", help="aelab with trainer.tf32=true")
+    p.add_argument("--compile", action="store_true", help="aelab with trainer.compile=true")
     args = p.parse_args()
     torch.manual_seed(0)
     found = [path for path in MNIST_IMAGES if path.is_file()]
@@ -280,14 +281,14 @@ def main() -> None:
         source = "random"
     data = np.resize(data, (args.n, 28, 28))
     name = torch.cuda.get_device_name() if torch.device(args.device).type == "cuda" else "CPU"
-    print(f"device={args.device} ({name}) tf32={args.tf32} "
+    print(f"device={args.device} ({name}) tf32={args.tf32} compile={args.compile} "
           f"torch={torch.__version__} threads={torch.get_num_threads()} data={source} n={args.n} batch={BATCH}",
           flush=True)
     pil_loader = DataLoader(PILDigits(data), batch_size=BATCH, shuffle=True)
     tensor = torch.tensor(data, dtype=torch.float32).div(255).unsqueeze(1)
     tensor_loader = DataLoader(TensorDataset(tensor, torch.zeros(len(tensor))), batch_size=BATCH, shuffle=True)
     cuda = torch.device(args.device).type == "cuda"
-    extra = ["trainer.tf32=true"] if args.tf32 else []
+    extra = (["trainer.tf32=true"] if args.tf32 else []) + (["trainer.compile=true"] if args.compile else [])
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         root = write_root(data, Path(tmp))
@@ -332,6 +333,7 @@ def main() -> None:
     verdicts = targets(rows, "cuda" if cuda else "cpu")
     if args.json:
         Path(args.json).write_text(json.dumps({"device": args.device, "device_name": name, "tf32": args.tf32,
+                                               "compile": args.compile,
                                                "rows": rows, "epoch_seconds": scaling, "targets": verdicts, "adam_step_us": adam,
                                                "peak_memory": peak_memory(args.device), "argv": sys.argv,
                                                "date": time.strftime("%Y-%m-%d")}, indent=2))

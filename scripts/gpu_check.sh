@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU checks in one unattended go: the CUDA tests, the benchmark (float32, then TF32), a summary.
+# The GPU checks in one unattended go: the CUDA tests, the benchmark (float32, TF32, compiled), a summary.
 #   bash scripts/gpu_check.sh [OUT_DIR]
 # Where aelab is installed (pip install -e '.[dev]'), that is all. On a bare machine that has torch
 # but no package index (this project's lent GPUs), carry the pure-Python wheels aelab needs beyond
@@ -8,7 +8,7 @@
 #   pip wheel --no-deps -w .whl antlr4-python3-runtime==4.9.3
 # and, for the bench on real MNIST rather than random images, copy ../shared/data into the checkout
 # (shared/ is git-ignored and travels to a lent GPU): mkdir -p shared && cp -r ../shared/data shared/
-# Each phase has a time limit (seconds: TESTS_S, BENCH_S, TF32_S) so a hang cannot eat the GPU's time;
+# Each phase has a time limit (seconds: TESTS_S, BENCH_S, TF32_S, COMPILE_S) so a hang cannot eat the GPU's time;
 # the whole script stays under 10 minutes.
 set -uo pipefail
 out=${1:-${OUT:-gpu-check}}
@@ -25,16 +25,20 @@ fi
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$out/gpu.txt"
 "$py" -c "import torch; print('torch', torch.__version__, torch.cuda.get_device_name())" | tee -a "$out/gpu.txt"
 pertest=$("$py" -c "import pytest_timeout" 2>/dev/null && echo --timeout=90)  # one hung test must not take the rest
-timeout -k 5 "${TESTS_S:-240}" "$py" -m pytest -q -p no:cacheprovider -rfE --durations=6 $pertest tests/test_gpu.py tests/test_regularizers.py 2>&1 | tee "$out/tests.txt"
+timeout -k 5 "${TESTS_S:-150}" "$py" -m pytest -q -p no:cacheprovider -rfE --durations=6 $pertest tests/test_gpu.py tests/test_regularizers.py 2>&1 | tee "$out/tests.txt"
 tests=${PIPESTATUS[0]}
-PYTHONUNBUFFERED=1 timeout -k 5 "${BENCH_S:-240}" "$py" scripts/bench.py --device cuda --steps 300 \
+PYTHONUNBUFFERED=1 timeout -k 5 "${BENCH_S:-200}" "$py" scripts/bench.py --device cuda --steps 300 \
   --epochs 3 --repeat 2 --n 60000 --json "$out/bench.json" 2>&1 | tee "$out/bench.txt"
 bench=${PIPESTATUS[0]}
-PYTHONUNBUFFERED=1 timeout -k 5 "${TF32_S:-100}" "$py" scripts/bench.py --device cuda --steps 300 \
+PYTHONUNBUFFERED=1 timeout -k 5 "${TF32_S:-90}" "$py" scripts/bench.py --device cuda --steps 300 \
   --epochs 3 --repeat 2 --n 60000 --cases none,contractive --tf32 --json "$out/bench_tf32.json" 2>&1 | tee "$out/bench_tf32.txt"
 tf32=${PIPESTATUS[0]}
-echo "== summary (exit 124: the phase ran out of time): tests exit $tests, bench exit $bench, tf32 bench exit $tf32; $(date -u +%F); $(tail -1 "$out/gpu.txt")"
+PYTHONUNBUFFERED=1 timeout -k 5 "${COMPILE_S:-120}" "$py" scripts/bench.py --device cuda --steps 300 \
+  --epochs 3 --repeat 2 --n 60000 --cases none,contractive --compile --json "$out/bench_compile.json" 2>&1 | tee "$out/bench_compile.txt"
+compiled=${PIPESTATUS[0]}
+echo "== summary (exit 124: the phase ran out of time): tests exit $tests, bench exit $bench, tf32 bench exit $tf32, compiled bench exit $compiled; $(date -u +%F); $(tail -1 "$out/gpu.txt")"
 tail -3 "$out/tests.txt"
 grep '^|' "$out/bench.txt"
 grep '^| none\|^| contractive' "$out/bench_tf32.txt"
-exit $(( tests || bench || tf32 ))
+grep '^| none\|^| contractive' "$out/bench_compile.txt"
+exit $(( tests || bench || tf32 || compiled ))

@@ -26,3 +26,14 @@ def test_bench_reports_every_loop_scaling_and_targets(tmp_path):
     assert sorted(report["adam_step_us"]) == ["aelab SplitFusedAdam", "torch fused Adam"]
     assert all(us > 0 for us in report["adam_step_us"].values())
     assert "| none |" in proc.stdout and "peak memory" in proc.stdout
+
+
+def test_bench_times_aelab_compiled(tmp_path):
+    out = tmp_path / "bench.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench.py"), "--device", "cpu", "--steps", "2",
+                           "--epochs", "1", "--repeat", "1", "--n", "300", "--cases", "none", "--compile",
+                           "--json", str(out)], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    report = json.loads(out.read_text())
+    assert report["compile"] is True and report["rows"][0]["aelab"] > 0
+    assert "compile=True" in proc.stdout.splitlines()[0]
