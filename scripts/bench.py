@@ -221,7 +221,7 @@ def optimizer_step_us(device: str, steps: int = 200) -> dict:
     kernel as is, and aelab's SplitFusedAdam (the same kernel, tensors cut into pieces). On CUDA each
     step is replayed from a CUDA graph, as in training."""
     from aelab.optim import SplitFusedAdam
-    from aelab.steps import capturable
+    from aelab.steps import CudaGraphs, capturable
     out = {}
     for name, make in (("torch fused Adam", lambda ps: torch.optim.Adam(ps, fused=True)),
                        ("aelab SplitFusedAdam", SplitFusedAdam)):
@@ -235,10 +235,8 @@ def optimizer_step_us(device: str, steps: int = 200) -> dict:
             optimizer.step()
         run = optimizer.step
         if torch.device(device).type == "cuda":
-            graph = torch.cuda.CUDAGraph()
-            with capturable(optimizer), torch.cuda.graph(graph):
-                optimizer.step()
-            run = graph.replay
+            with capturable(optimizer):
+                run = CudaGraphs().capture(lambda _: optimizer.step(), None)
         sync(device)
         begin = time.perf_counter()
         for _ in range(steps):
@@ -333,8 +331,8 @@ def main() -> None:
     verdicts = targets(rows, "cuda" if cuda else "cpu")
     if args.json:
         Path(args.json).write_text(json.dumps({"device": args.device, "device_name": name, "tf32": args.tf32,
-                                               "compile": args.compile,
-                                               "rows": rows, "epoch_seconds": scaling, "targets": verdicts, "adam_step_us": adam,
+                                               "compile": args.compile, "rows": rows, "epoch_seconds": scaling,
+                                               "targets": verdicts, "adam_step_us": adam,
                                                "peak_memory": peak_memory(args.device), "argv": sys.argv,
                                                "date": time.strftime("%Y-%m-%d")}, indent=2))
 

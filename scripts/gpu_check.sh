@@ -27,15 +27,16 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$out
 pertest=$("$py" -c "import pytest_timeout" 2>/dev/null && echo --timeout=90)  # one hung test must not take the rest
 timeout -k 5 "${TESTS_S:-150}" "$py" -m pytest -q -p no:cacheprovider -rfE --durations=6 $pertest tests/test_gpu.py tests/test_regularizers.py 2>&1 | tee "$out/tests.txt"
 tests=${PIPESTATUS[0]}
-PYTHONUNBUFFERED=1 timeout -k 5 "${BENCH_S:-200}" "$py" scripts/bench.py --device cuda --steps 300 \
-  --epochs 3 --repeat 2 --n 60000 --json "$out/bench.json" 2>&1 | tee "$out/bench.txt"
-bench=${PIPESTATUS[0]}
-PYTHONUNBUFFERED=1 timeout -k 5 "${TF32_S:-90}" "$py" scripts/bench.py --device cuda --steps 300 \
-  --epochs 3 --repeat 2 --n 60000 --cases none,contractive --tf32 --json "$out/bench_tf32.json" 2>&1 | tee "$out/bench_tf32.txt"
-tf32=${PIPESTATUS[0]}
-PYTHONUNBUFFERED=1 timeout -k 5 "${COMPILE_S:-120}" "$py" scripts/bench.py --device cuda --steps 300 \
-  --epochs 3 --repeat 2 --n 60000 --cases none,contractive --compile --json "$out/bench_compile.json" 2>&1 | tee "$out/bench_compile.txt"
-compiled=${PIPESTATUS[0]}
+run_bench() {  # run_bench NAME SECONDS [ARGS...]: one time-limited bench run on 60,000 images into $out/NAME.{txt,json}
+  local name=$1 limit=$2
+  shift 2
+  PYTHONUNBUFFERED=1 timeout -k 5 "$limit" "$py" scripts/bench.py --device cuda --steps 300 --epochs 3 --repeat 2 \
+    --n 60000 "$@" --json "$out/$name.json" 2>&1 | tee "$out/$name.txt"
+  return "${PIPESTATUS[0]}"
+}
+run_bench bench "${BENCH_S:-200}"; bench=$?
+run_bench bench_tf32 "${TF32_S:-90}" --cases none,contractive --tf32; tf32=$?
+run_bench bench_compile "${COMPILE_S:-120}" --cases none,contractive --compile; compiled=$?
 echo "== summary (exit 124: the phase ran out of time): tests exit $tests, bench exit $bench, tf32 bench exit $tf32, compiled bench exit $compiled; $(date -u +%F); $(tail -1 "$out/gpu.txt")"
 tail -3 "$out/tests.txt"
 grep '^|' "$out/bench.txt"

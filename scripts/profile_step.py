@@ -27,7 +27,7 @@ import bench
 from aelab.checkpoint import Position
 from aelab.faults import FiniteWatch
 from aelab.objective import TERMS
-from aelab.steps import capturable, make_step, recorded_step, train_step
+from aelab.steps import CudaGraphs, capturable, make_step, recorded_step, train_step
 from aelab.train import start_epoch
 
 CASES = {"none": [], "kl": ["reg=kl", "reg.weight=0.1"],
@@ -51,19 +51,14 @@ def per_call(label: str, fn: Callable[[], None], calls: int) -> float:
     return seconds
 
 
-def captured(parts, fn: Callable[[], None]) -> torch.cuda.CUDAGraph:
-    """fn warmed up on a side stream, then captured (aelab.steps.CudaGraphs' recipe)."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    parts.optimizer.zero_grad(set_to_none=True)
-    with capturable(parts.optimizer), torch.cuda.graph(graph):
-        fn()
-    return graph
+def captured(parts, fn: Callable[[], None]) -> Callable[[], None]:
+    """fn warmed up and captured by aelab's own recipe (aelab.steps.CudaGraphs); returns the replay."""
+    graphs, call = CudaGraphs(), lambda _: fn()
+    for _ in range(3):
+        graphs.warm_up(call, None)
+    parts.optimizer.zero_grad(set_to_none=True)  # backward allocates the grads in the graph's pool
+    with capturable(parts.optimizer):
+        return graphs.capture(call, None)
 
 
 def profile_case(root: Path, logs: Path, overrides: list[str]) -> None:
@@ -92,14 +87,14 @@ def profile_case(root: Path, logs: Path, overrides: list[str]) -> None:
 
     parts, _, _ = fresh()
     static = parts.data.train.x[:batch].clone()
-    per_call("train_step only (no watch/sums) replay", captured(parts, lambda: train_step(parts, static)).replay, 2000)
+    per_call("train_step only (no watch/sums) replay", captured(parts, lambda: train_step(parts, static)), 2000)
 
     for k in (2, 8):
         parts, pos, watch = fresh()
         step = recorded_step(parts, pos, watch)
         statics = [parts.data.train.x[j * batch:(j + 1) * batch].clone() for j in range(k)]
-        graph = captured(parts, lambda: [step(s) for s in statics])
-        seconds = per_call(f"{k} steps in one graph, per replay", graph.replay, 2000 // k)
+        replay = captured(parts, lambda: [step(s) for s in statics])
+        seconds = per_call(f"{k} steps in one graph, per replay", replay, 2000 // k)
         print(f"  {'':44s} {seconds / k * 1e6:8.1f} us/step -> {batch * k / seconds:10.0f} samples/s", flush=True)
 
     from torch.profiler import ProfilerActivity, profile
