@@ -59,6 +59,7 @@ def assert_clean_failure(proc, code, text):
     (["reg=l1", "reg.weight=-0.1"], "reg.weight: must be >= 0"),
     (["reg=l1", "reg.weight=lots"], "reg.weight: must be a number"),
     (["reg=kl", "reg.rho=1.2"], "reg.rho: must be in (0, 1)"),
+    (["optim.betas=[0.9]"], "optim.betas: must be two numbers [beta1, beta2], e.g. [0.9, 0.999], got [0.9]"),
     (["reg=kl", "reg.rho=0"], "reg.rho: must be in (0, 1)"),
     (["corruption=salt_pepper", "corruption.prob=1.5"], "corruption.prob: must be in [0, 1]"),
     (["corruption=gaussian", "corruption.noise_factor=-0.2"], "corruption.noise_factor: must be >= 0"),
