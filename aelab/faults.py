@@ -1,6 +1,7 @@
 """Surviving faults: non-finite losses, SIGINT/SIGTERM (e.g. a SLURM preemption), and provenance."""
 from __future__ import annotations
 
+import math
 import platform
 import signal
 import sys
@@ -24,25 +25,26 @@ class TrainingFault(RuntimeError):
 class FiniteWatch:
     """Remembers, on the device, the first step at which each loss term went NaN or inf.
 
-    `update` costs a few tiny in-place kernels (a CUDA graph can hold them) and no host sync;
-    `check` (every log_every steps and at the end of each epoch, before any checkpoint is written)
-    reads it back and stops the run.
+    `update` costs four tiny in-place kernels (a CUDA graph can hold them) and no host sync: per
+    term, `alive` stays 1 until the term is first non-finite and `clean` counts the steps before
+    that. `check` (every log_every steps and at the end of each epoch, before any checkpoint is
+    written) reads both back and stops the run.
     """
 
     def __init__(self, device: torch.device, names: Sequence[str], last_good: Path, step: int = 0):
-        self.names, self.last_good = list(names), last_good
-        self.first_bad = torch.full((len(names),), -1, dtype=torch.int64, device=device)
-        self.step = torch.tensor(step, dtype=torch.int64, device=device)  # optimizer steps so far
+        self.names, self.last_good, self.start = list(names), last_good, step  # steps before this watch
+        self.state = torch.zeros(2, len(names), dtype=torch.int64, device=device)
+        self.alive, self.clean = self.state[0], self.state[1]
+        self.alive.fill_(1)
 
     def update(self, terms: Tensor) -> None:
         """After each optimizer step, with its (total, recon, reg)."""
-        self.step += 1
-        fresh = ~torch.isfinite(terms) & (self.first_bad < 0)
-        self.first_bad.copy_(torch.where(fresh, self.step, self.first_bad))
+        self.alive.mul_(terms.abs() < math.inf)  # NaN < inf and inf < inf are both false
+        self.clean.add_(self.alive)
 
     def check(self) -> None:
-        first_bad = self.first_bad.tolist()
-        bad = {name: step for name, step in zip(self.names, first_bad) if step >= 0}
+        alive, clean = self.state.tolist()
+        bad = {name: self.start + c + 1 for name, a, c in zip(self.names, alive, clean) if not a}
         if not bad:
             return
         step = min(bad.values())

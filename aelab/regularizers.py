@@ -22,6 +22,7 @@ class Penalty:
     weight: float
     jacobian: Optional[str] = None  # None, "exact" or "hutchinson"
     needs_unit_latent: bool = False
+    zero: bool = False  # the term is 0 whatever the model does: the objective skips adding it
 
     def __call__(self, fwd: Forward, model: Autoencoder) -> Tensor:
         return self.term(fwd, model)
@@ -71,7 +72,7 @@ def _weight(weight) -> float:
 @REGULARIZERS.register
 def none(weight: float = 0.0) -> Penalty:
     """No penalty: the plain (or, with a corruption, denoising) autoencoder."""
-    return Penalty("none", lambda fwd, model: fwd.latent.new_zeros(()), _weight(weight))
+    return Penalty("none", lambda fwd, model: fwd.latent.new_zeros(()), _weight(weight), zero=True)
 
 
 @REGULARIZERS.register

@@ -37,7 +37,7 @@ def recorded_step(parts: Parts, pos: Position, watch: FiniteWatch, objective: Ob
         terms = train_step(parts, clean, objective)
         watch.update(terms)
         pos.window += terms
-        pos.epoch_sums += terms * len(clean)
+        pos.epoch_sums.add_(terms, alpha=len(clean))
     return step
 
 

@@ -5,10 +5,12 @@ backend runs the very same GraphStep (warm-up, static batch, replay, eager parti
 and Dynamo's tracer (torch._dynamo.explain) proves no part reads a tensor back to the host mid-step.
 """
 import json
+from collections import Counter
 
 import pytest
 import torch
 import torch._dynamo as dynamo
+from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.tensorboard import SummaryWriter
 
 from aelab.build import build
@@ -17,7 +19,7 @@ from aelab.console import progress
 from aelab.faults import FiniteWatch, StopSignals, TrainingFault
 from aelab.objective import TERMS, loss_terms
 from aelab.registry import ConfigError
-from aelab.steps import GraphStep, capturable, make_step
+from aelab.steps import GraphStep, capturable, make_step, train_step
 from aelab.train import start_epoch, train_epoch
 from conftest import run_cli
 
@@ -77,7 +79,7 @@ def test_graph_replay_trains_exactly_like_eager(make_cfg, tmp_path):
     for a, b in zip(eager.model.parameters(), graphed.model.parameters()):
         assert torch.equal(a, b)  # the same floats: capture must not change the math
     assert torch.equal(pos_e.epoch_sums, pos_g.epoch_sums) and torch.equal(pos_e.window, pos_g.window)
-    assert pos_g.step == 39 and watch_g.step.item() == 39 == watch_e.step.item()
+    assert pos_g.step == 39 and watch_g.clean.tolist() == [39] * 3 == watch_e.clean.tolist()  # counted on the device
     assert graphed.optimizer.param_groups[0]["capturable"] is False  # set for the capture only
 
 
@@ -123,10 +125,66 @@ def test_capturable_is_set_for_the_block_and_restored(make_cfg):
 
 def test_watch_counts_steps_on_the_device_from_a_resumed_step(tmp_path):
     watch = FiniteWatch(torch.device("cpu"), TERMS, tmp_path / "ckpt", step=10)
-    for terms in ([1.0, 1.0, 0.0], [1.0, 1.0, 0.0], [float("nan"), 1.0, float("inf")], [float("nan")] * 3):
+    for terms in ([1.0, 1.0, 0.0], [1.0, 1.0, 0.0], [float("nan"), 1.0, float("inf")], [float("nan")] * 3,
+                  [1.0, 1.0, 1.0]):  # a term finite again later still reports its first bad step
         watch.update(torch.tensor(terms))
     with pytest.raises(TrainingFault, match="loss term.s. total, reg became NaN or inf at step 13"):
         watch.check()
+    assert watch.state.tolist() == [[0, 0, 0], [2, 3, 2]]  # alive, clean steps before the first bad
+
+
+def test_watch_passes_large_finite_terms_and_catches_minus_inf(tmp_path):
+    watch = FiniteWatch(torch.device("cpu"), TERMS, tmp_path / "ckpt")
+    watch.update(torch.tensor([3e38, -3e38, 0.0]))
+    watch.check()
+    watch.update(torch.tensor([1.0, float("-inf"), 0.0]))
+    with pytest.raises(TrainingFault, match="loss term.s. recon became NaN or inf at step 2"):
+        watch.check()
+
+
+class Dispatched(TorchDispatchMode):
+    """The aten ops run inside the block that do work (each a kernel launch on a GPU); views are free."""
+
+    FREE = {"view", "_unsafe_view", "t", "transpose", "expand", "unsqueeze", "squeeze", "as_strided",
+            "detach", "alias", "slice", "select", "_record_function_enter_new", "_record_function_exit"}
+
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.overloadpacket.__name__ not in self.FREE:
+            self.ops.append(func.overloadpacket.__name__)
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("overrides", [[], ["reg=kl"], ["model=contractive", "reg=contractive"]],
+                         ids=lambda o: "+".join(o) or "plain")
+def test_step_bookkeeping_costs_six_kernels(make_cfg, tmp_path, overrides):
+    """Every replayed step pays for its NaN watch and log sums in tiny kernels that each cost a GPU
+    a launch slot: 4 for the watch, 1 per sum, none of them a host sync."""
+    parts = build(make_cfg("device=cpu", *overrides))
+    pos = Position()
+    start_epoch(parts, pos)
+    step = make_step(parts, pos, FiniteWatch(parts.device, TERMS, tmp_path / "none"), print)
+    clean = parts.data.train.x[:32]
+    step(clean)  # optimizer state made
+    with Dispatched() as bare:
+        train_step(parts, clean)
+    with Dispatched() as recorded:
+        step(clean)
+    extra = Counter(recorded.ops) - Counter(bare.ops)
+    assert extra == Counter({"abs": 1, "lt": 1, "mul_": 1, "add_": 3}) and len(recorded.ops) == len(bare.ops) + 6
+
+
+def test_no_penalty_adds_no_kernels_to_the_objective(make_cfg):
+    """reg=none: total is the reconstruction loss itself (not recon + 0 * 0), bit for bit."""
+    parts = build(make_cfg("device=cpu"))
+    clean = parts.data.train.x[:32]
+    with Dispatched() as plain:
+        terms = loss_terms(parts, clean)
+    assert terms["total"] is terms["recon"] and terms["reg"].item() == 0.0
+    assert "mul" not in plain.ops and "add" not in plain.ops
 
 
 PARTS = [[], ["reg=l1"], ["reg=kl"], ["model=contractive", "reg=contractive"],
