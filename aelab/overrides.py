@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import difflib
 import re
+from typing import Iterator
 
 from hydra import compose, initialize_config_module
 from hydra.core.global_hydra import GlobalHydra
@@ -44,7 +45,7 @@ def check(args: list[str]) -> None:
                 raise ConfigError(f"unknown option '{unknown[0]}'; choose from: {', '.join(options)}", key)
             if override.is_interval_sweep():
                 intervals.append(key)
-            chosen.append(f"{override.get_key_element()}={values[0]}" if values else text)
+            chosen.append(f"{override.get_key_element()}={values[0]}" if override.is_sweep_override() else text)
             keys.append(key)
         top = [key for key in keys if "." not in key and "/" not in key]  # `trainer=3` or `~reg`, say
         try:
@@ -73,20 +74,80 @@ def sweep_values(override: Override) -> list[str]:
 
 
 def composition_error(error: BaseException, chosen: list[str]) -> ConfigError:
-    """Hydra's composition error as one line; an unknown key gets the nearest known keys as a hint."""
+    """Hydra's composition error as one line; an unknown key gets a hint where the key is known."""
     unknown = re.match(r"Could not override '([^']+)'", str(error))
     if not unknown:
         cause = f" ({first_line(error.__cause__)})" if error.__cause__ else ""
         return ConfigError(first_line(error) + cause)
     key = unknown.group(1)
     text = next(c for c in chosen if c.split("=")[0].lstrip("~+") == key)
-    parent, _, name = key.rpartition(".")
     try:
-        node = compose("train", overrides=[c for c in chosen if c != text], return_hydra_config=True)
-        node = OmegaConf.select(node, parent) if parent else node
-        siblings = [str(k) for k in node.keys()] if isinstance(node, DictConfig) else []
+        rest = compose("train", overrides=[c for c in chosen if c != text], return_hydra_config=True)
     except (HydraException, OmegaConfBaseException):  # the rest does not compose either: no hint
-        siblings = []
-    near = difflib.get_close_matches(name, siblings, n=1)
-    hint = f" (did you mean {parent + '.' if parent else ''}{near[0]}?)" if near else ""
+        rest = None
+    owner = rest and option_with_key(rest, key)
+    if owner:
+        return ConfigError(f"no such key under {owner[0]}={owner[1]}; it is a key of {owner[0]}={owner[2]}: "
+                           f"add {owner[0]}={owner[2]}", key)
+    near = rest and nearest_key(rest, key)
+    hint = f" (did you mean {near}?)" if near else ""
     return ConfigError(f"no such key{hint}; to add a new key, write +{text}", key)
+
+
+def nearest_key(cfg: DictConfig, key: str) -> str | None:
+    """A sibling spelled alike (reg.wieght → reg.weight), else the same name in another section
+    (trainer.lr → optim.lr, epochs → trainer.epochs) or in another option of a group (noise_factor →
+    corruption.noise_factor, with corruption=gaussian)."""
+    parent, _, name = key.rpartition(".")
+    node = OmegaConf.select(cfg, parent) if parent else cfg
+    siblings = [str(k) for k in node.keys()] if isinstance(node, DictConfig) else []
+    near = difflib.get_close_matches(name, siblings, n=1)
+    if near:
+        return f"{parent}.{near[0]}" if parent else near[0]
+    if key.startswith("hydra"):
+        return None
+    found = sorted((path for path in leaf_keys(cfg) if path.rpartition(".")[2] == name), key=lambda p: p.count("."))
+    if found and found[0].count(".") == 1:  # a section's own setting, not one nested deeper (eval.noise...)
+        return found[0]
+    groups = [g for g in cfg.hydra.runtime.choices if isinstance(cfg.get(g), DictConfig)]  # data, model, reg...
+    for group, option, node in other_options(cfg, groups):
+        if name in node:
+            return f"{group}.{name}, with {group}={option}"
+    return found[0] if found else None
+
+
+def leaf_keys(cfg: DictConfig, prefix: str = "") -> list[str]:
+    """Dotted paths of the settings (the hydra section left out)."""
+    paths = []
+    for k, value in cfg.items():
+        path = f"{prefix}{k}"
+        if path == "hydra":
+            continue
+        paths += leaf_keys(value, f"{path}.") if isinstance(value, DictConfig) else [path]
+    return paths
+
+
+def other_options(cfg: DictConfig, groups: list[str]) -> Iterator[tuple[str, str, DictConfig]]:
+    """(group, option, the group's settings under that option) for each option not chosen in `cfg`."""
+    loader = GlobalHydra.instance().config_loader()
+    for group in groups:
+        for option in loader.get_group_options(group):
+            if option != cfg.hydra.runtime.choices.get(group):
+                try:
+                    node = compose(f"{group}/{option}").get(group)  # the option's file and its defaults
+                except (HydraException, OmegaConfBaseException):
+                    continue
+                if isinstance(node, DictConfig):
+                    yield group, option, node
+
+
+def option_with_key(cfg: DictConfig, key: str) -> tuple[str, str, str] | None:
+    """(group, chosen option, another option that has the key) when `key` belongs to another option
+    of its group: reg.rho under reg=none is a key of reg=kl."""
+    group, _, name = key.partition(".")
+    if not name or cfg.hydra.runtime.choices.get(group) is None:
+        return None
+    for _, option, node in other_options(cfg, [group]):
+        if OmegaConf.select(node, name) is not None:
+            return group, cfg.hydra.runtime.choices[group], option
+    return None

@@ -47,6 +47,12 @@ def assert_clean_failure(proc, code, text):
     (["trainer.epohcs=3"], "trainer.epohcs: no such key (did you mean trainer.epochs?); to add a new key, "
                            "write +trainer.epohcs=3"),
     (["model=mlp", "model.hiden=[64]"], "model.hiden: no such key (did you mean model.hidden?)"),
+    (["epochs=5"], "epochs: no such key (did you mean trainer.epochs?); to add a new key, write +epochs=5"),
+    (["trainer.lr=0.1"], "trainer.lr: no such key (did you mean optim.lr?)"),
+    (["noise_factor=0.3"], "noise_factor: no such key (did you mean corruption.noise_factor, with corruption=gaussian?)"),
+    (["reg.rho=0.1"], "reg.rho: no such key under reg=none; it is a key of reg=kl: add reg=kl"),
+    (["data.download=true"], "data.download: no such key under data=digits; it is a key of data=fashion_mnist"),
+    (["trainer.foo=true"], "trainer.foo: no such key; to add a new key, write +trainer.foo=true"),
     (["model.hidden=[256,"], "model.hidden: cannot read 'model.hidden=[256,'"),
     (["reg=l1,kl"], "reg: 'reg=l1,kl' is a sweep: add -m to run one job per value"),
     (["-m", "reg=l1,kll"], "reg: unknown option 'kll'; choose from: contractive, kl, l1, none"),
