@@ -56,6 +56,10 @@ def run(cfg: DictConfig, run_dir: Path, resume: bool = False, job_num: int | Non
     started_at = time.time()
     parts = build(cfg, job_num)
     pos = checkpoint.load(parts, run_dir) if resume else Position()
+    if resume and (run_dir / "metrics.json").exists():  # a finished run: train on, or leave it be
+        if pos.epoch >= parts.trainer.epochs:
+            return finished_already(run_dir, pos.epoch)
+        (run_dir / "metrics.json").rename(run_dir / f"metrics.epochs-{pos.epoch}.json")  # kept, not overwritten
     writer = SummaryWriter(str(run_dir), purge_step=pos.step + 1 if resume else None)
     if not resume:
         writer.add_text("config", config_text(cfg))
@@ -90,6 +94,16 @@ def run(cfg: DictConfig, run_dir: Path, resume: bool = False, job_num: int | Non
                   samples_per_second=round(trained / seconds, 1), device=str(parts.device),
                   step_mode=getattr(step, "mode", "eager"))
     (run_dir / "metrics.json").write_text(json.dumps(record, indent=2) + "\n")
+    return record
+
+
+def finished_already(run_dir: Path, epochs: int) -> dict:
+    """Resuming a run that trained all its epochs writes nothing: its results stay as they are."""
+    record = json.loads((run_dir / "metrics.json").read_text())
+    console.console.print(f"{run_dir} has finished training (trainer.epochs={epochs}); nothing to do, "
+                          f"metrics.json is unchanged. To train it further: aelab train resume={run_dir} "
+                          f"trainer.epochs={2 * epochs}", markup=False, highlight=False, soft_wrap=True)
+    console.summary({split: record[split] for split in ("train", "val")}, title=f"aelab: {run_dir.name}")
     return record
 
 

@@ -127,6 +127,22 @@ def test_truncated_checkpoint_is_a_clear_error(tmp_path):
     assert_clean_failure(proc, 2, "is unreadable or truncated")
 
 
+def test_resuming_a_finished_run_keeps_its_results(tmp_path):
+    """Nothing left to train: nothing written. More epochs: trains on, the old results kept aside."""
+    run_dir = tmp_path / "run"
+    run_cli("train", "trainer.epochs=1", f"hydra.run.dir={run_dir}", cwd=tmp_path)
+    first = (run_dir / "metrics.json").read_text()
+    events = sorted(run_dir.glob("events.out.tfevents.*"))
+    again = run_cli("train", f"resume={run_dir}", cwd=tmp_path)
+    assert "has finished training (trainer.epochs=1); nothing to do" in again.stdout
+    assert f"aelab train resume={run_dir} trainer.epochs=2" in again.stdout
+    assert (run_dir / "metrics.json").read_text() == first and sorted(run_dir.glob("events.out.tfevents.*")) == events
+    run_cli("train", f"resume={run_dir}", "trainer.epochs=2", cwd=tmp_path)
+    assert (run_dir / "metrics.epochs-1.json").read_text() == first
+    longer, shorter = (json.loads((run_dir / name).read_text()) for name in ("metrics.json", "metrics.epochs-1.json"))
+    assert (longer["epochs"], longer["steps"]) == (2, 2 * shorter["steps"]) and longer["samples_per_second"] > 0
+
+
 def test_nan_loss_stops_at_once_naming_step_and_terms(tmp_path):
     run_dir = tmp_path / "run"
     proc = run_cli("train", "optim=sgd", "optim.lr=1e12", "trainer.log_every=50", f"hydra.run.dir={run_dir}",
