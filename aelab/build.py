@@ -189,5 +189,10 @@ def run_config(run_dir: Path, overrides: list[str], allowed: tuple[str, ...] = (
         try:
             cfg.merge_with(OmegaConf.from_dotlist([override]))
         except OmegaConfBaseException as e:
+            if OmegaConf.select(cfg, key) is None:
+                from .overrides import similar_key  # the command line's own hint
+                near = similar_key(cfg, key)
+                raise ConfigError(f"no such key{f' (did you mean {near}?)' if near else ''}; "
+                                  f"see {path} for the keys", key) from None
             raise ConfigError(f"{str(e).splitlines()[0]}; see .hydra/config.yaml for the keys", key) from None
     return cfg

@@ -98,14 +98,10 @@ def nearest_key(cfg: DictConfig, key: str) -> str | None:
     """A sibling spelled alike (reg.wieght → reg.weight), else the same name in another section
     (trainer.lr → optim.lr, epochs → trainer.epochs) or in another option of a group (noise_factor →
     corruption.noise_factor, with corruption=gaussian)."""
-    parent, _, name = key.rpartition(".")
-    node = OmegaConf.select(cfg, parent) if parent else cfg
-    siblings = [str(k) for k in node.keys()] if isinstance(node, DictConfig) else []
-    near = difflib.get_close_matches(name, siblings, n=1)
-    if near:
-        return f"{parent}.{near[0]}" if parent else near[0]
-    if key.startswith("hydra"):
-        return None
+    near = similar_key(cfg, key)
+    if near or key.startswith("hydra"):
+        return near
+    name = key.rpartition(".")[2]
     found = sorted((path for path in leaf_keys(cfg) if path.rpartition(".")[2] == name), key=lambda p: p.count("."))
     if found and found[0].count(".") == 1:  # a section's own setting, not one nested deeper (eval.noise...)
         return found[0]
@@ -114,6 +110,15 @@ def nearest_key(cfg: DictConfig, key: str) -> str | None:
         if name in node:
             return f"{group}.{name}, with {group}={option}"
     return found[0] if found else None
+
+
+def similar_key(cfg: DictConfig, key: str) -> str | None:
+    """The key beside `key` spelled most alike (reg.wieght → reg.weight), or None."""
+    parent, _, name = key.rpartition(".")
+    node = OmegaConf.select(cfg, parent) if parent else cfg
+    siblings = [str(k) for k in node.keys()] if isinstance(node, DictConfig) else []
+    near = difflib.get_close_matches(name, siblings, n=1)
+    return (f"{parent}.{near[0]}" if parent else near[0]) if near else None
 
 
 def leaf_keys(cfg: DictConfig, prefix: str = "") -> list[str]:

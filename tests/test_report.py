@@ -78,6 +78,9 @@ def test_eval_recomputes_metrics_with_other_noise_levels(sweep):
     assert louder["mse_gaussian"] > stored["mse_gaussian"] and louder["mse"] == pytest.approx(stored["mse"])
     bad = run_cli("eval", str(job), "reg.weight=3", cwd=job, check=False)
     assert bad.returncode == 2 and "eval.* or device.*" in bad.stderr
+    typo = run_cli("eval", str(job), "eval.treshold=0.2", cwd=job, check=False)
+    assert typo.returncode == 2 and "eval.treshold: no such key (did you mean eval.threshold?)" in typo.stderr
+    assert len(list(job.glob("eval*.json"))) == 2  # the failed calls wrote nothing
 
 
 def test_hparams_live_in_the_run_dir_not_a_sub_run(sweep):
