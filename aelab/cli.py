@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
 import shutil
 import sys
 from pathlib import Path
@@ -42,13 +43,15 @@ PLUGINS = {  # command-line choice → the Hydra plugin it needs (pip install 'a
     "hydra/sweeper=optuna": "hydra_plugins.hydra_optuna_sweeper",
 }
 RESULTS = ("checkpoint.pt", "metrics.json")  # what makes a directory an aelab run
+FAILED = "failed.json"  # what a sweep's diverged job leaves instead of metrics.json
+diverged_jobs: list[Path] = []  # this process's sweep jobs that stopped on a NaN or inf loss
 HYDRA_ONLY = {".hydra", "train.log"}
 
 
 @hydra.main(config_path="configs", config_name="train", version_base="1.3")
 def train(cfg: DictConfig) -> float:
     """One job; returns the validation reconstruction error (what a sweeper minimises)."""
-    from .faults import TrainingFault
+    from .faults import DIVERGED, TrainingFault
     from .train import run  # torch is imported only once a job runs: --help stays fast
 
     hydra_cfg = HydraConfig.get()
@@ -65,7 +68,11 @@ def train(cfg: DictConfig) -> float:
         console.error(str(config_error(e)))
         sys.exit(2)
     except TrainingFault as e:
-        console.error(str(e))
+        console.error(str(e) if job_num is None else f"job {job_num} ({run_dir.name}): {e}")
+        if job_num is not None and e.exit_code == DIVERGED:  # one diverged job; the sweep's others still run
+            (run_dir / FAILED).write_text(json.dumps({"error": str(e), "exit_code": e.exit_code}, indent=2) + "\n")
+            diverged_jobs.append(run_dir)
+            return math.inf  # Optuna refuses NaN; inf ranks the trial last in the study, which minimises
         sys.exit(e.exit_code)
     return record["val"]["recon"]
 
@@ -140,7 +147,12 @@ def train_command(args: list[str]) -> int:
         check_overrides(overrides)
         sys.argv = ["aelab train", *overrides]
         train()
-    return guarded(launch)
+    code = guarded(launch)
+    if code == 0 and diverged_jobs:
+        console.error(f"{len(diverged_jobs)} job(s) of the sweep stopped on a NaN or inf loss ({FAILED} in each: "
+                      f"{', '.join(str(d) for d in diverged_jobs)}); the other jobs finished")
+        return 3  # faults.DIVERGED (faults imports torch, which `aelab --help` need not load)
+    return code
 
 
 def eval_command(args: list[str]) -> int:

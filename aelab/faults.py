@@ -14,6 +14,9 @@ import torch
 from torch import Tensor
 
 
+DIVERGED = 3  # the exit code of a run stopped by a NaN or inf loss
+
+
 class TrainingFault(RuntimeError):
     """Training cannot go on; the message says what happened and what to do. Carries an exit code."""
 
@@ -52,7 +55,7 @@ class FiniteWatch:
         kept = (f"the last good checkpoint is kept at {self.last_good}" if self.last_good.is_file()
                 else "no checkpoint had been written yet")
         raise TrainingFault(f"loss term(s) {terms} became NaN or inf at step {step}; {kept}; "
-                            f"lower optim.lr or reg.weight and run again", exit_code=3)
+                            f"lower optim.lr or reg.weight and run again", exit_code=DIVERGED)
 
 
 class StopSignals:

@@ -67,9 +67,17 @@ def load_jobs(sweep_dir: Path) -> list[Job]:
         config = OmegaConf.to_container(OmegaConf.load(hydra_dir / "config.yaml"), resolve=False)
         jobs.append(Job(metrics_path.parent, overrides, config, metrics))
     if not jobs:
-        raise ConfigError(f"no finished jobs (metrics.json with .hydra/overrides.yaml) under {sweep_dir}; "
+        failed = f" ({len(failed_jobs(sweep_dir))} stopped on a NaN or inf loss: see their failed.json)" \
+            if failed_jobs(sweep_dir) else ""
+        raise ConfigError(f"no finished jobs (metrics.json with .hydra/overrides.yaml) under {sweep_dir}{failed}; "
                           f"pass the folder of an `aelab train -m` sweep", "SWEEP_DIR")
     return jobs
+
+
+def failed_jobs(sweep_dir: Path) -> list[tuple[str, str]]:
+    """(job dir relative to sweep_dir, its error) for each job that stopped on a NaN or inf loss."""
+    return [(str(path.parent.relative_to(sweep_dir)), json.loads(path.read_text())["error"])
+            for path in sorted(sweep_dir.glob("**/failed.json"))]
 
 
 def swept_keys(jobs: list[Job]) -> list[str]:
@@ -154,5 +162,13 @@ def report(sweep_dir: Path) -> dict:
     shown = [n for m in shown for n in ([x for x in metrics if x.startswith("mse_")] if m == "mse_*" else [m])]
     print_table(rows, keys, shown, title=f"aelab report: {sweep_dir} ({len(jobs)} runs)")
     csv_path, md_path = write_tables(rows, keys, metrics, sweep_dir)
+    failed = failed_jobs(sweep_dir)
+    if failed:  # diverged jobs have no metrics: said under the table and in report.md, not dropped silently
+        lines = [f"- {name}: {error}" for name, error in failed]
+        from .console import console
+        console.print(f"{len(failed)} job(s) without results:\n" + "\n".join(lines), markup=False, highlight=False,
+                      soft_wrap=True)
+        with md_path.open("a") as f:
+            f.write("\nJobs without results (stopped on a NaN or inf loss):\n\n" + "\n".join(lines) + "\n")
     plots = make_plots(rows, jobs, [k for k in keys if k != SEED_KEY], sweep_dir)
     return {"jobs": len(jobs), "rows": len(rows), "swept": keys, "files": [csv_path, md_path, *plots]}

@@ -178,3 +178,20 @@ def test_misspelled_launcher_key_is_one_line_before_any_job(tmp_path, capsys):
     assert code == 2 and err.count("\n") == 1
     assert "hydra.launcher.n_jbs: no such key (did you mean hydra.launcher.n_jobs?)" in err
     assert not (tmp_path / "sweep").exists()
+
+
+def test_a_diverged_job_does_not_stop_the_sweep(tmp_path):
+    """lr=1e12 turns the loss NaN: that job leaves failed.json, the next job still runs, the sweep
+    exits 3 naming it, and the report lists it under the table instead of dropping it silently."""
+    sweep = tmp_path / "sweep"
+    proc = run_cli("train", "-m", "optim=sgd", "optim.lr=1e12,0.1", "trainer.epochs=1", "device=cpu",
+                   f"hydra.sweep.dir={sweep}", cwd=tmp_path, check=False)
+    assert proc.returncode == 3 and "Traceback" not in proc.stderr
+    assert "job 0 (0_device=cpu,optim.lr=1000000000000.0,optim=sgd,trainer.epochs=1): loss term(s)" in proc.stderr
+    assert "1 job(s) of the sweep stopped on a NaN or inf loss" in proc.stderr
+    diverged, finished = sorted(p for p in sweep.iterdir() if p.is_dir())
+    assert "became NaN or inf at step" in json.loads((diverged / "failed.json").read_text())["error"]
+    assert not (diverged / "metrics.json").exists() and (finished / "metrics.json").is_file()
+    shown = run_cli("report", str(sweep), cwd=tmp_path)
+    assert "1 job(s) without results:" in shown.stdout and diverged.name in shown.stdout
+    assert f"- {diverged.name}: loss term(s)" in (sweep / "report.md").read_text()
