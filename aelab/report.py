@@ -67,9 +67,9 @@ def load_jobs(sweep_dir: Path) -> list[Job]:
         config = OmegaConf.to_container(OmegaConf.load(hydra_dir / "config.yaml"), resolve=False)
         jobs.append(Job(metrics_path.parent, overrides, config, metrics))
     if not jobs:
-        failed = f" ({len(failed_jobs(sweep_dir))} stopped on a NaN or inf loss: see their failed.json)" \
-            if failed_jobs(sweep_dir) else ""
-        raise ConfigError(f"no finished jobs (metrics.json with .hydra/overrides.yaml) under {sweep_dir}{failed}; "
+        failed = len(failed_jobs(sweep_dir))
+        stopped = f" ({failed} stopped on a NaN or inf loss: see their failed.json)" if failed else ""
+        raise ConfigError(f"no finished jobs (metrics.json with .hydra/overrides.yaml) under {sweep_dir}{stopped}; "
                           f"pass the folder of an `aelab train -m` sweep", "SWEEP_DIR")
     return jobs
 
@@ -102,7 +102,9 @@ def fmt(mean: float, std: float, n: int) -> str:
     return f"{mean:.4g}" if n < 2 else f"{mean:.4g} ± {std:.2g}"
 
 
-def write_tables(rows: list[Row], keys: list[str], metrics: list[str], out: Path) -> tuple[Path, Path]:
+def write_tables(rows: list[Row], keys: list[str], metrics: list[str], failed: list[str],
+                 out: Path) -> tuple[Path, Path]:
+    """report.csv, and report.md with the jobs without results (`failed` lines) under its table."""
     setting_keys = [k for k in keys if k != SEED_KEY]
     csv_path, md_path = out / "report.csv", out / "report.md"
     with csv_path.open("w", newline="") as f:
@@ -116,6 +118,8 @@ def write_tables(rows: list[Row], keys: list[str], metrics: list[str], out: Path
     for row in rows:
         cells = [fmt(*row.mean_std(m), len(row.values(m))) for m in metrics]
         lines.append("| " + " | ".join([*row.setting.values(), str(len(row.jobs)), *cells]) + " |")
+    if failed:
+        lines += ["", "Jobs without results (stopped on a NaN or inf loss):", "", *failed]
     md_path.write_text("\n".join(lines) + "\n")
     return csv_path, md_path
 
@@ -161,14 +165,11 @@ def report(sweep_dir: Path) -> dict:
     shown = [m for m in shown_metrics(keys) if m in metrics or m == "mse_*"]
     shown = [n for m in shown for n in ([x for x in metrics if x.startswith("mse_")] if m == "mse_*" else [m])]
     print_table(rows, keys, shown, title=f"aelab report: {sweep_dir} ({len(jobs)} runs)")
-    csv_path, md_path = write_tables(rows, keys, metrics, sweep_dir)
-    failed = failed_jobs(sweep_dir)
-    if failed:  # diverged jobs have no metrics: said under the table and in report.md, not dropped silently
-        lines = [f"- {name}: {error}" for name, error in failed]
+    failed = [f"- {name}: {error}" for name, error in failed_jobs(sweep_dir)]  # diverged: said, not dropped
+    if failed:
         from .console import console
-        console.print(f"{len(failed)} job(s) without results:\n" + "\n".join(lines), markup=False, highlight=False,
+        console.print(f"{len(failed)} job(s) without results:\n" + "\n".join(failed), markup=False, highlight=False,
                       soft_wrap=True)
-        with md_path.open("a") as f:
-            f.write("\nJobs without results (stopped on a NaN or inf loss):\n\n" + "\n".join(lines) + "\n")
+    csv_path, md_path = write_tables(rows, keys, metrics, failed, sweep_dir)
     plots = make_plots(rows, jobs, [k for k in keys if k != SEED_KEY], sweep_dir)
     return {"jobs": len(jobs), "rows": len(rows), "swept": keys, "files": [csv_path, md_path, *plots]}
