@@ -40,13 +40,17 @@ def _fraction(value, key: str) -> float:
     return number(value, key, low=0, high=1, high_open=True)
 
 
-def _carve(x: Tensor, labels: Tensor, fractions: list[float], seed: int) -> list[Split]:
-    """Shuffle with `seed`, then cut off the given fractions in order; the rest is the last split."""
+def _carve(x: Tensor, labels: Tensor, fractions: dict[str, float], seed: int) -> list[Split]:
+    """Shuffle with `seed`, then cut off the fraction under each key in order; the rest is the last split.
+    Each cut must hold at least one sample: validation and test metrics are means over them."""
     order = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))
     x, labels = x[order], labels[order]
     splits, start = [], 0
-    for f in fractions:
+    for key, f in fractions.items():
         n = int(round(f * len(x)))
+        if n < 1:
+            raise ConfigError(f"{f:g} of the {len(x)} samples leaves no {key.split('_')[0]} samples; "
+                              f"use at least {1 / len(x):.2g}", key)
         splits.append(Split(x[start:start + n], labels[start:start + n]))
         start += n
     splits.append(Split(x[start:], labels[start:]))
@@ -64,7 +68,8 @@ def digits(val_fraction: float = 0.15, test_fraction: float = 0.15, split_seed: 
     bunch = load_digits()
     x = torch.tensor(bunch.data, dtype=torch.float32) / 16.0
     labels = torch.tensor(bunch.target, dtype=torch.int64)
-    test, val, train = _carve(x, labels, [test_f, val_f], number(split_seed, "split_seed", integer=True))
+    test, val, train = _carve(x, labels, {"test_fraction": test_f, "val_fraction": val_f},
+                              number(split_seed, "split_seed", integer=True))
     return Splits("digits", (1, 8, 8), train, val, test)
 
 
@@ -90,7 +95,8 @@ def _torchvision(name: str, cls_name: str, root: str, download: bool, val_fracti
     train_set, test_set = sets
     to_x = lambda images: images.reshape(len(images), -1).to(torch.float32) / 255.0  # noqa: E731
     val, train = _carve(to_x(train_set.data), train_set.targets.long(),
-                        [_fraction(val_fraction, "val_fraction")], number(split_seed, "split_seed", integer=True))
+                        {"val_fraction": _fraction(val_fraction, "val_fraction")},
+                        number(split_seed, "split_seed", integer=True))
     h, w = train_set.data.shape[1:]
     return Splits(name, (1, h, w), train, val, Split(to_x(test_set.data), test_set.targets.long()))
 

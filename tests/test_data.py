@@ -16,6 +16,15 @@ def test_digits_split_sizes_and_range():
     assert d.train.x.min() >= 0 and d.train.x.max() == 1.0
 
 
+@pytest.mark.parametrize("key", ["val_fraction", "test_fraction"])
+def test_a_fraction_that_leaves_a_split_empty_is_refused(key):
+    with pytest.raises(ConfigError) as err:  # was a ZeroDivisionError from the empty validation image grid
+        DATASETS.get("digits")(**{key: 0.0002})
+    assert err.value.key == key and "leaves no" in str(err.value) and "at least 0.00056" in str(err.value)
+    one = DATASETS.get("digits")(**{key: 0.00056})
+    assert len(one.val if key == "val_fraction" else one.test) == 1
+
+
 @pytest.mark.parametrize("name", ["mnist", "fashion_mnist", "kmnist"])
 def test_missing_files_offline_say_where_to_put_them(tmp_path, name):
     with pytest.raises(ConfigError) as err:
