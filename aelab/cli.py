@@ -4,13 +4,16 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
+import shlex
 import shutil
 import sys
+import time
 from pathlib import Path
 
 import hydra
 import yaml
 from hydra.core.hydra_config import HydraConfig
+from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig
 from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
@@ -23,8 +26,9 @@ USAGE = """usage: aelab COMMAND [ARGS]
 
 commands:
   train    train an autoencoder (Hydra app: GROUP=OPTION overrides, -m sweeps, --help, --cfg job)
-           continue a stopped run with: aelab train resume=RUN_DIR
-  eval     aelab eval RUN_DIR [eval.KEY=VALUE ...]: recompute a finished run's test metrics
+           continue a stopped run with: aelab train resume=RUN_DIR (a stopped sweep: resume=SWEEP_DIR)
+  eval     aelab eval RUN_DIR|SWEEP_DIR [eval.KEY=VALUE ...]: recompute the test metrics of a run
+           (of each job of a sweep)
   report   aelab report SWEEP_DIR: table, report.csv, report.md and plots of a sweep
 
 examples:
@@ -44,7 +48,8 @@ PLUGINS = {  # command-line choice → the Hydra plugin it needs (pip install 'a
 }
 RESULTS = ("checkpoint.pt", "metrics.json")  # what makes a directory an aelab run
 FAILED = "failed.json"  # what a sweep's diverged job leaves instead of metrics.json
-diverged_jobs: list[Path] = []  # this process's sweep jobs that stopped on a NaN or inf loss
+diverged_jobs: list[Path] = []  # the last sweep's jobs that stopped on a NaN or inf loss (SweepOutcome)
+finished_jobs: list[Path] = []  # and those that hold results
 HYDRA_ONLY = {".hydra", "train.log"}
 
 
@@ -60,7 +65,10 @@ def train(cfg: DictConfig) -> float:
     try:
         resume = resume_mode(cfg.resume, run_dir)
         if resume == "done":  # a requeued or repeated job that already finished
+            console.console.print(f"{run_dir}: finished already, its results kept", markup=False, highlight=False,
+                                  soft_wrap=True)
             return json.loads((run_dir / "metrics.json").read_text())["val"]["recon"]
+        (run_dir / FAILED).unlink(missing_ok=True)  # an earlier attempt's verdict; this attempt writes its own
         record = run(cfg, run_dir, resume=resume, job_num=job_num)
     except (ConfigError, OmegaConfBaseException) as e:
         if cfg.resume is False and set(p.name for p in run_dir.iterdir()) <= HYDRA_ONLY:
@@ -68,13 +76,29 @@ def train(cfg: DictConfig) -> float:
         console.error(str(config_error(e)))
         sys.exit(2)
     except TrainingFault as e:
+        if job_num is not None and e.exit_code > 128:  # stopped by a signal: the sweep's later jobs never ran
+            e = TrainingFault(f"{e}; or the whole sweep: aelab train resume={shlex.quote(hydra_cfg.sweep.dir)}",
+                              e.exit_code)
         console.error(str(e) if job_num is None else f"job {job_num} ({run_dir.name}): {e}")
         if job_num is not None and e.exit_code == DIVERGED:  # one diverged job; the sweep's others still run
             (run_dir / FAILED).write_text(json.dumps({"error": str(e), "exit_code": e.exit_code}, indent=2) + "\n")
-            diverged_jobs.append(run_dir)
             return math.inf  # Optuna refuses NaN; inf ranks the trial last in the study, which minimises
         sys.exit(e.exit_code)
     return record["val"]["recon"]
+
+
+class SweepOutcome(Callback):
+    """hydra.callbacks entry: once every job of a sweep has returned, the jobs that left failed.json
+    (and those that hold results). Read from the sweep dir, not from job return values: joblib and submitit run the jobs in other
+    processes, and Hydra hands no job's return value back to the command line."""
+
+    def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
+        self.sweep_dir, self.started = Path(config.hydra.sweep.dir), time.time()
+
+    def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
+        fresh = self.started - 5  # a file system's clock may lag this one's a little; older files are earlier runs'
+        diverged_jobs[:] = [p.parent for p in sorted(self.sweep_dir.glob(f"**/{FAILED}")) if p.stat().st_mtime >= fresh]
+        finished_jobs[:] = [p.parent for p in self.sweep_dir.glob("**/metrics.json")]
 
 
 def resume_mode(value, run_dir: Path) -> bool | str:
@@ -103,13 +127,44 @@ def resume_args(args: list[str]) -> list[str]:
     if value.lower() == "true":
         raise ConfigError("give the run dir to continue: aelab train resume=outputs/DATE/TIME", "resume")
     run_dir = Path(value).expanduser()
+    if (run_dir / "multirun.yaml").is_file() or any(run_dir.glob("*/.hydra/hydra.yaml")):
+        return sweep_resume_args(run_dir, [a for a in args if not a.startswith("resume=")])
     overrides = run_dir / ".hydra" / "overrides.yaml"
     if not overrides.is_file() or not (run_dir / "checkpoint.pt").exists():
         raise ConfigError(f"{run_dir} is not an aelab run (it needs .hydra/overrides.yaml and checkpoint.pt); "
                           f"pass a run dir under outputs/", "resume")
     saved = [o for o in yaml.safe_load(overrides.read_text()) or [] if not o.startswith("resume=")]
     rest = [a for a in args if not a.startswith(("resume=", "hydra.run.dir="))]
-    return [*saved, *rest, f"hydra.run.dir={run_dir}", "resume=true"]
+    return [*saved, *rest, f"hydra.run.dir={quoted(str(run_dir))}", "resume=true"]
+
+
+def sweep_resume_args(sweep_dir: Path, rest: list[str]) -> list[str]:
+    """`resume=SWEEP_DIR` → the sweep as it was started, in its dir, every job with resume=auto: a
+    finished job is kept, a stopped one continues from its checkpoint, one that never ran starts."""
+    record = sweep_dir / "multirun.yaml"  # Optuna's sweeper writes none: read a job's record to tell
+    hydra_cfg = yaml.safe_load((record if record.is_file() else next(sweep_dir.glob("*/.hydra/hydra.yaml"))
+                                ).read_text())["hydra"]
+    if "optuna" in str((hydra_cfg.get("sweeper") or {}).get("_target_", "")):
+        raise ConfigError(f"{sweep_dir} is an Optuna study, whose trials are sampled afresh each time; to continue "
+                          f"a study, give it hydra.sweeper.storage=sqlite:///FILE.db and run the same command again",
+                          "resume")
+    if not record.is_file():
+        raise ConfigError(f"{sweep_dir} has no multirun.yaml, the record of how its sweep was started; continue "
+                          f"one of its jobs with aelab train resume=JOB_DIR", "resume")
+    rest = [a for a in rest if a not in ("-m", "--multirun")]
+    changed = [a for a in rest if not a.startswith("hydra.")]
+    if changed:
+        raise ConfigError(f"a sweep continues as it was started; {' '.join(changed)} would make other jobs: start "
+                          f"a new sweep for them (only hydra.* keys, e.g. hydra.launcher.n_jobs, may change)", "resume")
+    typed = hydra_cfg["overrides"]
+    kept = [o for o in typed["hydra"] if not o.startswith(("hydra.mode=", "hydra.sweep.dir="))]
+    task = [o for o in typed["task"] if not o.startswith("resume=")]
+    return ["-m", *kept, *task, *rest, f"hydra.sweep.dir={quoted(str(sweep_dir))}", "resume=auto"]
+
+
+def quoted(value: str) -> str:
+    """A value as one quoted Hydra override value: a sweep job's dir name holds '=' and ','."""
+    return "'" + value.replace("'", "\\'") + "'"
 
 
 def refuse_used_dirs(args: list[str]) -> None:
@@ -147,10 +202,13 @@ def train_command(args: list[str]) -> int:
         check_overrides(overrides)
         sys.argv = ["aelab train", *overrides]
         train()
+    diverged_jobs.clear()
+    finished_jobs.clear()
     code = guarded(launch)
     if code == 0 and diverged_jobs:
+        others = f"{len(finished_jobs)} other job(s) finished" if finished_jobs else "no job finished"
         console.error(f"{len(diverged_jobs)} job(s) of the sweep stopped on a NaN or inf loss ({FAILED} in each: "
-                      f"{', '.join(str(d) for d in diverged_jobs)}); the other jobs finished")
+                      f"{', '.join(str(d) for d in diverged_jobs)}); {others}")
         return 3  # faults.DIVERGED (faults imports torch, which `aelab --help` need not load)
     return code
 
@@ -159,9 +217,11 @@ def eval_command(args: list[str]) -> int:
     from .train import evaluate_run
 
     if not args or args[0].startswith("-"):
-        print("usage: aelab eval RUN_DIR [eval.KEY=VALUE ...]   e.g. eval.noise.gaussian.noise_factor=0.5")
+        print("usage: aelab eval RUN_DIR|SWEEP_DIR [eval.KEY=VALUE ...]   e.g. eval.noise.gaussian.noise_factor=0.5")
         return 0 if args else 2
-    return guarded(lambda: evaluate_run(Path(args[0]), args[1:]))
+    target = Path(args[0])  # a run, or a sweep: each of its jobs that holds a checkpoint
+    runs = [target] if (target / "checkpoint.pt").exists() else sorted(p.parent for p in target.glob("*/checkpoint.pt"))
+    return guarded(lambda: [evaluate_run(run, args[1:]) for run in runs or [target]])
 
 
 def report_command(args: list[str]) -> int:

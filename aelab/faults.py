@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import math
 import platform
+import shlex
 import signal
 import sys
 import threading
@@ -87,7 +88,8 @@ class StopSignals:
     def exit(self, saved: Path, step: int) -> None:
         name = signal.Signals(self.received).name
         raise TrainingFault(f"stopped by {name} after step {step}; checkpoint saved to {saved}; "
-                            f"continue with: aelab train resume={saved.parent}", exit_code=128 + self.received)
+                            f"continue with: aelab train resume={shlex.quote(str(saved.parent))}",
+                            exit_code=128 + self.received)
 
 
 def environment(device: torch.device, seed: int) -> dict:

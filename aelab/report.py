@@ -14,6 +14,7 @@ from omegaconf import OmegaConf
 from .registry import ConfigError
 
 SEED_KEY = "trainer.seed"
+PLUMBING = ("resume", "launcher", "paths.", "data.root", "data.download", "hydra")  # override keys (prefixes)
 SPARSITY = ("population_sparsity", "dead_fraction", "mean_activation", "sensitivity")
 SHORT = {"population_sparsity": "active", "dead_fraction": "dead", "mean_activation": "mean act",
          "sensitivity": "||J||²", "probe_latent": "probe", "val_total": "val"}
@@ -81,8 +82,9 @@ def failed_jobs(sweep_dir: Path) -> list[tuple[str, str]]:
 
 
 def swept_keys(jobs: list[Job]) -> list[str]:
-    """Override keys whose value differs between jobs, in command-line order; the seed last."""
-    keys = list(dict.fromkeys(k for j in jobs for k in j.overrides))
+    """Override keys whose value differs between jobs, in command-line order; the seed last. Keys
+    that say where and how a job ran, not what it trained (a resumed job's resume=true), are no factor."""
+    keys = list(dict.fromkeys(k for j in jobs for k in j.overrides if not k.startswith(PLUMBING)))
     return [k for k in keys if len({j.overrides.get(k) for j in jobs}) > 1]
 
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import shlex
 import time
 from pathlib import Path
 
@@ -101,7 +102,8 @@ def finished_already(run_dir: Path, epochs: int) -> dict:
     """Resuming a run that trained all its epochs writes nothing: its results stay as they are."""
     record = json.loads((run_dir / "metrics.json").read_text())
     console.console.print(f"{run_dir} has finished training (trainer.epochs={epochs}); nothing to do, "
-                          f"metrics.json is unchanged. To train it further: aelab train resume={run_dir} "
+                          f"metrics.json is unchanged. To train it further: "
+                          f"aelab train resume={shlex.quote(str(run_dir))} "
                           f"trainer.epochs={2 * epochs}", markup=False, highlight=False, soft_wrap=True)
     console.summary({split: record[split] for split in ("train", "val")}, title=f"aelab: {run_dir.name}")
     return record

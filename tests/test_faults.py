@@ -223,6 +223,27 @@ def test_signal_checkpoints_and_resume_matches_uninterrupted_run_bitwise(tmp_pat
     assert [e.step for e in acc.Scalars("val/total")] == sorted({e.step for e in acc.Scalars("val/total")})
 
 
+def test_a_stopped_sweep_continues_with_resume_of_its_dir(tmp_path):
+    """SIGINT in job 0 of three stops the sweep; `aelab train resume=SWEEP_DIR` (the command the error
+    names) reruns it in its own dirs: job 0 from its checkpoint, jobs 1 and 2 from the start."""
+    sweep = tmp_path / "sweep"
+    proc = start(["-m", *LONG, "eval.probe=false", "trainer.seed=0,1,2", f"hydra.sweep.dir={sweep}"], tmp_path)
+    wait_for_line(proc, "epoch 2/12")
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and "Traceback" not in err, err
+    assert f"or the whole sweep: aelab train resume={sweep}" in err
+    jobs = sorted(p.name for p in sweep.iterdir() if p.is_dir())
+    assert len(jobs) == 1 and not (sweep / jobs[0] / "metrics.json").exists()
+    changed = run_cli("train", f"resume={sweep}", "trainer.epochs=20", cwd=tmp_path, check=False)
+    assert changed.returncode == 2 and "trainer.epochs=20 would make other jobs" in changed.stderr
+    resumed = run_cli("train", f"resume={sweep}", cwd=tmp_path)
+    assert sorted(p.name for p in sweep.iterdir() if p.is_dir())[0] == jobs[0]  # the same dirs, not new ones
+    assert all((sweep / f"{n}_{jobs[0][2:].replace('seed=0', f'seed={n}')}" / "metrics.json").is_file()
+               for n in range(3))
+    assert resumed.stdout.count("epoch 1/12") == 2 and resumed.stdout.count("epoch 12/12") == 3
+
+
 def test_same_seed_same_metrics_and_environment_recorded(tmp_path):
     for name in ("a", "b"):
         run_cli("train", "trainer.epochs=2", "corruption=masking", f"hydra.run.dir={tmp_path / name}", cwd=tmp_path)

@@ -61,6 +61,14 @@ def _pairs(sweep):
     return found
 
 
+def test_where_and_how_a_job_ran_is_no_factor():
+    """A job resumed on its own (resume=true), another launcher or data path: the same setting."""
+    from aelab.report import Job, swept_keys
+    typed = [{"reg.weight": "1e-3", "resume": "true", "launcher": "parallel"}, {"reg.weight": "1e-1"},
+             {"reg.weight": "1e-1", "paths.data": "/data", "hydra/launcher": "joblib", "trainer.seed": "1"}]
+    assert swept_keys([Job(Path(str(n)), o, {}, {}) for n, o in enumerate(typed)]) == ["reg.weight", "trainer.seed"]
+
+
 def test_report_of_a_folder_without_runs_is_a_clear_error(tmp_path):
     proc = run_cli("report", str(tmp_path), cwd=tmp_path, check=False)
     assert proc.returncode == 2 and "no finished jobs" in proc.stderr and "Traceback" not in proc.stderr
@@ -81,6 +89,14 @@ def test_eval_recomputes_metrics_with_other_noise_levels(sweep):
     typo = run_cli("eval", str(job), "eval.treshold=0.2", cwd=job, check=False)
     assert typo.returncode == 2 and "eval.treshold: no such key (did you mean eval.threshold?)" in typo.stderr
     assert len(list(job.glob("eval*.json"))) == 2  # the failed calls wrote nothing
+    everyone = run_cli("eval", str(sweep), "eval.threshold=0.5", "eval.probe=false", cwd=sweep)  # each job
+    written = sorted(sweep.glob("*/eval_eval.threshold=0.5_eval.probe=false.json"))
+    assert len(written) == 4 and everyone.stdout.count("aelab eval: ") == 4
+    for path in written:
+        stored = json.loads((path.parent / "metrics.json").read_text())["test"]
+        higher = json.loads(path.read_text())["test"]
+        assert higher["population_sparsity"] <= stored["population_sparsity"]
+        assert higher["mse"] == pytest.approx(stored["mse"])
 
 
 def test_hparams_live_in_the_run_dir_not_a_sub_run(sweep):

@@ -95,6 +95,8 @@ def test_optuna_study_in_memory(tmp_path):
     assert "Best value" in proc.stdout + proc.stderr
     report = run_cli("report", str(sweep), cwd=tmp_path)
     assert "3 runs" in report.stdout and (sweep / "metrics_vs_reg.weight.png").is_file()
+    again = run_cli("train", f"resume={sweep}", cwd=tmp_path, check=False)  # trials would be sampled afresh
+    assert again.returncode == 2 and "is an Optuna study" in again.stderr and "hydra.sweeper.storage" in again.stderr
 
 
 def test_optuna_study_resumes_from_sqlite(tmp_path):
@@ -180,18 +182,46 @@ def test_misspelled_launcher_key_is_one_line_before_any_job(tmp_path, capsys):
     assert not (tmp_path / "sweep").exists()
 
 
-def test_a_diverged_job_does_not_stop_the_sweep(tmp_path):
+@pytest.mark.parametrize("launcher", ["basic", "parallel"])
+def test_a_diverged_job_does_not_stop_the_sweep(tmp_path, launcher):
     """lr=1e12 turns the loss NaN: that job leaves failed.json, the next job still runs, the sweep
-    exits 3 naming it, and the report lists it under the table instead of dropping it silently."""
+    exits 3 naming it (also when joblib ran the jobs in other processes), and the report lists it
+    under the table instead of dropping it silently."""
+    if launcher == "parallel":
+        plugin("hydra_joblib_launcher")
     sweep = tmp_path / "sweep"
-    proc = run_cli("train", "-m", "optim=sgd", "optim.lr=1e12,0.1", "trainer.epochs=1", "device=cpu",
-                   f"hydra.sweep.dir={sweep}", cwd=tmp_path, check=False)
+    proc = run_cli("train", "-m", f"launcher={launcher}", "optim=sgd", "optim.lr=1e12,0.1", "trainer.epochs=1",
+                   "device=cpu", f"hydra.sweep.dir={sweep}", "hydra.job.config.override_dirname.exclude_keys=[launcher]",
+                   cwd=tmp_path, check=False)
     assert proc.returncode == 3 and "Traceback" not in proc.stderr
     assert "job 0 (0_device=cpu,optim.lr=1000000000000.0,optim=sgd,trainer.epochs=1): loss term(s)" in proc.stderr
     assert "1 job(s) of the sweep stopped on a NaN or inf loss" in proc.stderr
+    assert "; 1 other job(s) finished" in proc.stderr
     diverged, finished = sorted(p for p in sweep.iterdir() if p.is_dir())
     assert "became NaN or inf at step" in json.loads((diverged / "failed.json").read_text())["error"]
     assert not (diverged / "metrics.json").exists() and (finished / "metrics.json").is_file()
     shown = run_cli("report", str(sweep), cwd=tmp_path)
     assert "1 job(s) without results:" in shown.stdout and diverged.name in shown.stdout
     assert f"- {diverged.name}: loss term(s)" in (sweep / "report.md").read_text()
+
+
+def test_a_rerun_that_finishes_drops_the_earlier_failed_json(tmp_path):
+    """failed.json is the verdict of a job's latest attempt: a rerun in its dir (resume=auto) that
+    finishes removes it, so the report does not list a job with results as diverged."""
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "failed.json").write_text('{"error": "an earlier attempt diverged", "exit_code": 3}\n')
+    run_cli("train", "trainer.epochs=1", "eval.probe=false", "resume=auto", f"hydra.run.dir={run_dir}", cwd=tmp_path)
+    assert (run_dir / "metrics.json").is_file() and not (run_dir / "failed.json").exists()
+
+
+def test_one_job_of_a_sweep_resumes_on_its_own(tmp_path):
+    """A job's dir name holds '=' and ',' (0_reg.weight=0.001,reg=l1): Hydra could not read it back as
+    hydra.run.dir until aelab quoted it; resuming the job with more epochs trains on."""
+    sweep = tmp_path / "sweep"
+    run_cli("train", "-m", "reg=l1", "reg.weight=1e-3", "trainer.epochs=1", "eval.probe=false",
+            f"hydra.sweep.dir={sweep}", cwd=tmp_path)
+    (job,) = [p for p in sweep.iterdir() if p.is_dir()]
+    longer = run_cli("train", f"resume={job}", "trainer.epochs=2", cwd=tmp_path)
+    assert "epoch 2/2" in longer.stdout and "epoch 1/2" not in longer.stdout
+    assert json.loads((job / "metrics.json").read_text())["epochs"] == 2 and (job / "metrics.epochs-1.json").is_file()
