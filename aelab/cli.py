@@ -89,8 +89,9 @@ def train(cfg: DictConfig) -> float:
 
 class SweepOutcome(Callback):
     """hydra.callbacks entry: once every job of a sweep has returned, the jobs that left failed.json
-    (and those that hold results). Read from the sweep dir, not from job return values: joblib and submitit run the jobs in other
-    processes, and Hydra hands no job's return value back to the command line."""
+    (and those that hold results). Read from the sweep dir, not from job return values: joblib and
+    submitit run the jobs in other processes, and Hydra hands no job's return value back to the
+    command line."""
 
     def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
         self.sweep_dir, self.started = Path(config.hydra.sweep.dir), time.time()
@@ -267,7 +268,11 @@ def main(argv: list[str] | None = None) -> int:
     if command is None:
         console.error(f"unknown command '{args[0]}'; choose from: {', '.join(COMMANDS)}")
         return 2
-    return command(args[1:])
+    try:
+        return command(args[1:])
+    except KeyboardInterrupt:  # outside a training loop, which saves a checkpoint first (StopSignals)
+        console.error(f"aelab {args[0]}: interrupted (SIGINT) before it finished; what it had written is kept")
+        return 130
 
 
 if __name__ == "__main__":

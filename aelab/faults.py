@@ -59,14 +59,30 @@ class FiniteWatch:
                             f"lower optim.lr or reg.weight and run again", exit_code=DIVERGED)
 
 
-class StopSignals:
-    """SIGINT/SIGTERM ask the loop to stop after the current step; a second SIGINT stops at once."""
+class Signals:
+    """Installs `_handle` for SIGINT and SIGTERM while in the `with` block (main thread only)."""
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
+    def _handle(self, signum, frame) -> None:
+        raise NotImplementedError
+
+    def __enter__(self):
+        self._previous = {}
+        if threading.current_thread() is threading.main_thread():
+            self._previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
+
+
+class StopSignals(Signals):
+    """SIGINT/SIGTERM ask the loop to stop after the current step; a second SIGINT stops at once."""
+
     def __init__(self):
         self.received: int | None = None
-        self._previous: dict = {}
 
     @property
     def requested(self) -> bool:
@@ -76,20 +92,34 @@ class StopSignals:
         self.received = signum
         signal.signal(signal.SIGINT, signal.default_int_handler)
 
-    def __enter__(self) -> "StopSignals":
-        if threading.current_thread() is threading.main_thread():
-            self._previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
-        return self
-
-    def __exit__(self, *exc) -> None:
-        for s, handler in self._previous.items():
-            signal.signal(s, handler)
-
     def exit(self, saved: Path, step: int) -> None:
         name = signal.Signals(self.received).name
         raise TrainingFault(f"stopped by {name} after step {step}; checkpoint saved to {saved}; "
                             f"continue with: aelab train resume={shlex.quote(str(saved.parent))}",
                             exit_code=128 + self.received)
+
+
+class StopNow(Signals):
+    """SIGINT/SIGTERM where there is no step to finish first (the final evaluation): stop at once, with
+    `doing` and what to do next in the message. The handler raises a BaseException, as SIGINT's own
+    KeyboardInterrupt does, so that no library's `except Exception` swallows it; leaving the block
+    turns it into a TrainingFault."""
+
+    class Received(BaseException):
+        pass
+
+    def __init__(self, doing: str):
+        self.doing = doing
+
+    def _handle(self, signum, frame) -> None:
+        raise self.Received(signum)
+
+    def __exit__(self, kind, error, trace) -> None:
+        super().__exit__()
+        if isinstance(error, self.Received):
+            signum = error.args[0]
+            raise TrainingFault(f"stopped by {signal.Signals(signum).name} {self.doing}",
+                                exit_code=128 + signum) from None
 
 
 def environment(device: torch.device, seed: int) -> dict:

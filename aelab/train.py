@@ -13,7 +13,7 @@ from torch.utils.tensorboard import SummaryWriter
 from . import checkpoint, console
 from .build import Parts, build, run_config
 from .checkpoint import Position
-from .faults import FiniteWatch, StopSignals, environment
+from .faults import FiniteWatch, StopNow, StopSignals, environment
 from .logs import config_text, log_hparams, log_terms, save_pictures
 from .metrics import analyse, image_grid
 from .objective import TERMS, batches, evaluate
@@ -88,13 +88,14 @@ def run(cfg: DictConfig, run_dir: Path, resume: bool = False, job_num: int | Non
             bar.log(f"epoch {pos.epoch}/{trainer.epochs}  train {console.format_terms(train)}"
                     f"  |  val {console.format_terms(val)}")
     seconds = time.perf_counter() - started
-    record = finish(parts, cfg, run_dir, writer, pos.step)
-    trained = (pos.step - first_step) * trainer.batch_size
-    record.update(started_at=started_at, finished_at=time.time(), epochs=trainer.epochs, steps=pos.step,
-                  seconds=round(seconds, 3),
-                  samples_per_second=round(trained / seconds, 1), device=str(parts.device),
-                  step_mode=getattr(step, "mode", "eager"))
-    (run_dir / "metrics.json").write_text(json.dumps(record, indent=2) + "\n")
+    with StopNow(f"during the final evaluation; training is complete in {run_dir / checkpoint.FILE}; "
+                 f"finish with: aelab train resume={shlex.quote(str(run_dir))}"):
+        record = finish(parts, cfg, run_dir, writer, pos.step)
+        trained = (pos.step - first_step) * trainer.batch_size
+        record.update(started_at=started_at, finished_at=time.time(), epochs=trainer.epochs, steps=pos.step,
+                      seconds=round(seconds, 3), samples_per_second=round(trained / seconds, 1),
+                      device=str(parts.device), step_mode=getattr(step, "mode", "eager"))
+        (run_dir / "metrics.json").write_text(json.dumps(record, indent=2) + "\n")
     return record
 
 

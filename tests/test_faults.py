@@ -182,6 +182,49 @@ def test_nan_after_a_good_epoch_keeps_the_good_checkpoint(tmp_path, make_cfg):
     assert all(torch.isfinite(v).all() for v in state["model"].values())
 
 
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_signal_in_the_final_evaluation_stops_at_once_and_resume_finishes(tmp_path, make_cfg, monkeypatch, sig):
+    """No step is left to finish: the signal stops the evaluation at once (through a library's
+    `except Exception`, as scikit-learn's probes have), exit 128 + sig with the command that finishes
+    the run; that command evaluates and writes metrics.json without training again."""
+    from aelab import train
+    from aelab.faults import TrainingFault
+
+    cfg = make_cfg("device=cpu", "trainer.epochs=2", "eval.probe=false")
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    real_finish = train.finish
+
+    def interrupted(*args, **kwargs):
+        try:  # a library that catches every Exception must not swallow the stop
+            os.kill(os.getpid(), sig)
+            time.sleep(10)
+        except Exception:
+            pytest.fail("the stop was swallowed by an `except Exception`")
+    monkeypatch.setattr(train, "finish", interrupted)
+    before = signal.getsignal(sig)
+    with pytest.raises(TrainingFault) as err:
+        train.run(cfg, run_dir)
+    assert err.value.exit_code == 128 + sig and "during the final evaluation" in str(err.value)
+    assert f"finish with: aelab train resume={run_dir}" in str(err.value)
+    assert not (run_dir / "metrics.json").exists() and signal.getsignal(sig) is before  # handler put back
+    monkeypatch.setattr(train, "finish", real_finish)
+    record = train.run(cfg, run_dir, resume=True)
+    assert record["steps"] == 2 * 10 and (run_dir / "metrics.json").is_file()
+
+
+def test_ctrl_c_outside_a_training_loop_is_one_line(tmp_path, capfd, monkeypatch):
+    """aelab eval or report interrupted: exit 130 and one line, not a KeyboardInterrupt traceback."""
+    import aelab.report
+
+    def interrupted(sweep_dir):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(aelab.report, "report", interrupted)
+    code, out, err = cli(capfd, "report", str(tmp_path))
+    assert code == 130 and err == "error: aelab report: interrupted (SIGINT) before it finished; " \
+                                  "what it had written is kept\n"
+
+
 def start(args, cwd):
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     return subprocess.Popen([sys.executable, "-m", "aelab", "train", *args], cwd=cwd, env=env,
