@@ -4,9 +4,11 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
+import os
 import shlex
 import shutil
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -51,6 +53,7 @@ FAILED = "failed.json"  # what a sweep's diverged job leaves instead of metrics.
 diverged_jobs: list[Path] = []  # the last sweep's jobs that stopped on a NaN or inf loss (SweepOutcome)
 finished_jobs: list[Path] = []  # and those that hold results
 HYDRA_ONLY = {".hydra", "train.log"}
+INFO_FLAGS = ("--help", "-h", "--hydra-help", "--cfg", "-c", "--info", "-i", "--version", "--shell-completion", "-sc")
 
 
 @hydra.main(config_path="configs", config_name="train", version_base="1.3")
@@ -71,10 +74,12 @@ def train(cfg: DictConfig) -> float:
         (run_dir / FAILED).unlink(missing_ok=True)  # an earlier attempt's verdict; this attempt writes its own
         record = run(cfg, run_dir, resume=resume, job_num=job_num)
     except (ConfigError, OmegaConfBaseException) as e:
-        if cfg.resume is False and set(p.name for p in run_dir.iterdir()) <= HYDRA_ONLY:
-            shutil.rmtree(run_dir, ignore_errors=True)  # nothing ran: leave no empty run behind
+        drop_if_nothing_ran(cfg, run_dir)
         console.error(str(config_error(e)))
         sys.exit(2)
+    except KeyboardInterrupt:  # before the training loop took the signals over (building parts, loading data)
+        drop_if_nothing_ran(cfg, run_dir)
+        raise
     except TrainingFault as e:
         if job_num is not None and e.exit_code > 128:  # stopped by a signal: the sweep's later jobs never ran
             e = TrainingFault(f"{e}; or the whole sweep: aelab train resume={shlex.quote(hydra_cfg.sweep.dir)}",
@@ -85,6 +90,12 @@ def train(cfg: DictConfig) -> float:
             return math.inf  # Optuna refuses NaN; inf ranks the trial last in the study, which minimises
         sys.exit(e.exit_code)
     return record["val"]["recon"]
+
+
+def drop_if_nothing_ran(cfg: DictConfig, run_dir: Path) -> None:
+    """A new run dir that holds only Hydra's own files is removed: leave no empty run behind."""
+    if cfg.resume is False and set(p.name for p in run_dir.iterdir()) <= HYDRA_ONLY:
+        shutil.rmtree(run_dir, ignore_errors=True)
 
 
 class SweepOutcome(Callback):
@@ -168,15 +179,26 @@ def quoted(value: str) -> str:
     return "'" + value.replace("'", "\\'") + "'"
 
 
-def refuse_used_dirs(args: list[str]) -> None:
-    """An explicit run or sweep dir that already holds results is never written into."""
-    for arg in args:
-        key, _, value = arg.partition("=")
-        if key in ("hydra.run.dir", "hydra.sweep.dir") and value and not {"resume=true", "resume=auto"} & set(args):
-            used = [p for name in RESULTS for p in Path(value).expanduser().glob(f"**/{name}")]
-            if used:
-                raise ConfigError(f"{value} already holds aelab results ({used[0]}); choose a new dir, "
-                                  f"or continue a run with aelab train resume=RUN_DIR", key)
+def check_dirs(args: list[str]) -> None:
+    """The run or sweep dir, before Hydra makes it: one that holds results is never written into, and
+    one that cannot be made (under a file, on a read-only disk) is refused with the key to change."""
+    if {"resume=true", "resume=auto"} & set(args) or set(INFO_FLAGS) & set(args):
+        return  # continuing: the dirs exist and hold this very run or sweep; or nothing will run
+    given = dict(arg.split("=", 1) for arg in args if arg.startswith(("hydra.run.dir=", "hydra.sweep.dir=")))
+    for key, value in given.items():
+        used = [p for name in RESULTS for p in Path(value).expanduser().glob(f"**/{name}")] if value else []
+        if used:
+            raise ConfigError(f"{value} already holds aelab results ({used[0]}); choose a new dir, "
+                              f"or continue a run with aelab train resume=RUN_DIR", key)
+    key = "hydra.sweep.dir" if {"-m", "--multirun"} & set(args) else "hydra.run.dir"
+    value = given.get(key) or "outputs"  # both default to a dir under ./outputs
+    path = Path(value).expanduser().absolute()
+    nearest = next(p for p in (path, *path.parents) if p.exists())
+    try:  # what Hydra will do, tried where it would fail: make a dir in the nearest existing one
+        os.rmdir(tempfile.mkdtemp(prefix=".aelab-check-", dir=nearest))
+    except OSError as e:
+        raise ConfigError(f"cannot make {value}: {nearest}: {e.strerror}; give a dir you can write in, "
+                          f"e.g. {key}=/tmp/aelab/{key.split('.')[1]}", key) from None
 
 
 def installed(module: str) -> bool:
@@ -199,7 +221,7 @@ def train_command(args: list[str]) -> int:
     def launch() -> None:
         require_plugins(args)
         overrides = resume_args(args)
-        refuse_used_dirs(overrides)
+        check_dirs(overrides)
         check_overrides(overrides)
         sys.argv = ["aelab train", *overrides]
         train()

@@ -112,6 +112,25 @@ def test_existing_run_is_never_overwritten(tmp_path):
     assert {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()} == before
 
 
+def test_a_run_dir_that_cannot_be_made_is_one_line(tmp_path, capfd, monkeypatch):
+    """Under a file, or on a read-only disk: Hydra's own mkdir printed a traceback; now aelab tries it first."""
+    import errno
+    import tempfile
+    (tmp_path / "afile").write_text("")
+    code, out, err = cli(capfd, "train", f"hydra.run.dir={tmp_path / 'afile' / 'run'}")
+    assert code == 2 and err == f"error: hydra.run.dir: cannot make {tmp_path / 'afile' / 'run'}: " \
+                                f"{tmp_path / 'afile'}: Not a directory; give a dir you can write in, " \
+                                f"e.g. hydra.run.dir=/tmp/aelab/run\n"
+
+    def read_only(**kwargs):
+        raise OSError(errno.EROFS, "Read-only file system")
+    monkeypatch.setattr(tempfile, "mkdtemp", read_only)
+    monkeypatch.chdir(tmp_path)
+    code, out, err = cli(capfd, "train", "-m", "reg.weight=1,2")  # the default sweep dir, under ./outputs
+    assert code == 2 and err.startswith(f"error: hydra.sweep.dir: cannot make outputs: {tmp_path}: Read-only")
+    assert not (tmp_path / "outputs").exists()
+
+
 def test_resume_dir_that_is_not_a_run(tmp_path):
     (tmp_path / "empty").mkdir()
     proc = run_cli("train", f"resume={tmp_path / 'empty'}", cwd=tmp_path, check=False)
@@ -223,6 +242,18 @@ def test_ctrl_c_outside_a_training_loop_is_one_line(tmp_path, capfd, monkeypatch
     code, out, err = cli(capfd, "report", str(tmp_path))
     assert code == 130 and err == "error: aelab report: interrupted (SIGINT) before it finished; " \
                                   "what it had written is kept\n"
+
+
+
+def test_ctrl_c_before_training_leaves_no_empty_run_dir(tmp_path, capfd, monkeypatch):
+    import aelab.train
+
+    def interrupted(cfg, run_dir, **kwargs):  # as if Ctrl-C came while the data loaded
+        raise KeyboardInterrupt
+    monkeypatch.setattr(aelab.train, "run", interrupted)
+    code, out, err = cli(capfd, "train", f"hydra.run.dir={tmp_path / 'run'}")
+    assert code == 130 and err.startswith("error: aelab train: interrupted (SIGINT)") and err.count("\n") == 1
+    assert not (tmp_path / "run").exists()
 
 
 def start(args, cwd):
