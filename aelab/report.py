@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import shlex
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -68,17 +69,24 @@ def load_jobs(sweep_dir: Path) -> list[Job]:
         config = OmegaConf.to_container(OmegaConf.load(hydra_dir / "config.yaml"), resolve=False)
         jobs.append(Job(metrics_path.parent, overrides, config, metrics))
     if not jobs:
-        failed = len(failed_jobs(sweep_dir))
-        stopped = f" ({failed} stopped on a NaN or inf loss: see their failed.json)" if failed else ""
-        raise ConfigError(f"no finished jobs (metrics.json with .hydra/overrides.yaml) under {sweep_dir}{stopped}; "
+        unfinished = unfinished_jobs(sweep_dir)
+        if unfinished:
+            raise ConfigError(f"no finished jobs under {sweep_dir} yet; {len(unfinished)} without results: "
+                              + "; ".join(f"{name}: {why}" for name, why in unfinished), "SWEEP_DIR")
+        raise ConfigError(f"no finished jobs (metrics.json with .hydra/overrides.yaml) under {sweep_dir}; "
                           f"pass the folder of an `aelab train -m` sweep", "SWEEP_DIR")
     return jobs
 
 
-def failed_jobs(sweep_dir: Path) -> list[tuple[str, str]]:
-    """(job dir relative to sweep_dir, its error) for each job that stopped on a NaN or inf loss."""
-    return [(str(path.parent.relative_to(sweep_dir)), json.loads(path.read_text())["error"])
-            for path in sorted(sweep_dir.glob("**/failed.json"))]
+def unfinished_jobs(sweep_dir: Path) -> list[tuple[str, str]]:
+    """(job dir relative to sweep_dir, why it has no results): its error, for a job that stopped on a
+    NaN or inf loss (failed.json); for one stopped before its end (a checkpoint only), how to go on."""
+    failed = {path.parent: json.loads(path.read_text())["error"] for path in sweep_dir.glob("**/failed.json")}
+    stopped = {path.parent: f"stopped before it finished (checkpoint.pt, no metrics.json); continue the sweep: "
+                            f"aelab train resume={shlex.quote(str(sweep_dir))}"
+               for path in sweep_dir.glob("**/checkpoint.pt")
+               if not (path.parent / "metrics.json").exists() and path.parent not in failed}
+    return [(str(job.relative_to(sweep_dir)), why) for job, why in sorted({**failed, **stopped}.items())]
 
 
 def swept_keys(jobs: list[Job]) -> list[str]:
@@ -121,7 +129,7 @@ def write_tables(rows: list[Row], keys: list[str], metrics: list[str], failed: l
         cells = [fmt(*row.mean_std(m), len(row.values(m))) for m in metrics]
         lines.append("| " + " | ".join([*row.setting.values(), str(len(row.jobs)), *cells]) + " |")
     if failed:
-        lines += ["", "Jobs without results (stopped on a NaN or inf loss):", "", *failed]
+        lines += ["", "Jobs without results:", "", *failed]
     md_path.write_text("\n".join(lines) + "\n")
     return csv_path, md_path
 
@@ -167,7 +175,7 @@ def report(sweep_dir: Path) -> dict:
     shown = [m for m in shown_metrics(keys) if m in metrics or m == "mse_*"]
     shown = [n for m in shown for n in ([x for x in metrics if x.startswith("mse_")] if m == "mse_*" else [m])]
     print_table(rows, keys, shown, title=f"aelab report: {sweep_dir} ({len(jobs)} runs)")
-    failed = [f"- {name}: {error}" for name, error in failed_jobs(sweep_dir)]  # diverged: said, not dropped
+    failed = [f"- {name}: {why}" for name, why in unfinished_jobs(sweep_dir)]  # said, not dropped
     if failed:
         from .console import console
         console.print(f"{len(failed)} job(s) without results:\n" + "\n".join(failed), markup=False, highlight=False,

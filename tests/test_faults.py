@@ -298,24 +298,31 @@ def test_signal_checkpoints_and_resume_matches_uninterrupted_run_bitwise(tmp_pat
 
 
 def test_a_stopped_sweep_continues_with_resume_of_its_dir(tmp_path):
-    """SIGINT in job 0 of three stops the sweep; `aelab train resume=SWEEP_DIR` (the command the error
-    names) reruns it in its own dirs: job 0 from its checkpoint, jobs 1 and 2 from the start."""
+    """SIGINT in job 1 of three stops the sweep; aelab report names the stopped job and the command
+    that goes on; `aelab train resume=SWEEP_DIR` (the command the error names too) reruns the sweep in
+    its own dirs: job 0 kept, job 1 from its checkpoint, job 2 from the start."""
     sweep = tmp_path / "sweep"
     proc = start(["-m", *LONG, "eval.probe=false", "trainer.seed=0,1,2", f"hydra.sweep.dir={sweep}"], tmp_path)
-    wait_for_line(proc, "epoch 2/12")
+    wait_for_line(proc, "epoch 12/12")  # job 0 has finished
+    wait_for_line(proc, "epoch 2/12")  # job 1 is on its third epoch
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 130 and "Traceback" not in err, err
     assert f"or the whole sweep: aelab train resume={sweep}" in err
-    jobs = sorted(p.name for p in sweep.iterdir() if p.is_dir())
-    assert len(jobs) == 1 and not (sweep / jobs[0] / "metrics.json").exists()
+    jobs = sorted(p for p in sweep.iterdir() if p.is_dir())
+    assert len(jobs) == 2 and (jobs[0] / "metrics.json").is_file() and not (jobs[1] / "metrics.json").exists()
+    shown = run_cli("report", str(sweep), cwd=tmp_path)
+    assert "(1 runs)" in shown.stdout and "1 job(s) without results:" in shown.stdout
+    assert f"- {jobs[1].name}: stopped before it finished" in (sweep / "report.md").read_text()
     changed = run_cli("train", f"resume={sweep}", "trainer.epochs=20", cwd=tmp_path, check=False)
     assert changed.returncode == 2 and "trainer.epochs=20 would make other jobs" in changed.stderr
+    kept = (jobs[0] / "metrics.json").read_text()
     resumed = run_cli("train", f"resume={sweep}", cwd=tmp_path)
-    assert sorted(p.name for p in sweep.iterdir() if p.is_dir())[0] == jobs[0]  # the same dirs, not new ones
-    assert all((sweep / f"{n}_{jobs[0][2:].replace('seed=0', f'seed={n}')}" / "metrics.json").is_file()
+    assert sorted(p for p in sweep.iterdir() if p.is_dir())[:2] == jobs  # the same dirs, not new ones
+    assert all((sweep / f"{n}_{jobs[0].name[2:].replace('seed=0', f'seed={n}')}" / "metrics.json").is_file()
                for n in range(3))
-    assert resumed.stdout.count("epoch 1/12") == 2 and resumed.stdout.count("epoch 12/12") == 3
+    assert (jobs[0] / "metrics.json").read_text() == kept and "finished already" in resumed.stdout
+    assert resumed.stdout.count("epoch 1/12") == 1 and resumed.stdout.count("epoch 12/12") == 2
 
 
 def test_same_seed_same_metrics_and_environment_recorded(tmp_path):
