@@ -175,14 +175,16 @@ def write_root(images: np.ndarray, root: Path) -> Path:
     return root
 
 
-def aelab_parts(root: Path, n: int, device: str, overrides: list[str]):
-    """aelab's parts on write_root's n + 1 images: the one extra is the validation split, the n bench
-    images the training split (which split gets which is the seeded shuffle's choice)."""
+def aelab_parts(root: Path, device: str, overrides: list[str]):
+    """aelab's parts on write_root's n + 1 training images: the one extra is the validation split, the
+    n bench images the training split (which split gets which is the seeded shuffle's choice)."""
     from hydra import compose, initialize_config_module
 
     from aelab.build import build
+    with (root / "MNIST" / "raw" / "train-images-idx3-ubyte").open("rb") as f:
+        images = struct.unpack(">I", f.read(8)[4:])[0]  # the IDX header's first dimension: n + 1
     with initialize_config_module("aelab.configs", version_base="1.3"):
-        cfg = compose("train", overrides=["data=mnist", f"paths.data={root}", f"data.val_fraction={1 / (n + 1)!r}",
+        cfg = compose("train", overrides=["data=mnist", f"paths.data={root}", f"data.val_fraction={1 / images!r}",
                                           f"device={device}", f"trainer.batch_size={BATCH}", "trainer.log_every=50",
                                           *overrides])
     return build(cfg)
@@ -297,11 +299,11 @@ def main() -> None:
             steps = max(args.steps // 8, min(args.steps, 10)) if reg == "contractive" else args.steps
             faithful = max(seed_loop(pil_loader, args.device, reg, steps, noise) for _ in range(args.repeat))
             tensor_sps = max(seed_loop(tensor_loader, args.device, reg, steps, noise) for _ in range(args.repeat))
-            ours, mode = aelab_epochs(aelab_parts(root, args.n, args.device, [*overrides, *extra]), args.epochs)
+            ours, mode = aelab_epochs(aelab_parts(root, args.device, [*overrides, *extra]), args.epochs)
             row = {"case": case, "seed_faithful": faithful, "seed_tensordataset": tensor_sps, "aelab": ours,
                    "step_mode": mode, "x_faithful": ours / faithful, "x_tensordataset": ours / tensor_sps}
             if cuda:
-                row["aelab_eager"], _ = aelab_epochs(aelab_parts(root, args.n, args.device, [*overrides, *extra,
+                row["aelab_eager"], _ = aelab_epochs(aelab_parts(root, args.device, [*overrides, *extra,
                                                                                     "trainer.cuda_graph=off"]),
                                                      args.epochs)
             rows.append(row)
@@ -314,7 +316,7 @@ def main() -> None:
         scaling = {}
         for factor in (1, 2, 4):
             big = write_root(np.resize(data, (args.n * factor, 28, 28)), Path(tmp) / f"x{factor}")
-            sps, _ = aelab_epochs(aelab_parts(big, args.n * factor, args.device, extra), 1)
+            sps, _ = aelab_epochs(aelab_parts(big, args.device, extra), 1)
             scaling[factor] = args.n * factor / sps
             print(f"epoch at {factor}x data ({args.n * factor} images): {scaling[factor]:.3f} s "
                   f"({scaling[factor] / scaling[1]:.2f}x the 1x epoch)", flush=True)

@@ -61,15 +61,15 @@ def captured(parts, fn: Callable[[], None]) -> Callable[[], None]:
         return graphs.capture(call, None)
 
 
-def profile_case(root: Path, n: int, logs: Path, overrides: list[str]) -> None:
+def profile_case(root: Path, logs: Path, overrides: list[str]) -> None:
     def fresh():
-        parts = bench.aelab_parts(root, n, "cuda", overrides)
+        parts = bench.aelab_parts(root, "cuda", overrides)
         pos = Position()
         start_epoch(parts, pos)
         return parts, pos, FiniteWatch(parts.device, TERMS, logs / "none")
 
     for extra in ([], ["trainer.compile=true"], ["trainer.tf32=true"]):
-        sps, mode = bench.aelab_epochs(bench.aelab_parts(root, n, "cuda", overrides + extra), 2)
+        sps, mode = bench.aelab_epochs(bench.aelab_parts(root, "cuda", overrides + extra), 2)
         print(f"  aelab epochs {' '.join(extra) or 'default':30s} {sps:10.0f} samples/s  {mode}  "
               f"({1e6 * bench.BATCH / sps:.1f} us/step)", flush=True)
 
@@ -131,7 +131,7 @@ def main() -> None:
         for case in args.cases.split(","):
             print(f"== {case}", flush=True)
             try:
-                profile_case(root, args.n, Path(tmp), CASES[case])
+                profile_case(root, Path(tmp), CASES[case])
             except Exception:  # a diagnosis goes on to the next case
                 print(f"  {case}: FAILED {traceback.format_exc().splitlines()[-1]}", flush=True)
 
