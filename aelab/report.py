@@ -12,6 +12,7 @@ from pathlib import Path
 import yaml
 from omegaconf import OmegaConf
 
+from .cli import FAILED
 from .registry import ConfigError
 
 SEED_KEY = "trainer.seed"
@@ -81,7 +82,7 @@ def load_jobs(sweep_dir: Path) -> list[Job]:
 def unfinished_jobs(sweep_dir: Path) -> list[tuple[str, str]]:
     """(job dir relative to sweep_dir, why it has no results): its error, for a job that stopped on a
     NaN or inf loss (failed.json); for one stopped before its end (a checkpoint only), how to go on."""
-    failed = {path.parent: json.loads(path.read_text())["error"] for path in sweep_dir.glob("**/failed.json")}
+    failed = {path.parent: json.loads(path.read_text())["error"] for path in sweep_dir.glob(f"**/{FAILED}")}
     stopped = {path.parent: f"stopped before it finished (checkpoint.pt, no metrics.json); continue the sweep: "
                             f"aelab train resume={shlex.quote(str(sweep_dir))}"
                for path in sweep_dir.glob("**/checkpoint.pt")
