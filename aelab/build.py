@@ -1,8 +1,9 @@
 """The one place the config is read: DictConfig in, plain built parts out."""
 from __future__ import annotations
 
+import difflib
 import inspect
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import torch
@@ -10,7 +11,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from .corruptions import CORRUPTIONS, Corruption
-from .data import DATASETS, Splits
+from .data import DATASETS, IMAGE_SHAPES, Splits
 from .devices import DEVICES
 from .losses import LOSSES, ReconstructionLoss
 from .models import MODELS, Autoencoder
@@ -87,8 +88,20 @@ def build_part(group: str, registry: Registry, node, **context):
 CUDA_GRAPH = ("auto", "on", "off")
 
 
+def known_keys(node, settings: type, section: str) -> None:
+    """A section read key by key (trainer, eval) has no key its settings lack: `+trainer.epochz=3`
+    would otherwise be taken and read by nothing."""
+    names = [f.name for f in fields(settings)]
+    for key in node:
+        if key not in names:
+            near = difflib.get_close_matches(str(key), names, n=1)
+            hint = f" (did you mean {section}.{near[0]}?)" if near else ""
+            raise ConfigError(f"no such key{hint}; {section} has: {', '.join(names)}", str(key))
+
+
 def trainer_settings(node) -> Trainer:
     try:
+        known_keys(node, Trainer, "trainer")
         return Trainer(epochs=number(node.epochs, "epochs", low=1, integer=True),
                        batch_size=number(node.batch_size, "batch_size", low=1, integer=True),
                        seed=number(node.seed, "seed", integer=True),
@@ -110,6 +123,7 @@ def set_matmul_precision(tf32: bool) -> None:
 
 def eval_settings(node, image_shape: tuple[int, int, int]) -> EvalSettings:
     try:
+        known_keys(node, EvalSettings, "eval")
         noise = {name: build_part(f"noise.{name}", CORRUPTIONS, {"name": name, **dict(params or {})},
                                   image_shape=image_shape) for name, params in node.noise.items()}
         return EvalSettings(threshold=number(node.threshold, "threshold"), noise=noise,
@@ -121,26 +135,41 @@ def eval_settings(node, image_shape: tuple[int, int, int]) -> EvalSettings:
         raise e.within("eval") from None
 
 
-def check_compatible(data: Splits, model: Autoencoder, loss: ReconstructionLoss, penalty: Penalty,
-                     trainer: Trainer, device: torch.device) -> None:
-    """Cross-part contracts, checked once before training."""
+def check_contracts(model: Autoencoder, loss: ReconstructionLoss, penalty: Penalty) -> None:
+    """The cross-part contracts that need no data and no device."""
     if loss.needs_sigmoid_output and not model.sigmoid_output:
         raise ConfigError("loss=bce needs a sigmoid output; set model.output_activation=sigmoid",
                           "model.output_activation")
+    if penalty.needs_unit_latent and not model.latent_unit_interval:
+        raise ConfigError(f"reg={penalty.name} needs latent activations in (0, 1); set "
+                          f"model.latent_activation=sigmoid (or model=sparse_kl)", "model.latent_activation")
+
+
+def check_compatible(data: Splits, model: Autoencoder, loss: ReconstructionLoss, penalty: Penalty,
+                     trainer: Trainer, device: torch.device) -> None:
+    """Cross-part contracts, checked once before training."""
+    check_contracts(model, loss, penalty)
     if loss.needs_sigmoid_output:
         low, high = data.train.x.min().item(), data.train.x.max().item()
         if low < 0 or high > 1:
             raise ConfigError(f"loss=bce needs targets in [0, 1], but data={data.name} spans "
                               f"[{low:g}, {high:g}]; use loss=mse or rescale the data", "loss")
-    if penalty.needs_unit_latent and not model.latent_unit_interval:
-        raise ConfigError(f"reg={penalty.name} needs latent activations in (0, 1); set "
-                          f"model.latent_activation=sigmoid (or model=sparse_kl)", "model.latent_activation")
     if trainer.cuda_graph == "on" and device.type != "cuda":
         raise ConfigError(f"=on needs a CUDA device, but device is {device.type}; use trainer.cuda_graph=auto "
                           f"(graphs where CUDA is, eager elsewhere) or off", "trainer.cuda_graph")
     if trainer.batch_size > len(data.train):
         raise ConfigError(f"must be <= the {len(data.train)} training samples of data={data.name}, "
                           f"got {trainer.batch_size}", "trainer.batch_size")
+
+
+def shaped_parts(cfg: DictConfig, image_shape: tuple[int, int, int]
+                 ) -> tuple[Autoencoder, ReconstructionLoss, Penalty, Corruption, EvalSettings]:
+    """The parts that need only the image shape, on the CPU."""
+    model = build_part("model", MODELS, cfg.model, input_shape=image_shape)
+    loss = build_part("loss", LOSSES, cfg.loss)
+    penalty = build_part("reg", REGULARIZERS, cfg.reg)
+    corruption = build_part("corruption", CORRUPTIONS, cfg.corruption, image_shape=image_shape)
+    return model, loss, penalty, corruption, eval_settings(cfg.eval, image_shape)
 
 
 def build(cfg: DictConfig, job_num: int | None = None) -> Parts:
@@ -151,16 +180,25 @@ def build(cfg: DictConfig, job_num: int | None = None) -> Parts:
     device = build_part("device", DEVICES, cfg.device, job_num=job_num)
     torch.manual_seed(trainer.seed)
     data = build_part("data", DATASETS, cfg.data)
-    model = build_part("model", MODELS, cfg.model, input_shape=data.image_shape)
-    loss = build_part("loss", LOSSES, cfg.loss)
-    penalty = build_part("reg", REGULARIZERS, cfg.reg)
-    corruption = build_part("corruption", CORRUPTIONS, cfg.corruption, image_shape=data.image_shape)
-    evaluation = eval_settings(cfg.eval, data.image_shape)
+    model, loss, penalty, corruption, evaluation = shaped_parts(cfg, data.image_shape)
     check_compatible(data, model, loss, penalty, trainer, device)
     set_matmul_precision(trainer.tf32)
     model = model.to(device)
     optimizer = build_part("optim", OPTIMIZERS, cfg.optim, params=model.parameters(), device=device)
     return Parts(device, resident(data, device), model, loss, penalty, corruption, optimizer, trainer, evaluation)
+
+
+def check(cfg: DictConfig) -> None:
+    """What build() would refuse, found without loading the data or touching a device, so that every
+    job of a sweep is checked before the first one starts. The data's own keys and the device (a SLURM
+    job's GPU is not on the node that submits it) are left to the job."""
+    trainer_settings(cfg.trainer)
+    image_shape = IMAGE_SHAPES.get(cfg.data.get("name"))
+    if image_shape is None:  # a data set of unknown shape: its parts are checked as the job builds them
+        return
+    model, loss, penalty, _, _ = shaped_parts(cfg, image_shape)
+    check_contracts(model, loss, penalty)
+    build_part("optim", OPTIMIZERS, cfg.optim, params=model.parameters(), device=torch.device("cpu"))
 
 
 def resident(data: Splits, device: torch.device, share: float = 0.5) -> Splits:

@@ -10,6 +10,7 @@ from torch import Tensor
 from .registry import ConfigError, Registry, number
 
 DATASETS = Registry("data")
+IMAGE_SHAPES = {"digits": (1, 8, 8), "mnist": (1, 28, 28), "fashion_mnist": (1, 28, 28), "kmnist": (1, 28, 28)}
 
 
 @dataclass(frozen=True)
@@ -70,7 +71,7 @@ def digits(val_fraction: float = 0.15, test_fraction: float = 0.15, split_seed: 
     labels = torch.tensor(bunch.target, dtype=torch.int64)
     test, val, train = _carve(x, labels, {"test_fraction": test_f, "val_fraction": val_f},
                               number(split_seed, "split_seed", integer=True))
-    return Splits("digits", (1, 8, 8), train, val, test)
+    return Splits("digits", IMAGE_SHAPES["digits"], train, val, test)
 
 
 def _torchvision(name: str, cls_name: str, root: str, download: bool, val_fraction: float,
@@ -97,8 +98,7 @@ def _torchvision(name: str, cls_name: str, root: str, download: bool, val_fracti
     val, train = _carve(to_x(train_set.data), train_set.targets.long(),
                         {"val_fraction": _fraction(val_fraction, "val_fraction")},
                         number(split_seed, "split_seed", integer=True))
-    h, w = train_set.data.shape[1:]
-    return Splits(name, (1, h, w), train, val, Split(to_x(test_set.data), test_set.targets.long()))
+    return Splits(name, (1, *train_set.data.shape[1:]), train, val, Split(to_x(test_set.data), test_set.targets.long()))
 
 
 @DATASETS.register

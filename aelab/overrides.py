@@ -2,11 +2,14 @@
 names the key and the fix (Hydra's own reports span many lines, and in a sweep come only as jobs run)."""
 from __future__ import annotations
 
+import copy
 import difflib
 import re
 from typing import Iterator
 
 from hydra import compose, initialize_config_module
+from hydra._internal.config_loader_impl import ConfigLoaderImpl
+from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.core.override_parser.types import Override
@@ -23,7 +26,7 @@ GRAMMAR = "https://hydra.cc/docs/advanced/override_grammar/basic/"
 def check(args: list[str]) -> None:
     """Compose the config before Hydra starts, so that a misspelled option, key or override is one
     line naming the key and the fix (Hydra reports them over many lines, in a sweep only once jobs run).
-    Every option of a swept group is checked; the other sweeps are composed with their first value."""
+    Every option of a swept group is checked, then every job's values (check_sweep)."""
     if any(a.startswith("-") and a not in ("-m", "--multirun") for a in args):
         return  # Hydra's own flags (--help, --cfg, --config-name ...): Hydra reads those itself
     with initialize_config_module("aelab.configs", version_base="1.3"):
@@ -59,17 +62,71 @@ def check(args: list[str]) -> None:
                 fix = (f"choose one of its options: {', '.join(options)}" if options else
                        f"set one of its keys, e.g. {section}.{next(iter(node), 'KEY')}=VALUE")
                 raise ConfigError(f"is a section of settings, not a value; {fix}", section)
-    if intervals and "optuna" not in cfg.hydra.sweeper._target_.lower():
-        raise ConfigError("interval(...) is a search range for the Optuna sweeper: add hydra/sweeper=optuna "
-                          "(pip install 'aelab[sweep]'), or list the values to sweep: a,b,c", intervals[0])
+        if intervals and "optuna" not in cfg.hydra.sweeper._target_.lower():
+            raise ConfigError("interval(...) is a search range for the Optuna sweeper: add hydra/sweeper=optuna "
+                              "(pip install 'aelab[sweep]'), or list the values to sweep: a,b,c", intervals[0])
+        if multirun:
+            check_sweep(cfg, parser, [a for a in args if not a.startswith("-")])
 
 
-def sweep_values(override: Override) -> list[str]:
-    """The values an override stands for, as override text ([] for a deletion without a value)."""
+def check_sweep(cfg: DictConfig, parser: OverridesParser, texts: list[str]) -> None:
+    """Every job of a sweep (every value an Optuna search can sample), checked before the first job."""
+    sampled = cfg.hydra.sweeper._target_ != f"{BasicSweeper.__module__}.{BasicSweeper.__name__}"
+    jobs = sweep_jobs(parser, texts, cfg.hydra.sweeper.get("params"), sampled)
+    check_jobs(jobs, parser, "a trial of the search can take" if sampled else "job {} of the sweep")
+
+
+def sweep_jobs(parser: OverridesParser, texts: list[str], params: DictConfig | None, sampled: bool) -> list[list[str]]:
+    """Each job's overrides, as Hydra's basic sweeper will make them (the sweeper's params from the
+    config, an experiment's say, then the command line's). A sweeper that samples its jobs as it goes
+    (Optuna) gets every value of each choice and both ends of each range, one parameter at a time."""
+    overrides = parser.parse_overrides([f"{key}={value}" for key, value in (params or {}).items()] + texts)
+    if not sampled:
+        return BasicSweeper.split_arguments(overrides, None)[0]
+    options = {o.get_key_element(): [f"{o.get_key_element()}={v}" for v in sweep_values(o, ends=True) or ["null"]]
+               for o in overrides}  # the last of a key wins, as in either sweeper
+    first = [values[0] for values in options.values()]
+    return [first] + [[value if i == j else f for j, f in enumerate(first)]
+                      for i, values in enumerate(options.values()) for value in values[1:]]
+
+
+def check_jobs(jobs: list[list[str]], parser: OverridesParser, which: str) -> None:
+    """Every job's values, checked as its run would check them, before the first job starts: a bad
+    value in a sweep's fifth job stops the sweep now, not after four jobs have trained. The config is
+    composed once per choice of config groups; each job's key=value overrides are applied to a copy."""
+    from .build import check  # torch: imported here, once a sweep is about to run anyway
+
+    loader = GlobalHydra.instance().config_loader()
+    composed: dict[tuple[str, ...], DictConfig] = {}
+    is_group = {}  # key → whether it names a config group (Hydra's look-up is slow: once per key)
+    for number, job in enumerate(jobs):
+        job = [text for text in job if not text.startswith("hydra")]  # where and how it runs: not its values
+        overrides = [parser.parse_override(text) for text in job]
+        for o in overrides:
+            if o.key_or_group not in is_group:
+                is_group[o.key_or_group] = bool(loader.get_group_options(o.key_or_group))
+        groups = [o for o in overrides if is_group[o.key_or_group] and not isinstance(o.value(), dict)]
+        keys = [o for o in overrides if o not in groups]
+        chosen = tuple(o.input_line for o in groups)
+        try:
+            if chosen not in composed:
+                composed[chosen] = compose("train", overrides=list(chosen))
+            cfg = copy.deepcopy(composed[chosen])
+            ConfigLoaderImpl._apply_overrides_to_config(keys, cfg)  # Hydra's own (hydra-core is pinned <1.4)
+            check(cfg)
+        except (HydraException, OmegaConfBaseException, ValueError) as e:
+            error = e if isinstance(e, ConfigError) else composition_error(e, job)
+            raise ConfigError(f"{error.message} ({which.format(number)}: {' '.join(job)})", error.key) from None
+
+
+def sweep_values(override: Override, ends: bool = False) -> list[str]:
+    """The values an override stands for, as override text ([] for a deletion without a value). An
+    Optuna search range stands for its start, or for both its ends."""
     if override.is_discrete_sweep():
         return list(override.sweep_string_iterator())
-    if override.is_interval_sweep():  # an Optuna search range: its start stands in for it
-        return [str(override.value().start)]
+    if override.is_interval_sweep():
+        interval = override.value()
+        return [str(interval.start), str(interval.end)] if ends else [str(interval.start)]
     return [] if override.value() is None else [override.get_value_element_as_str()]
 
 
@@ -91,6 +148,8 @@ def composition_error(error: BaseException, chosen: list[str]) -> ConfigError:
                            f"add {owner[0]}={owner[2]}", key)
     near = rest and nearest_key(rest, key)
     hint = f" (did you mean {near}?)" if near else ""
+    if "." in key and not key.startswith(("paths.", "hydra")):  # a section aelab reads key by key
+        return ConfigError(f"no such key{hint}; aelab train --cfg job lists the keys", key)
     return ConfigError(f"no such key{hint}; to add a new key, write +{text}", key)
 
 

@@ -4,7 +4,7 @@ import json
 import pytest
 import torch
 
-from aelab.data import DATASETS
+from aelab.data import DATASETS, IMAGE_SHAPES
 from aelab.registry import ConfigError
 from conftest import SHARED_MNIST, read_idx_gz, run_cli
 
@@ -23,6 +23,14 @@ def test_a_fraction_that_leaves_a_split_empty_is_refused(key):
     assert err.value.key == key and "leaves no" in str(err.value) and "at least 0.00056" in str(err.value)
     one = DATASETS.get("digits")(**{key: 0.00056})
     assert len(one.val if key == "val_fraction" else one.test) == 1
+
+
+def test_each_data_set_has_the_image_shape_a_sweep_is_checked_with(synthetic_root):
+    """A sweep's jobs are checked before any data is loaded, with IMAGE_SHAPES standing in for the data."""
+    assert set(IMAGE_SHAPES) == set(DATASETS.names())
+    for name in DATASETS.names():
+        options = {} if name == "digits" else {"root": str(synthetic_root)}
+        assert DATASETS.get(name)(**options).image_shape == IMAGE_SHAPES[name]
 
 
 @pytest.mark.parametrize("name", ["mnist", "fashion_mnist", "kmnist"])

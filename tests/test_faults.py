@@ -44,19 +44,35 @@ def assert_clean_failure(proc, code, text):
 
 @pytest.mark.parametrize("args,text", [
     (["model=resnet"], "model: unknown option 'resnet'; choose from: contractive, conv, mlp, sparse_kl, sparse_l1"),
-    (["trainer.epohcs=3"], "trainer.epohcs: no such key (did you mean trainer.epochs?); to add a new key, "
-                           "write +trainer.epohcs=3"),
+    (["trainer.epohcs=3"], "trainer.epohcs: no such key (did you mean trainer.epochs?); aelab train --cfg job "
+                           "lists the keys"),
+    (["+trainer.epohcs=3"], "trainer.epohcs: no such key (did you mean trainer.epochs?); trainer has: epochs, "
+                            "batch_size, seed"),  # added, it would be read by nothing
+    (["+eval.probes=false"], "eval.probes: no such key (did you mean eval.probe?); eval has: threshold, noise"),
     (["model=mlp", "model.hiden=[64]"], "model.hiden: no such key (did you mean model.hidden?)"),
     (["epochs=5"], "epochs: no such key (did you mean trainer.epochs?); to add a new key, write +epochs=5"),
     (["trainer.lr=0.1"], "trainer.lr: no such key (did you mean optim.lr?)"),
     (["noise_factor=0.3"], "noise_factor: no such key (did you mean corruption.noise_factor, with corruption=gaussian?)"),
     (["reg.rho=0.1"], "reg.rho: no such key under reg=none; it is a key of reg=kl: add reg=kl"),
     (["data.download=true"], "data.download: no such key under data=digits; it is a key of data=fashion_mnist"),
-    (["trainer.foo=true"], "trainer.foo: no such key; to add a new key, write +trainer.foo=true"),
+    (["trainer.foo=true"], "trainer.foo: no such key; aelab train --cfg job lists the keys"),
+    (["paths.cache=x"], "paths.cache: no such key; to add a new key, write +paths.cache=x"),  # for ${paths.cache}
     (["model.hidden=[256,"], "model.hidden: cannot read 'model.hidden=[256,'"),
     (["reg=l1,kl"], "reg: 'reg=l1,kl' is a sweep: add -m to run one job per value"),
     (["-m", "reg=l1,kll"], "reg: unknown option 'kll'; choose from: contractive, kl, l1, none"),
     (["-m", "reg=l1", "reg.weight=interval(0,1)"], "reg.weight: interval(...) is a search range for the Optuna"),
+    # every job of a sweep is checked before the first one starts, not when its turn comes
+    (["-m", "reg=l1", "reg.weight=1e-3,-1"], "reg.weight: must be >= 0, got -1 (job 1 of the sweep: reg=l1 "
+                                             "reg.weight=-1)"),
+    (["-m", "reg=l1,kl", "model.latent_activation=relu"], "model.latent_activation: reg=kl needs latent activations "
+                                                          "in (0, 1)"),
+    (["-m", "model=mlp,conv", "optim.lr=0.1,-1"], "optim.lr: must be > 0, got -1 (job 1 of the sweep: model=mlp "
+                                                  "optim.lr=-1)"),
+    (["-m", "corruption=block", "corruption.size=3,9"], "corruption.size: must be <= the image side 8 (images are "
+                                                        "8x8), got 9 (job 1"),
+    (["-m", "+experiment=l1_sweep", "model.latent_dim=0"], "model.latent_dim: must be >= 1, got 0 (job 0 of the sweep: "
+                                                           "reg.weight=0.0001 +experiment=l1_sweep model.latent_dim=0)"),
+    (["-m", "trainer.epochs=2,0"], "trainer.epochs: must be >= 1, got 0 (job 1"),
     (["data=null"], "data: unknown option 'null'"),
     (["trainer=3"], "trainer: is a section of settings, not a value; set one of its keys, e.g. trainer.epochs="),
     (["~reg"], "reg: is a section of settings, not a value; choose one of its options: contractive, kl, l1, none"),

@@ -109,6 +109,18 @@ def test_optuna_study_resumes_from_sqlite(tmp_path):
         assert optuna_trials(storage, "resumable") == 3 * attempt
 
 
+@pytest.mark.parametrize("args,text", [
+    (["+experiment=optuna_search", "reg.weight=interval(-1,1)"],
+     "reg.weight: must be >= 0, got -1 (a trial of the search can take: reg.weight=-1"),  # the range's low end
+    (["hydra/sweeper=optuna", "model.latent_dim=choice(8,0)"], "model.latent_dim: must be >= 1, got 0 (a trial"),
+])
+def test_an_optuna_range_that_reaches_a_bad_value_stops_before_any_trial(tmp_path, args, text):
+    plugin("hydra_optuna_sweeper")
+    proc = run_cli("train", "-m", *args, *SHORT, f"hydra.sweep.dir={tmp_path / 'study'}", cwd=tmp_path, check=False)
+    assert proc.returncode == 2 and proc.stderr.startswith("error: ") and text in proc.stderr, proc.stderr
+    assert not (tmp_path / "study").exists()
+
+
 def test_slurm_preset_renders_the_expected_sbatch(tmp_path, monkeypatch):
     plugin("hydra_submitit_launcher")
     import submitit
