@@ -33,6 +33,8 @@ commands:
            (of each job of a sweep)
   report   aelab report SWEEP_DIR: table, report.csv, report.md and plots of a sweep
 
+  --version  aelab's version and those of torch, hydra-core and Python
+
 examples:
   aelab train loss=bce reg=kl model=sparse_kl
   aelab train -m reg=l1 reg.weight=1e-4,1e-3,1e-2,1e-1,1
@@ -278,6 +280,19 @@ def guarded(action) -> int:
     return 0
 
 
+def version() -> str:
+    """What a bug report needs, read from the installed packages' metadata (importing torch takes seconds)."""
+    from importlib.metadata import PackageNotFoundError, version as installed_version
+
+    def of(package: str) -> str:
+        try:
+            return installed_version(package)
+        except PackageNotFoundError:
+            return "not installed"
+    return (f"aelab {of('aelab')} (torch {of('torch')}, hydra-core {of('hydra-core')}, "
+            f"Python {sys.version.split()[0]})")
+
+
 COMMANDS = {"train": train_command, "eval": eval_command, "report": report_command}
 
 
@@ -286,9 +301,12 @@ def main(argv: list[str] | None = None) -> int:
     if not args or args[0] in ("-h", "--help", "help"):
         print(USAGE, end="")
         return 0
+    if args[0] in ("--version", "-V"):
+        print(version())
+        return 0
     command = COMMANDS.get(args[0])
     if command is None:
-        console.error(f"unknown command '{args[0]}'; choose from: {', '.join(COMMANDS)}")
+        console.error(f"unknown command '{args[0]}'; choose from: {', '.join(COMMANDS)} (or --help, --version)")
         return 2
     try:
         return command(args[1:])

@@ -27,6 +27,12 @@ def test_top_level_help_lists_commands(tmp_path):
     assert "train" in out and "usage: aelab" in out
 
 
+def test_version_names_aelab_torch_and_hydra(tmp_path):
+    from importlib.metadata import version
+    out = run_cli("--version", cwd=tmp_path).stdout
+    assert out.startswith(f"aelab {version('aelab')} (torch {version('torch')}, hydra-core {version('hydra-core')}")
+
+
 def test_unknown_command_is_a_one_line_error(tmp_path):
     proc = run_cli("trian", cwd=tmp_path, check=False)
     assert proc.returncode == 2 and "unknown command 'trian'; choose from: train" in proc.stderr
