@@ -4,16 +4,12 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
-import os
 import shlex
-import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import hydra
-import yaml
 from hydra.core.hydra_config import HydraConfig
 from hydra.experimental.callback import Callback
 from hydra.types import RunMode
@@ -23,6 +19,7 @@ from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 from . import console
 from .overrides import check as check_overrides
 from .registry import ConfigError
+from .runs import FAILED, check_dirs, drop_if_nothing_ran, resume_args, resume_mode
 
 USAGE = """usage: aelab COMMAND [ARGS]
 
@@ -50,12 +47,8 @@ PLUGINS = {  # command-line choice → the Hydra plugin it needs (pip install 'a
     "+experiment=optuna_search": "hydra_plugins.hydra_optuna_sweeper",
     "hydra/sweeper=optuna": "hydra_plugins.hydra_optuna_sweeper",
 }
-RESULTS = ("checkpoint.pt", "metrics.json")  # what makes a directory an aelab run
-FAILED = "failed.json"  # what a sweep's diverged job leaves instead of metrics.json
 diverged_jobs: list[Path] = []  # the last sweep's jobs that stopped on a NaN or inf loss (SweepOutcome)
 finished_jobs: list[Path] = []  # and those that hold results
-HYDRA_ONLY = {".hydra", "train.log"}
-INFO_FLAGS = ("--help", "-h", "--hydra-help", "--cfg", "-c", "--info", "-i", "--version", "--shell-completion", "-sc")
 
 
 @hydra.main(config_path="configs", config_name="train", version_base="1.3")
@@ -94,12 +87,6 @@ def train(cfg: DictConfig) -> float:
     return record["val"]["recon"]
 
 
-def drop_if_nothing_ran(cfg: DictConfig, run_dir: Path) -> None:
-    """A new run dir that holds only Hydra's own files is removed: leave no empty run behind."""
-    if cfg.resume is False and set(p.name for p in run_dir.iterdir()) <= HYDRA_ONLY:
-        shutil.rmtree(run_dir, ignore_errors=True)
-
-
 class SweepOutcome(Callback):
     """hydra.callbacks entry: once every job of a sweep has returned, the jobs that left failed.json
     (and those that hold results). Read from the sweep dir, not from job return values: joblib and
@@ -113,94 +100,6 @@ class SweepOutcome(Callback):
         fresh = self.started - 5  # a file system's clock may lag this one's a little; older files are earlier runs'
         diverged_jobs[:] = [p.parent for p in sorted(self.sweep_dir.glob(f"**/{FAILED}")) if p.stat().st_mtime >= fresh]
         finished_jobs[:] = [p.parent for p in self.sweep_dir.glob("**/metrics.json")]
-
-
-def resume_mode(value, run_dir: Path) -> bool | str:
-    """resume=false|true|auto → whether to load run_dir's checkpoint ("done": nothing left to do)."""
-    held = [name for name in RESULTS if (run_dir / name).exists()]
-    if value == "auto":
-        return "done" if "metrics.json" in held else "checkpoint.pt" in held
-    if value is True:
-        return True
-    if value is False:
-        if held:
-            raise ConfigError(f"{run_dir} already holds an aelab run; choose a new dir, or continue it with "
-                              f"aelab train resume={run_dir}", "hydra.run.dir")
-        return False
-    raise ConfigError(f"must be false, auto, or a run dir (aelab train resume=RUN_DIR), got {value!r}", "resume")
-
-
-def resume_args(args: list[str]) -> list[str]:
-    """`resume=RUN_DIR` → that run's own overrides, in its own dir, with resume on."""
-    wanted = [a for a in args if a.startswith("resume=")]
-    if not wanted:
-        return args
-    value = wanted[-1].split("=", 1)[1]
-    if value.lower() in ("auto", "false"):
-        return args
-    if value.lower() == "true":
-        raise ConfigError("give the run dir to continue: aelab train resume=outputs/DATE/TIME", "resume")
-    run_dir = Path(value).expanduser()
-    if (run_dir / "multirun.yaml").is_file() or any(run_dir.glob("*/.hydra/hydra.yaml")):
-        return sweep_resume_args(run_dir, [a for a in args if not a.startswith("resume=")])
-    overrides = run_dir / ".hydra" / "overrides.yaml"
-    if not overrides.is_file() or not (run_dir / "checkpoint.pt").exists():
-        raise ConfigError(f"{run_dir} is not an aelab run (it needs .hydra/overrides.yaml and checkpoint.pt); "
-                          f"pass a run dir under outputs/", "resume")
-    saved = [o for o in yaml.safe_load(overrides.read_text()) or [] if not o.startswith("resume=")]
-    rest = [a for a in args if not a.startswith(("resume=", "hydra.run.dir="))]
-    return [*saved, *rest, f"hydra.run.dir={quoted(str(run_dir))}", "resume=true"]
-
-
-def sweep_resume_args(sweep_dir: Path, rest: list[str]) -> list[str]:
-    """`resume=SWEEP_DIR` → the sweep as it was started, in its dir, every job with resume=auto: a
-    finished job is kept, a stopped one continues from its checkpoint, one that never ran starts."""
-    record = sweep_dir / "multirun.yaml"  # Optuna's sweeper writes none: read a job's record to tell
-    hydra_cfg = yaml.safe_load((record if record.is_file() else next(sweep_dir.glob("*/.hydra/hydra.yaml"))
-                                ).read_text())["hydra"]
-    if "optuna" in str((hydra_cfg.get("sweeper") or {}).get("_target_", "")):
-        raise ConfigError(f"{sweep_dir} is an Optuna study, whose trials are sampled afresh each time; to continue "
-                          f"a study, give it hydra.sweeper.storage=sqlite:///FILE.db and run the same command again",
-                          "resume")
-    if not record.is_file():
-        raise ConfigError(f"{sweep_dir} has no multirun.yaml, the record of how its sweep was started; continue "
-                          f"one of its jobs with aelab train resume=JOB_DIR", "resume")
-    rest = [a for a in rest if a not in ("-m", "--multirun")]
-    changed = [a for a in rest if not a.startswith("hydra.")]
-    if changed:
-        raise ConfigError(f"a sweep continues as it was started; {' '.join(changed)} would make other jobs: start "
-                          f"a new sweep for them (only hydra.* keys, e.g. hydra.launcher.n_jobs, may change)", "resume")
-    typed = hydra_cfg["overrides"]
-    kept = [o for o in typed["hydra"] if not o.startswith(("hydra.mode=", "hydra.sweep.dir="))]
-    task = [o for o in typed["task"] if not o.startswith("resume=")]
-    return ["-m", *kept, *task, *rest, f"hydra.sweep.dir={quoted(str(sweep_dir))}", "resume=auto"]
-
-
-def quoted(value: str) -> str:
-    """A value as one quoted Hydra override value: a sweep job's dir name holds '=' and ','."""
-    return "'" + value.replace("'", "\\'") + "'"
-
-
-def check_dirs(args: list[str]) -> None:
-    """The run or sweep dir, before Hydra makes it: one that holds results is never written into, and
-    one that cannot be made (under a file, on a read-only disk) is refused with the key to change."""
-    if {"resume=true", "resume=auto"} & set(args) or set(INFO_FLAGS) & set(args):
-        return  # continuing: the dirs exist and hold this very run or sweep; or nothing will run
-    given = dict(arg.split("=", 1) for arg in args if arg.startswith(("hydra.run.dir=", "hydra.sweep.dir=")))
-    for key, value in given.items():
-        used = [p for name in RESULTS for p in Path(value).expanduser().glob(f"**/{name}")] if value else []
-        if used:
-            raise ConfigError(f"{value} already holds aelab results ({used[0]}); choose a new dir, "
-                              f"or continue a run with aelab train resume=RUN_DIR", key)
-    key = "hydra.sweep.dir" if {"-m", "--multirun"} & set(args) else "hydra.run.dir"
-    value = given.get(key) or "outputs"  # both default to a dir under ./outputs
-    path = Path(value).expanduser().absolute()
-    nearest = next(p for p in (path, *path.parents) if p.exists())
-    try:  # what Hydra will do, tried where it would fail: make a dir in the nearest existing one
-        os.rmdir(tempfile.mkdtemp(prefix=".aelab-check-", dir=nearest))
-    except OSError as e:
-        raise ConfigError(f"cannot make {value}: {nearest}: {e.strerror}; give a dir you can write in, "
-                          f"e.g. {key}=/tmp/aelab/{key.split('.')[1]}", key) from None
 
 
 def installed(module: str) -> bool:

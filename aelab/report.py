@@ -12,7 +12,7 @@ from pathlib import Path
 import yaml
 from omegaconf import OmegaConf
 
-from .cli import FAILED
+from .runs import FAILED
 from .registry import ConfigError
 
 SEED_KEY = "trainer.seed"
