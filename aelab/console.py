@@ -49,22 +49,29 @@ def format_terms(terms: dict[str, float]) -> str:
 def summary(metrics: dict[str, dict[str, float]], title: str) -> None:
     """One row per split, one column per metric name found in any split."""
     columns = list(dict.fromkeys(k for split in metrics.values() for k in split))
-    table = Table(title=title)
+    table = Table()
     table.add_column("split")
     for name in columns:
         table.add_column(name, justify="right")
     for split, values in metrics.items():
         table.add_row(split, *(f"{values[c]:.5g}" if c in values else "" for c in columns))
-    console.print(table)
+    show(table, title)
 
 
 def metrics_table(metrics: dict[str, float], title: str) -> None:
     """Two columns, one metric a row, in the order given."""
-    table = Table(title=title)
+    table = Table()
     table.add_column("metric")
     table.add_column("value", justify="right")
     for name, value in metrics.items():
         table.add_row(name, f"{value:.5g}")
+    show(table, title)
+
+
+def show(table: Table, title: str) -> None:
+    """A table under its title, the title on a line of its own: a sweep job's long run name folded
+    into a narrow table's width was hard to read."""
+    console.print(title, style="bold", markup=False, highlight=False, soft_wrap=True)
     console.print(table)
 
 
