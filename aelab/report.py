@@ -6,7 +6,7 @@ import csv
 import json
 import math
 import shlex
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
@@ -33,6 +33,19 @@ class Job:
     overrides: dict[str, str]  # key → value as typed on the command line (`reg.weight` → `1e-3`)
     config: dict
     metrics: dict[str, float]  # the test metrics, plus val_total
+    choices: dict[str, str] = field(default_factory=dict)  # config group → the option it ran with
+
+    def value(self, key: str) -> str:
+        """Its value for an override key: as typed where the job set it, else what it ran with (the
+        default): runs that set different keys (loss=bce in one, reg=l1 in the other) compare in full."""
+        if key in self.overrides:
+            return self.overrides[key]
+        if key in self.choices:
+            return self.choices[key]
+        node = self.config
+        for part in key.split("."):
+            node = node.get(part) if isinstance(node, dict) else None
+        return "" if node is None else str(node).lower() if isinstance(node, bool) else str(node)
 
 
 @dataclass
@@ -68,7 +81,9 @@ def load_jobs(sweep_dir: Path) -> list[Job]:
         record = json.loads(metrics_path.read_text())
         metrics = {**record["test"], "val_total": record["val"]["total"]}
         config = OmegaConf.to_container(OmegaConf.load(hydra_dir / "config.yaml"), resolve=False)
-        jobs.append(Job(metrics_path.parent, overrides, config, metrics))
+        ran = yaml.safe_load((hydra_dir / "hydra.yaml").read_text()) if (hydra_dir / "hydra.yaml").is_file() else {}
+        choices = {k: str(v) for k, v in ran["hydra"]["runtime"]["choices"].items()} if ran else {}
+        jobs.append(Job(metrics_path.parent, overrides, config, metrics, choices))
     if not jobs:
         unfinished = unfinished_jobs(sweep_dir)
         if unfinished:
@@ -94,13 +109,13 @@ def swept_keys(jobs: list[Job]) -> list[str]:
     """Override keys whose value differs between jobs, in command-line order; the seed last. Keys
     that say where and how a job ran, not what it trained (a resumed job's resume=true), are no factor."""
     keys = list(dict.fromkeys(k for j in jobs for k in j.overrides if not k.startswith(PLUMBING)))
-    return [k for k in keys if len({j.overrides.get(k) for j in jobs}) > 1]
+    return [k for k in keys if len({j.value(k) for j in jobs}) > 1]
 
 
 def fold(jobs: list[Job], keys: list[str]) -> list[Row]:
     rows: dict[tuple, Row] = {}
     for job in jobs:
-        setting = {k: job.overrides.get(k, "") for k in keys if k != SEED_KEY}
+        setting = {k: job.value(k) for k in keys if k != SEED_KEY}
         rows.setdefault(tuple(setting.items()), Row(setting, [])).jobs.append(job)
     return list(rows.values())
 
@@ -110,7 +125,8 @@ def metric_names(jobs: list[Job]) -> list[str]:
 
 
 def fmt(mean: float, std: float, n: int) -> str:
-    return f"{mean:.4g}" if n < 2 else f"{mean:.4g} ± {std:.2g}"
+    """mean ± sample std over seeds; "-" where no job of the row has the metric (eval.probe=false, say)."""
+    return "-" if n == 0 else f"{mean:.4g}" if n == 1 else f"{mean:.4g} ± {std:.2g}"
 
 
 def write_tables(rows: list[Row], keys: list[str], metrics: list[str], failed: list[str],

@@ -69,6 +69,22 @@ def test_where_and_how_a_job_ran_is_no_factor():
     assert swept_keys([Job(Path(str(n)), o, {}, {}) for n, o in enumerate(typed)]) == ["reg.weight", "trainer.seed"]
 
 
+def test_a_key_a_job_did_not_set_shows_what_it_ran_with():
+    """`aelab report outputs` over single runs: loss=bce in one, reg=l1 reg.weight=0.1 in the other.
+    Each cell a run left at its default shows that default (was blank), read from its config."""
+    from aelab.report import Job, fmt, fold, swept_keys
+    config = {"reg": {"weight": 0.0}, "eval": {"probe": False}}
+    bce = Job(Path("a"), {"loss": "bce"}, config, {"mse": 0.1}, {"loss": "bce", "reg": "none"})
+    l1 = Job(Path("b"), {"reg": "l1", "reg.weight": "0.1", "eval.probe": "true"}, config, {"mse": 0.2},
+             {"loss": "mse", "reg": "l1"})
+    keys = swept_keys([bce, l1])
+    assert keys == ["loss", "reg", "reg.weight", "eval.probe"]
+    assert [row.setting for row in fold([bce, l1], keys)] == [
+        {"loss": "bce", "reg": "none", "reg.weight": "0.0", "eval.probe": "false"},
+        {"loss": "mse", "reg": "l1", "reg.weight": "0.1", "eval.probe": "true"}]
+    assert fmt(float("nan"), float("nan"), 0) == "-"  # no job of the row has the metric
+
+
 def test_report_of_a_folder_without_runs_is_a_clear_error(tmp_path):
     proc = run_cli("report", str(tmp_path), cwd=tmp_path, check=False)
     assert proc.returncode == 2 and "no finished jobs" in proc.stderr and "Traceback" not in proc.stderr
