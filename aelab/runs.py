@@ -15,6 +15,9 @@ from .registry import ConfigError
 RESULTS = ("checkpoint.pt", "metrics.json")  # what makes a directory an aelab run
 FAILED = "failed.json"  # what a sweep's diverged job leaves instead of metrics.json
 HYDRA_ONLY = {".hydra", "train.log"}  # what a run dir holds before its job has written anything
+# how long and where a resumed run goes on, and how it is measured: not what it trains
+RESUME_MAY_CHANGE = ("trainer.epochs", "trainer.log_every", "trainer.cuda_graph", "trainer.compile", "trainer.tf32",
+                     "device", "eval", "hydra")
 INFO_FLAGS = ("--help", "-h", "--hydra-help", "--cfg", "-c", "--info", "-i", "--version", "--shell-completion", "-sc")
 
 
@@ -58,6 +61,14 @@ def resume_args(args: list[str]) -> list[str]:
                           f"pass a run dir under outputs/", "resume")
     saved = [o for o in yaml.safe_load(overrides.read_text()) or [] if not o.startswith("resume=")]
     rest = [a for a in args if not a.startswith(("resume=", "hydra.run.dir="))]
+    ran_with = dict(o.lstrip("+").split("=", 1) for o in saved if "=" in o)
+    for arg in rest:
+        key, _, value = arg.partition("=")
+        key = key.lstrip("+~")
+        if not any(key == k or key.startswith(k + ".") for k in RESUME_MAY_CHANGE) and ran_with.get(key) != value:
+            allowed = ", ".join(k + (".*" if k in ("eval", "hydra") else "") for k in RESUME_MAY_CHANGE)
+            raise ConfigError(f"{arg} would change what {run_dir} trains (its results would mix two settings); "
+                              f"a resumed run may change only {allowed}: start a new run for {arg}", "resume")
     return [*saved, *rest, f"hydra.run.dir={quoted(str(run_dir))}", "resume=true"]
 
 

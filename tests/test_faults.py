@@ -178,6 +178,21 @@ def test_resuming_a_finished_run_keeps_its_results(tmp_path):
     assert (longer["epochs"], longer["steps"]) == (2, 2 * shorter["steps"]) and longer["samples_per_second"] > 0
 
 
+def test_a_resumed_run_keeps_what_it_trains(tmp_path, capfd):
+    """More epochs, another device or eval setting: yes. Another loss or weight: refused, the run untouched
+    (its results would be credited to a setting it trained only part of the way with)."""
+    run_dir = tmp_path / "run"
+    run_cli("train", "trainer.epochs=1", "reg=l1", "eval.probe=false", f"hydra.run.dir={run_dir}", cwd=tmp_path)
+    before = {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}
+    for changed in (["reg.weight=0.5"], ["loss=bce"], ["trainer.epochs=2", "trainer.seed=3"], ["reg=none"]):
+        code, out, err = cli(capfd, "train", f"resume={run_dir}", *changed)
+        assert code == 2 and f"would change what {run_dir} trains" in err and "may change only trainer.epochs" in err
+    assert {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()} == before
+    code, out, err = cli(capfd, "train", f"resume={run_dir}", "reg=l1", "trainer.epochs=2", "device=cpu",
+                         "trainer.log_every=3", "eval.threshold=0.2")  # reg=l1: as it ran
+    assert code == 0 and "epoch 2/2" in out and (run_dir / "metrics.epochs-1.json").is_file()
+
+
 def test_nan_loss_stops_at_once_naming_step_and_terms(tmp_path):
     run_dir = tmp_path / "run"
     proc = run_cli("train", "optim=sgd", "optim.lr=1e12", "trainer.log_every=50", f"hydra.run.dir={run_dir}",
