@@ -145,21 +145,26 @@ def check_contracts(model: Autoencoder, loss: ReconstructionLoss, penalty: Penal
                           f"model.latent_activation=sigmoid (or model=sparse_kl)", "model.latent_activation")
 
 
-def check_compatible(data: Splits, model: Autoencoder, loss: ReconstructionLoss, penalty: Penalty,
-                     trainer: Trainer, device: torch.device) -> None:
-    """Cross-part contracts, checked once before training."""
-    check_contracts(model, loss, penalty)
+def check_data(data: Splits, loss: ReconstructionLoss, trainer: Trainer) -> None:
+    """The contracts between the data and the loss or the batch size."""
     if loss.needs_sigmoid_output:
         low, high = data.train.x.min().item(), data.train.x.max().item()
         if low < 0 or high > 1:
             raise ConfigError(f"loss=bce needs targets in [0, 1], but data={data.name} spans "
                               f"[{low:g}, {high:g}]; use loss=mse or rescale the data", "loss")
-    if trainer.cuda_graph == "on" and device.type != "cuda":
-        raise ConfigError(f"=on needs a CUDA device, but device is {device.type}; use trainer.cuda_graph=auto "
-                          f"(graphs where CUDA is, eager elsewhere) or off", "trainer.cuda_graph")
     if trainer.batch_size > len(data.train):
         raise ConfigError(f"must be <= the {len(data.train)} training samples of data={data.name}, "
                           f"got {trainer.batch_size}", "trainer.batch_size")
+
+
+def check_compatible(data: Splits, model: Autoencoder, loss: ReconstructionLoss, penalty: Penalty,
+                     trainer: Trainer, device: torch.device) -> None:
+    """Cross-part contracts, checked once before training."""
+    check_contracts(model, loss, penalty)
+    check_data(data, loss, trainer)
+    if trainer.cuda_graph == "on" and device.type != "cuda":
+        raise ConfigError(f"=on needs a CUDA device, but device is {device.type}; use trainer.cuda_graph=auto "
+                          f"(graphs where CUDA is, eager elsewhere) or off", "trainer.cuda_graph")
 
 
 def shaped_parts(cfg: DictConfig, image_shape: tuple[int, int, int]
@@ -188,17 +193,34 @@ def build(cfg: DictConfig, job_num: int | None = None) -> Parts:
     return Parts(device, resident(data, device), model, loss, penalty, corruption, optimizer, trainer, evaluation)
 
 
-def check(cfg: DictConfig) -> None:
-    """What build() would refuse, found without loading the data or touching a device, so that every
-    job of a sweep is checked before the first one starts. The data's own keys and the device (a SLURM
-    job's GPU is not on the node that submits it) are left to the job."""
-    trainer_settings(cfg.trainer)
-    image_shape = IMAGE_SHAPES.get(cfg.data.get("name"))
-    if image_shape is None:  # a data set of unknown shape: its parts are checked as the job builds them
+def check(cfg: DictConfig, loaded: dict[str, Splits | None]) -> None:
+    """What build() would refuse, found without touching a device, so that every job of a sweep is
+    checked before the first one starts. `loaded` keeps each data set read so far (by its settings);
+    one whose files are not here (a SLURM job's node may have them) is checked by its job, and
+    data.IMAGE_SHAPES stands in for it. The device is left to the job as well."""
+    trainer = trainer_settings(cfg.trainer)
+    data = readable_data(cfg.data, loaded)
+    image_shape = data.image_shape if data else IMAGE_SHAPES.get(cfg.data.get("name"))
+    if image_shape is None:  # a data set of unknown shape, not readable here: its job checks its parts
         return
     model, loss, penalty, _, _ = shaped_parts(cfg, image_shape)
     check_contracts(model, loss, penalty)
+    if data:
+        check_data(data, loss, trainer)
     build_part("optim", OPTIMIZERS, cfg.optim, params=model.parameters(), device=torch.device("cpu"))
+
+
+def readable_data(node: DictConfig, loaded: dict[str, Splits | None]) -> Splits | None:
+    """The data set `node` names, read once per setting; None where its files are not on this machine."""
+    key = OmegaConf.to_yaml(node)
+    if key not in loaded:
+        try:
+            loaded[key] = build_part("data", DATASETS, node)
+        except ConfigError as e:
+            if e.key not in ("data.root", "data.download"):  # a bad split, say: every node would refuse it
+                raise
+            loaded[key] = None
+    return loaded[key]
 
 
 def resident(data: Splits, device: torch.device, share: float = 0.5) -> Splits:

@@ -98,6 +98,7 @@ def check_jobs(jobs: list[list[str]], parser: OverridesParser, which: str) -> No
 
     loader = GlobalHydra.instance().config_loader()
     composed: dict[tuple[str, ...], DictConfig] = {}
+    loaded = {}  # each data set the jobs read, once
     is_group = {}  # key → whether it names a config group (Hydra's look-up is slow: once per key)
     for number, job in enumerate(jobs):
         job = [text for text in job if not text.startswith("hydra")]  # where and how it runs: not its values
@@ -113,7 +114,7 @@ def check_jobs(jobs: list[list[str]], parser: OverridesParser, which: str) -> No
                 composed[chosen] = compose("train", overrides=list(chosen))
             cfg = copy.deepcopy(composed[chosen])
             ConfigLoaderImpl._apply_overrides_to_config(keys, cfg)  # Hydra's own (hydra-core is pinned <1.4)
-            check(cfg)
+            check(cfg, loaded)
         except (HydraException, OmegaConfBaseException, ValueError) as e:
             error = e if isinstance(e, ConfigError) else composition_error(e, job)
             raise ConfigError(f"{error.message} ({which.format(number)}: {' '.join(job)})", error.key) from None

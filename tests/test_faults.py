@@ -73,6 +73,12 @@ def assert_clean_failure(proc, code, text):
     (["-m", "+experiment=l1_sweep", "model.latent_dim=0"], "model.latent_dim: must be >= 1, got 0 (job 0 of the sweep: "
                                                            "reg.weight=0.0001 +experiment=l1_sweep model.latent_dim=0)"),
     (["-m", "trainer.epochs=2,0"], "trainer.epochs: must be >= 1, got 0 (job 1"),
+    (["-m", "trainer.batch_size=64,4096"], "trainer.batch_size: must be <= the 1257 training samples of data=digits, "
+                                           "got 4096 (job 1 of the sweep: trainer.batch_size=4096)"),  # data read here
+    (["-m", "data.val_fraction=0.1,0.9"], "val_fraction + test_fraction must be < 1, got 1.05 (job 1"),
+    # data files not on this machine (a SLURM job's node may have them): the rest is checked with its image shape
+    (["-m", "data=mnist", "paths.data=/nonexistent", "reg=l1", "reg.weight=1,-1"], "reg.weight: must be >= 0, got -1 "
+                                                                                   "(job 1 of the sweep: data=mnist"),
     (["data=null"], "data: unknown option 'null'"),
     (["trainer=3"], "trainer: is a section of settings, not a value; set one of its keys, e.g. trainer.epochs="),
     (["~reg"], "reg: is a section of settings, not a value; choose one of its options: contractive, kl, l1, none"),
