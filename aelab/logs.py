@@ -66,22 +66,28 @@ def histogram_png(arrays: dict[str, Tensor], path: Path, threshold: float) -> No
     plt.close(fig)
 
 
-def save_pictures(parts: Parts, settings: EvalSettings, arrays: dict[str, Tensor], run_dir: Path,
-                  writer: SummaryWriter | None, step: int) -> list[Path]:
-    """Reconstruction grid, decoded features and histograms: PNG files, and TensorBoard if a writer is given."""
+def save_pictures(parts: Parts, settings: EvalSettings, arrays: dict[str, Tensor], run_dir: Path) -> dict[str, Tensor]:
+    """Reconstruction grid, decoded features and histograms as PNG files; the grids, for TensorBoard."""
     grids = {"reconstructions": image_grid(parts, parts.data.test.x), "features": feature_grid(parts, settings.features)}
-    paths = []
     for name, grid in grids.items():
-        paths.append(run_dir / f"{name}.png")
-        save_image(grid, paths[-1])
-        if writer is not None:
-            writer.add_image(f"test/{name}", grid, step)
-    paths.append(run_dir / "histograms.png")
-    histogram_png(arrays, paths[-1], settings.threshold)
-    if writer is not None:
-        for name, values in arrays.items():
-            writer.add_histogram(f"test/{name}", values.float().cpu(), step)
-    return paths
+        save_image(grid, run_dir / f"{name}.png")
+    histogram_png(arrays, run_dir / "histograms.png", settings.threshold)
+    return grids
+
+
+def log_final(writer: SummaryWriter, cfg: DictConfig, metrics: dict[str, dict[str, float]], grids: dict[str, Tensor],
+              arrays: dict[str, Tensor], step: int) -> None:
+    """A run's final TensorBoard entries, all at its last step, then the writer closed: written in one
+    go after everything slow is done, so that a stop cannot leave some of them to be written twice."""
+    for split, values in metrics.items():
+        log_terms(writer, f"final_{split}", values, step)
+    for name, grid in grids.items():
+        writer.add_image(f"test/{name}", grid, step)
+    for name, values in arrays.items():
+        writer.add_histogram(f"test/{name}", values.float().cpu(), step)
+    test = metrics["test"]
+    log_hparams(writer, cfg, {"val_total": metrics["val"]["total"], **{f"test_{k}": v for k, v in test.items()}}, step)
+    writer.close()
 
 
 def config_text(cfg: DictConfig) -> str:

@@ -8,13 +8,14 @@ from pathlib import Path
 
 import torch
 from omegaconf import DictConfig
+from torch import Tensor
 from torch.utils.tensorboard import SummaryWriter
 
 from . import checkpoint, console
 from .build import Parts, build, run_config
 from .checkpoint import Position
 from .faults import FiniteWatch, StopNow, StopSignals, environment
-from .logs import config_text, log_hparams, log_terms, save_pictures
+from .logs import config_text, log_final, log_terms, save_pictures
 from .metrics import analyse, image_grid
 from .objective import TERMS, batches, evaluate
 from .steps import Step, make_step
@@ -90,12 +91,16 @@ def run(cfg: DictConfig, run_dir: Path, resume: bool = False, job_num: int | Non
     seconds = time.perf_counter() - started
     with StopNow(f"during the final evaluation; training is complete in {run_dir / checkpoint.FILE}; "
                  f"finish with: aelab train resume={shlex.quote(str(run_dir))}"):
-        record = finish(parts, cfg, run_dir, writer, pos.step)
-        trained = (pos.step - first_step) * trainer.batch_size
-        record.update(started_at=started_at, finished_at=time.time(), epochs=trainer.epochs, steps=pos.step,
-                      seconds=round(seconds, 3), samples_per_second=round(trained / seconds, 1),
-                      device=str(parts.device), step_mode=getattr(step, "mode", "eager"))
+        metrics, grids, arrays = finish(parts, run_dir)
+    trained = (pos.step - first_step) * trainer.batch_size
+    record = {**metrics, "started_at": started_at, "finished_at": time.time(), "epochs": trainer.epochs,
+              "steps": pos.step, "seconds": round(seconds, 3), "samples_per_second": round(trained / seconds, 1),
+              "device": str(parts.device), "step_mode": getattr(step, "mode", "eager")}
+    with StopSignals():  # the results are written whole: a signal now waits the few milliseconds this takes
+        log_final(writer, cfg, metrics, grids, arrays, pos.step)
         (run_dir / "metrics.json").write_text(json.dumps(record, indent=2) + "\n")
+    console.summary({"train": metrics["train"], "val": metrics["val"]}, title=f"aelab: {run_dir.name}")
+    console.metrics_table(metrics["test"], title="test split")
     return record
 
 
@@ -116,19 +121,12 @@ def test_split(parts: Parts) -> tuple[dict, dict]:
     return {**evaluate(parts, parts.data.test.x), **found}, arrays
 
 
-def finish(parts: Parts, cfg: DictConfig, run_dir: Path, writer: SummaryWriter, step: int) -> dict:
-    """Final objective on every split and the test metrics: TensorBoard, PNG files, the rich table."""
+def finish(parts: Parts, run_dir: Path) -> tuple[dict, dict[str, Tensor], dict[str, Tensor]]:
+    """The final objective on every split and the test metrics, with the PNG files written: (metrics
+    by split, picture grids, test arrays). The slow part of a run's end: it writes nothing to TensorBoard."""
     test, arrays = test_split(parts)
     metrics = {"train": evaluate(parts, parts.data.train.x), "val": evaluate(parts, parts.data.val.x), "test": test}
-    for split, values in metrics.items():
-        log_terms(writer, f"final_{split}", values, step)
-    save_pictures(parts, parts.evaluation, arrays, run_dir, writer, step)
-    log_hparams(writer, cfg, {"val_total": metrics["val"]["total"], **{f"test_{k}": v for k, v in test.items()}},
-                step)
-    writer.close()
-    console.summary({"train": metrics["train"], "val": metrics["val"]}, title=f"aelab: {run_dir.name}")
-    console.metrics_table(metrics["test"], title="test split")
-    return metrics
+    return metrics, save_pictures(parts, parts.evaluation, arrays, run_dir), arrays
 
 
 def evaluate_run(run_dir: Path, overrides: list[str]) -> dict:

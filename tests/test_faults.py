@@ -267,6 +267,32 @@ def test_signal_in_the_final_evaluation_stops_at_once_and_resume_finishes(tmp_pa
     monkeypatch.setattr(train, "finish", real_finish)
     record = train.run(cfg, run_dir, resume=True)
     assert record["steps"] == 2 * 10 and (run_dir / "metrics.json").is_file()
+    events = EventAccumulator(str(run_dir))
+    events.Reload()
+    assert [e.step for e in events.Scalars("val/total")] == [10, 20]
+    assert [e.step for e in events.Scalars("final_val/total")] == [20]  # written once, by the resume
+
+
+def test_a_signal_while_the_results_are_written_waits_for_them(tmp_path, make_cfg, monkeypatch):
+    """TensorBoard's final entries and metrics.json are written in one go after the slow part: a
+    SIGTERM then lets them finish (the run is complete), so no resume writes any of them twice."""
+    from aelab import train
+
+    cfg = make_cfg("device=cpu", "trainer.epochs=1", "eval.probe=false")
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    real_log_final = train.log_final
+
+    def signalled(*args):
+        os.kill(os.getpid(), signal.SIGTERM)
+        real_log_final(*args)
+    monkeypatch.setattr(train, "log_final", signalled)
+    record = train.run(cfg, run_dir)
+    assert json.loads((run_dir / "metrics.json").read_text())["test"] == record["test"]
+    events = EventAccumulator(str(run_dir))
+    events.Reload()
+    assert [e.step for e in events.Scalars("final_test/mse")] == [10]
+    assert {"test/reconstructions", "test/features"} <= set(events.Tags()["images"])
 
 
 def test_ctrl_c_outside_a_training_loop_is_one_line(tmp_path, capfd, monkeypatch):
