@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import copy
 import difflib
+import functools
 import re
-from typing import Iterator
+from typing import Callable, Iterator
 
 from hydra import compose, initialize_config_module
 from hydra._internal.config_loader_impl import ConfigLoaderImpl
@@ -31,6 +32,7 @@ def check(args: list[str]) -> None:
         return  # Hydra's own flags (--help, --cfg, --config-name ...): Hydra reads those itself
     with initialize_config_module("aelab.configs", version_base="1.3"):
         loader = GlobalHydra.instance().config_loader()
+        group_options = functools.cache(loader.get_group_options)  # Hydra's look-up is slow: once per key
         parser = OverridesParser.create(config_loader=loader)
         multirun = "-m" in args or "--multirun" in args
         chosen, keys, intervals = [], [], []
@@ -42,7 +44,7 @@ def check(args: list[str]) -> None:
             key, values = override.key_or_group, sweep_values(override)
             if override.is_sweep_override() and not multirun:
                 raise ConfigError(f"'{text}' is a sweep: add -m to run one job per value", key)
-            options = loader.get_group_options(key)
+            options = group_options(key)
             unknown = [v for v in values or ["null"] if v not in options]
             if options and unknown and not override.is_delete():
                 raise ConfigError(f"unknown option '{unknown[0]}'; choose from: {', '.join(options)}", key)
@@ -58,7 +60,7 @@ def check(args: list[str]) -> None:
             raise composition_error(e, chosen) from None
         for section in top:  # a whole section of settings taken away
             if isinstance(base.get(section), DictConfig) and not isinstance(cfg.get(section), DictConfig):
-                node, options = base[section], loader.get_group_options(section)
+                node, options = base[section], group_options(section)
                 fix = (f"choose one of its options: {', '.join(options)}" if options else
                        f"set one of its keys, e.g. {section}.{next(iter(node), 'KEY')}=VALUE")
                 raise ConfigError(f"is a section of settings, not a value; {fix}", section)
@@ -66,14 +68,15 @@ def check(args: list[str]) -> None:
             raise ConfigError("interval(...) is a search range for the Optuna sweeper: add hydra/sweeper=optuna "
                               "(pip install 'aelab[sweep]'), or list the values to sweep: a,b,c", intervals[0])
         if multirun:
-            check_sweep(cfg, parser, [a for a in args if not a.startswith("-")])
+            check_sweep(cfg, parser, group_options, [a for a in args if not a.startswith("-")])
 
 
-def check_sweep(cfg: DictConfig, parser: OverridesParser, texts: list[str]) -> None:
+def check_sweep(cfg: DictConfig, parser: OverridesParser, group_options: Callable[[str], list[str]],
+                texts: list[str]) -> None:
     """Every job of a sweep (every value an Optuna search can sample), checked before the first job."""
     sampled = cfg.hydra.sweeper._target_ != f"{BasicSweeper.__module__}.{BasicSweeper.__name__}"
     jobs = sweep_jobs(parser, texts, cfg.hydra.sweeper.get("params"), sampled)
-    check_jobs(jobs, parser, "a trial of the search can take" if sampled else "job {} of the sweep")
+    check_jobs(jobs, parser, group_options, "a trial of the search can take" if sampled else "job {} of the sweep")
 
 
 def sweep_jobs(parser: OverridesParser, texts: list[str], params: DictConfig | None, sampled: bool) -> list[list[str]]:
@@ -90,23 +93,19 @@ def sweep_jobs(parser: OverridesParser, texts: list[str], params: DictConfig | N
                       for i, values in enumerate(options.values()) for value in values[1:]]
 
 
-def check_jobs(jobs: list[list[str]], parser: OverridesParser, which: str) -> None:
+def check_jobs(jobs: list[list[str]], parser: OverridesParser, group_options: Callable[[str], list[str]],
+               which: str) -> None:
     """Every job's values, checked as its run would check them, before the first job starts: a bad
     value in a sweep's fifth job stops the sweep now, not after four jobs have trained. The config is
     composed once per choice of config groups; each job's key=value overrides are applied to a copy."""
     from .build import check  # torch: imported here, once a sweep is about to run anyway
 
-    loader = GlobalHydra.instance().config_loader()
     composed: dict[tuple[str, ...], DictConfig] = {}
     loaded = {}  # each data set the jobs read, once
-    is_group = {}  # key → whether it names a config group (Hydra's look-up is slow: once per key)
     for number, job in enumerate(jobs):
         job = [text for text in job if not text.startswith("hydra")]  # where and how it runs: not its values
         overrides = [parser.parse_override(text) for text in job]
-        for o in overrides:
-            if o.key_or_group not in is_group:
-                is_group[o.key_or_group] = bool(loader.get_group_options(o.key_or_group))
-        groups = [o for o in overrides if is_group[o.key_or_group] and not isinstance(o.value(), dict)]
+        groups = [o for o in overrides if group_options(o.key_or_group) and not isinstance(o.value(), dict)]
         keys = [o for o in overrides if o not in groups]
         chosen = tuple(o.input_line for o in groups)
         try:

@@ -12,7 +12,7 @@ from pathlib import Path
 import yaml
 from omegaconf import OmegaConf
 
-from .runs import FAILED
+from .runs import FAILED, override_values
 from .registry import ConfigError
 
 SEED_KEY = "trainer.seed"
@@ -76,8 +76,7 @@ def load_jobs(sweep_dir: Path) -> list[Job]:
         hydra_dir = metrics_path.parent / ".hydra"
         if not (hydra_dir / "overrides.yaml").is_file():
             continue
-        overrides = dict(o.lstrip("+").split("=", 1) for o in yaml.safe_load((hydra_dir / "overrides.yaml").read_text())
-                         or [] if "=" in o)
+        overrides = override_values(yaml.safe_load((hydra_dir / "overrides.yaml").read_text()) or [])
         record = json.loads(metrics_path.read_text())
         metrics = {**record["test"], "val_total": record["val"]["total"]}
         config = OmegaConf.to_container(OmegaConf.load(hydra_dir / "config.yaml"), resolve=False)

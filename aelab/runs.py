@@ -61,7 +61,7 @@ def resume_args(args: list[str]) -> list[str]:
                           f"pass a run dir under outputs/", "resume")
     saved = [o for o in yaml.safe_load(overrides.read_text()) or [] if not o.startswith("resume=")]
     rest = [a for a in args if not a.startswith(("resume=", "hydra.run.dir="))]
-    ran_with = dict(o.lstrip("+").split("=", 1) for o in saved if "=" in o)
+    ran_with = override_values(saved)
     for arg in rest:
         key, _, value = arg.partition("=")
         key = key.lstrip("+~")
@@ -70,6 +70,11 @@ def resume_args(args: list[str]) -> list[str]:
             raise ConfigError(f"{arg} would change what {run_dir} trains (its results would mix two settings); "
                               f"a resumed run may change only {allowed}: start a new run for {arg}", "resume")
     return [*saved, *rest, f"hydra.run.dir={quoted(str(run_dir))}", "resume=true"]
+
+
+def override_values(overrides: list[str]) -> dict[str, str]:
+    """A run's recorded overrides (.hydra/overrides.yaml) as key → value as typed; `+` dropped."""
+    return dict(o.lstrip("+").split("=", 1) for o in overrides if "=" in o)
 
 
 def sweep_resume_args(sweep_dir: Path, rest: list[str]) -> list[str]:
