@@ -211,7 +211,8 @@ def option_with_key(cfg: DictConfig, key: str) -> tuple[str, str, str] | None:
     group, _, name = key.partition(".")
     if not name or cfg.hydra.runtime.choices.get(group) is None:
         return None
+    absent = object()
     for _, option, node in other_options(cfg, [group]):
-        if OmegaConf.select(node, name) is not None:
+        if OmegaConf.select(node, name, default=absent) is not absent:  # a key set to null counts (device.index)
             return group, cfg.hydra.runtime.choices[group], option
     return None

@@ -55,6 +55,8 @@ def assert_clean_failure(proc, code, text):
     (["noise_factor=0.3"], "noise_factor: no such key (did you mean corruption.noise_factor, with corruption=gaussian?)"),
     (["reg.rho=0.1"], "reg.rho: no such key under reg=none; it is a key of reg=kl: add reg=kl"),
     (["data.download=true"], "data.download: no such key under data=digits; it is a key of data=fashion_mnist"),
+    (["device=cpu", "device.index=0"], "device.index: no such key under device=cpu; it is a key of device=cuda: "
+                                       "add device=cuda"),  # a key whose default is null
     (["trainer.foo=true"], "trainer.foo: no such key; aelab train --cfg job lists the keys"),
     (["paths.cache=x"], "paths.cache: no such key; to add a new key, write +paths.cache=x"),  # for ${paths.cache}
     (["model.hidden=[256,"], "model.hidden: cannot read 'model.hidden=[256,'"),
