@@ -43,8 +43,10 @@ def save(parts: Parts, cfg: DictConfig, pos: Position, run_dir: Path) -> Path:
     return path
 
 
-def load(parts: Parts, run_dir: Path) -> Position:
-    """Restore a run's state into freshly built parts; a bad file is a ConfigError, not a traceback."""
+def load(parts: Parts, run_dir: Path, key: str = "resume", fix: str = "resume another run or start afresh"
+         ) -> Position:
+    """Restore a run's state into freshly built parts; a bad file is a ConfigError (under `key`, with
+    `fix`), not a traceback."""
     path = run_dir / FILE
     if not path.is_file():
         raise ConfigError(f"{run_dir} has no {FILE} to resume from; start a new run without resume", "resume")
@@ -55,9 +57,10 @@ def load(parts: Parts, run_dir: Path) -> Position:
         position = Position(**state["position"])
     except (RuntimeError, EOFError, OSError, KeyError, TypeError, ValueError, pickle.UnpicklingError,
             zipfile.BadZipFile) as e:
-        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise ConfigError(f"{path} is unreadable or truncated ({reason}); resume another run or start afresh",
-                          "resume") from None
+        reason = str(e).split(". ")[0].splitlines()[0] if str(e) else type(e).__name__
+        if not zipfile.is_zipfile(path):  # torch.save writes a zip archive; torch's own words would be about pickle
+            reason = "not a whole file written by torch.save"
+        raise ConfigError(f"{path} is unreadable or truncated ({reason}); {fix}", key) from None
     torch.set_rng_state(state["rng"]["cpu"].cpu())
     if state["rng"]["cuda"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all([s.cpu() for s in state["rng"]["cuda"]])

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import importlib.util
-import json
 import math
 import shlex
 import sys
@@ -19,7 +18,7 @@ from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 from . import console
 from .overrides import check as check_overrides
 from .registry import ConfigError
-from .runs import FAILED, check_dirs, drop_if_nothing_ran, resume_args, resume_mode
+from .runs import FAILED, check_dirs, drop_if_nothing_ran, read_results, resume_args, resume_mode, write_json
 
 USAGE = """usage: aelab COMMAND [ARGS]
 
@@ -63,9 +62,10 @@ def train(cfg: DictConfig) -> float:
     try:
         resume = resume_mode(cfg.resume, run_dir)
         if resume == "done":  # a requeued or repeated job that already finished
+            done = read_results(run_dir)
             console.console.print(f"{run_dir}: finished already, its results kept", markup=False, highlight=False,
                                   soft_wrap=True)
-            return json.loads((run_dir / "metrics.json").read_text())["val"]["recon"]
+            return done["val"]["recon"]
         (run_dir / FAILED).unlink(missing_ok=True)  # an earlier attempt's verdict; this attempt writes its own
         record = run(cfg, run_dir, resume=resume, job_num=job_num)
     except (ConfigError, OmegaConfBaseException) as e:
@@ -81,7 +81,7 @@ def train(cfg: DictConfig) -> float:
                               e.exit_code)
         console.error(str(e) if job_num is None else f"job {job_num} ({run_dir.name}): {e}")
         if job_num is not None and e.exit_code == DIVERGED:  # one diverged job; the sweep's others still run
-            (run_dir / FAILED).write_text(json.dumps({"error": str(e), "exit_code": e.exit_code}, indent=2) + "\n")
+            write_json(run_dir / FAILED, {"error": str(e), "exit_code": e.exit_code})
             return math.inf  # Optuna refuses NaN; inf ranks the trial last in the study, which minimises
         sys.exit(e.exit_code)
     return record["val"]["recon"]

@@ -3,7 +3,6 @@ Markdown and the plots that fit what was swept."""
 from __future__ import annotations
 
 import csv
-import json
 import math
 import shlex
 from dataclasses import dataclass, field
@@ -12,7 +11,7 @@ from pathlib import Path
 import yaml
 from omegaconf import OmegaConf
 
-from .runs import FAILED, override_values
+from .runs import FAILED, override_values, read_json, read_results
 from .registry import ConfigError
 
 SEED_KEY = "trainer.seed"
@@ -76,8 +75,11 @@ def load_jobs(sweep_dir: Path) -> list[Job]:
         hydra_dir = metrics_path.parent / ".hydra"
         if not (hydra_dir / "overrides.yaml").is_file():
             continue
+        try:
+            record = read_results(metrics_path.parent)
+        except ConfigError:  # listed by unfinished_jobs with why, under the table
+            continue
         overrides = override_values(yaml.safe_load((hydra_dir / "overrides.yaml").read_text()) or [])
-        record = json.loads(metrics_path.read_text())
         metrics = {**record["test"], "val_total": record["val"]["total"]}
         config = OmegaConf.to_container(OmegaConf.load(hydra_dir / "config.yaml"), resolve=False)
         ran = yaml.safe_load((hydra_dir / "hydra.yaml").read_text()) if (hydra_dir / "hydra.yaml").is_file() else {}
@@ -95,8 +97,15 @@ def load_jobs(sweep_dir: Path) -> list[Job]:
 
 def unfinished_jobs(sweep_dir: Path) -> list[tuple[str, str]]:
     """(job dir relative to sweep_dir, why it has no results): its error, for a job that stopped on a
-    NaN or inf loss (failed.json); for one stopped before its end (a checkpoint only), how to go on."""
-    failed = {path.parent: json.loads(path.read_text())["error"] for path in sweep_dir.glob(f"**/{FAILED}")}
+    NaN or inf loss (failed.json) or whose metrics.json cannot be read; for one stopped before its end
+    (a checkpoint only), how to go on."""
+    failed = {path.parent: read_json(path, "remove it and rerun the job").get("error", "diverged")
+              for path in sweep_dir.glob(f"**/{FAILED}")}
+    for path in sweep_dir.glob("**/metrics.json"):
+        try:
+            read_results(path.parent)
+        except ConfigError as e:
+            failed[path.parent] = e.message
     stopped = {path.parent: f"stopped before it finished (checkpoint.pt, no metrics.json); continue the sweep: "
                             f"aelab train resume={shlex.quote(str(sweep_dir))}"
                for path in sweep_dir.glob("**/checkpoint.pt")

@@ -2,7 +2,9 @@
 and the checks made on a run or sweep dir before Hydra makes it."""
 from __future__ import annotations
 
+import json
 import os
+import shlex
 import shutil
 import tempfile
 from pathlib import Path
@@ -19,6 +21,35 @@ HYDRA_ONLY = {".hydra", "train.log"}  # what a run dir holds before its job has 
 RESUME_MAY_CHANGE = ("trainer.epochs", "trainer.log_every", "trainer.cuda_graph", "trainer.compile", "trainer.tf32",
                      "device", "eval", "hydra")
 INFO_FLAGS = ("--help", "-h", "--hydra-help", "--cfg", "-c", "--info", "-i", "--version", "--shell-completion", "-sc")
+
+
+def write_json(path: Path, record: dict) -> None:
+    """Written to a temporary file, then renamed: a crash or a full disk never leaves half a record."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(record, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def read_json(path: Path, fix: str) -> dict:
+    """A run's JSON record; one that is not whole (cut short, edited by hand) is a ConfigError that
+    names the file and `fix`."""
+    try:
+        record = json.loads(path.read_text())
+    except (ValueError, OSError) as e:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+        raise ConfigError(f"{path} is unreadable ({str(e).splitlines()[0]}); {fix}", path.name) from None
+    if not isinstance(record, dict):
+        raise ConfigError(f"{path} is unreadable (not a JSON object); {fix}", path.name)
+    return record
+
+
+def read_results(run_dir: Path) -> dict:
+    """A finished run's metrics.json: its final train / val / test numbers."""
+    path = run_dir / "metrics.json"
+    fix = f"remove it, and aelab train resume={shlex.quote(str(run_dir))} evaluates the trained run again"
+    record = read_json(path, fix)
+    if not all(isinstance(record.get(split), dict) for split in ("train", "val", "test")):
+        raise ConfigError(f"{path} is unreadable (it lacks the train, val or test numbers); {fix}", path.name)
+    return record
 
 
 def drop_if_nothing_ran(cfg: DictConfig, run_dir: Path) -> None:

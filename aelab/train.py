@@ -1,7 +1,6 @@
 """The loop: build parts → for each epoch: train steps, evaluate, log, checkpoint → final metrics."""
 from __future__ import annotations
 
-import json
 import shlex
 import time
 from pathlib import Path
@@ -18,6 +17,7 @@ from .faults import FiniteWatch, StopNow, StopSignals, environment
 from .logs import config_text, log_final, log_terms, save_pictures
 from .metrics import analyse, image_grid
 from .objective import TERMS, batches, evaluate
+from .runs import read_results, write_json
 from .steps import Step, make_step
 
 
@@ -65,8 +65,7 @@ def run(cfg: DictConfig, run_dir: Path, resume: bool = False, job_num: int | Non
     writer = SummaryWriter(str(run_dir), purge_step=pos.step + 1 if resume else None)
     if not resume:
         writer.add_text("config", config_text(cfg))
-        (run_dir / "environment.json").write_text(json.dumps(environment(parts.device, parts.trainer.seed),
-                                                             indent=2) + "\n")
+        write_json(run_dir / "environment.json", environment(parts.device, parts.trainer.seed))
     trainer, started, first_step = parts.trainer, time.perf_counter(), pos.step
     steps_per_epoch = -(-len(parts.data.train) // trainer.batch_size)
     watch = FiniteWatch(parts.device, TERMS, run_dir / checkpoint.FILE, pos.step)
@@ -98,7 +97,7 @@ def run(cfg: DictConfig, run_dir: Path, resume: bool = False, job_num: int | Non
               "device": str(parts.device), "step_mode": getattr(step, "mode", "eager")}
     with StopSignals():  # the results are written whole: a signal now waits the few milliseconds this takes
         log_final(writer, cfg, metrics, grids, arrays, pos.step)
-        (run_dir / "metrics.json").write_text(json.dumps(record, indent=2) + "\n")
+        write_json(run_dir / "metrics.json", record)
     console.summary({"train": metrics["train"], "val": metrics["val"]}, title=f"aelab: {run_dir.name}")
     console.metrics_table(metrics["test"], title="test split")
     return record
@@ -106,7 +105,7 @@ def run(cfg: DictConfig, run_dir: Path, resume: bool = False, job_num: int | Non
 
 def finished_already(run_dir: Path, epochs: int) -> dict:
     """Resuming a run that trained all its epochs writes nothing: its results stay as they are."""
-    record = json.loads((run_dir / "metrics.json").read_text())
+    record = read_results(run_dir)
     console.console.print(f"{run_dir} has finished training (trainer.epochs={epochs}); nothing to do, "
                           f"metrics.json is unchanged. To train it further: "
                           f"aelab train resume={shlex.quote(str(run_dir))} "
@@ -133,9 +132,9 @@ def evaluate_run(run_dir: Path, overrides: list[str]) -> dict:
     """`aelab eval`: reload a run's checkpoint, recompute the test metrics, print and save them."""
     cfg = run_config(run_dir, overrides)
     parts = build(cfg)
-    checkpoint.load(parts, run_dir)
+    checkpoint.load(parts, run_dir, "RUN_DIR", "evaluate another run, or train this one again")
     test, _ = test_split(parts)
     name = "eval.json" if not overrides else "eval_" + "_".join(o.replace("/", "-") for o in overrides) + ".json"
-    (run_dir / name).write_text(json.dumps({"overrides": overrides, "test": test}, indent=2) + "\n")
+    write_json(run_dir / name, {"overrides": overrides, "test": test})
     console.metrics_table(test, title=f"aelab eval: {run_dir}")
     return test

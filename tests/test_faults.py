@@ -167,7 +167,46 @@ def test_truncated_checkpoint_is_a_clear_error(tmp_path):
     ckpt = run_dir / "checkpoint.pt"
     ckpt.write_bytes(ckpt.read_bytes()[:5000])
     proc = run_cli("train", f"resume={run_dir}", cwd=tmp_path, check=False)
-    assert_clean_failure(proc, 2, "is unreadable or truncated")
+    assert_clean_failure(proc, 2, "is unreadable or truncated (not a whole file written by torch.save)")
+    proc = run_cli("eval", str(run_dir), cwd=tmp_path, check=False)
+    assert_clean_failure(proc, 2, f"RUN_DIR: {ckpt} is unreadable or truncated (not a whole file written by "
+                                  f"torch.save); evaluate another run, or train this one again")
+
+
+def test_a_cut_short_metrics_json_is_named_and_resume_writes_it_again(tmp_path, capfd):
+    """A finished run whose metrics.json is not whole (hand-edited, or from before the atomic write):
+    resume names the file and the fix, writes nothing; following the fix evaluates the checkpoint again,
+    to the same numbers."""
+    run_dir = tmp_path / "run"
+    run_cli("train", "trainer.epochs=1", "eval.probe_max_samples=300", f"hydra.run.dir={run_dir}", cwd=tmp_path)
+    whole = json.loads((run_dir / "metrics.json").read_text())
+    (run_dir / "metrics.json").write_text('{"train": {"total": 0.1')
+    code, out, err = cli(capfd, "train", f"resume={run_dir}")
+    assert code == 2 and "Traceback" not in err
+    assert f"metrics.json: {run_dir / 'metrics.json'} is unreadable (Expecting" in err
+    assert f"remove it, and aelab train resume={run_dir} evaluates the trained run again" in err
+    assert (run_dir / "metrics.json").read_text() == '{"train": {"total": 0.1'
+    (run_dir / "metrics.json").unlink()
+    code, out, err = cli(capfd, "train", f"resume={run_dir}")
+    again = json.loads((run_dir / "metrics.json").read_text())
+    assert code == 0 and again["test"] == whole["test"] and again["val"] == whole["val"]
+
+
+def test_results_are_written_whole_or_not_at_all(tmp_path, monkeypatch):
+    """metrics.json, eval.json, failed.json, environment.json: a full disk mid-write keeps the old file."""
+    from aelab.runs import write_json
+
+    path = tmp_path / "metrics.json"
+    write_json(path, {"test": {"mse": 0.5}})
+    real_write = Path.write_text
+
+    def disk_full(self, text, *args, **kwargs):
+        real_write(self, text[:7])
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(Path, "write_text", disk_full)
+    with pytest.raises(OSError):
+        write_json(path, {"test": {"mse": 0.25}})
+    assert json.loads(path.read_text()) == {"test": {"mse": 0.5}}
 
 
 def test_resuming_a_finished_run_keeps_its_results(tmp_path):

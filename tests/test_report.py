@@ -1,6 +1,7 @@
 """Sweeps end to end: multirun → aelab report (table, CSV, Markdown, plots); aelab eval; TensorBoard."""
 import csv
 import json
+import shutil
 import socket
 import subprocess
 import sys
@@ -83,6 +84,21 @@ def test_a_key_a_job_did_not_set_shows_what_it_ran_with():
         {"loss": "bce", "reg": "none", "reg.weight": "0.0", "eval.probe": "false"},
         {"loss": "mse", "reg": "l1", "reg.weight": "0.1", "eval.probe": "true"}]
     assert fmt(float("nan"), float("nan"), 0) == "-"  # no job of the row has the metric
+
+
+def test_a_job_whose_metrics_cannot_be_read_is_listed_not_a_traceback(sweep, tmp_path):
+    """One job's metrics.json cut short: the others are reported, that one is named under the table
+    with the fix, and nothing of the sweep is changed but the report's own files."""
+    copy = tmp_path / "sweep"
+    shutil.copytree(sweep, copy, ignore=shutil.ignore_patterns("report.*", "*.png"))
+    broken = sorted(copy.glob("*/metrics.json"))[0]
+    broken.write_text(broken.read_text()[:40])
+    proc = run_cli("report", str(copy), cwd=tmp_path)
+    assert "3 runs" in proc.stdout and "1 job(s) without results" in proc.stdout
+    assert f"{broken} is unreadable (" in proc.stdout and "evaluates the trained run again" in proc.stdout
+    assert broken.read_text() == (sweep / broken.parent.name / "metrics.json").read_text()[:40]
+    with (copy / "report.csv").open() as f:
+        assert sorted(r["runs"] for r in csv.DictReader(f)) == ["1", "2"]
 
 
 def test_report_of_a_folder_without_runs_is_a_clear_error(tmp_path):
