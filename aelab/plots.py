@@ -151,6 +151,46 @@ def loss_curves(jobs: list[Job], labels: dict[Path, str], out: Path) -> Path | N
     return save(fig, out / "loss_curves.png")
 
 
+def side_by_side(rows: list[Row], name: str, out: Path) -> Path | None:
+    """Each setting's picture of one of its runs (`reconstructions.png`, `features.png`) in one figure,
+    labelled: the tutorial's visual comparisons (which loss is sharpest, which penalty's features are
+    cleanest). The pictures are the runs' own files, so none is recomputed."""
+    import numpy as np
+    from PIL import Image
+
+    found = [(row, row.jobs[0].path / f"{name}.png") for row in rows]
+    found = [(row, path) for row, path in found if path.is_file()]
+    if len(found) < 2:
+        return None
+    plt = pyplot()
+    wide = name == "reconstructions"  # a strip of three rows: clean, corrupted, reconstructed
+    cols = (1 if len(found) <= 8 else 2 if len(found) <= 16 else 3) if wide else min(len(found), 5)
+    lines = -(-len(found) // cols)
+    with Image.open(found[0][1]) as first:
+        aspect = first.height / first.width
+    width = 6.0 if wide else 2.6
+    fig, axes = plt.subplots(lines, cols, figsize=(width * cols, (width * aspect + 0.45) * lines), squeeze=False)
+    for ax in axes.flat:
+        ax.set_axis_off()
+    for ax, (row, path) in zip(axes.flat, found):
+        with Image.open(path) as image:
+            pixels = np.asarray(image.convert("L"))
+        ax.imshow(pixels, cmap="gray", vmin=0, vmax=255, interpolation="nearest")
+        seeds = f" ({len(row.jobs)} seeds: the first)" if len(row.jobs) > 1 else ""
+        ax.set_title(row.label + seeds, fontsize=8)
+        if wide:  # make_grid's layout: 2 px padding around each image
+            side = (pixels.shape[0] - 2) / 3 - 2
+            ax.set_axis_on()
+            ax.set_xticks([])
+            ax.set_yticks([2 + (side + 2) * i + side / 2 for i in range(3)], ["clean", "input", "output"], fontsize=7)
+            ax.tick_params(length=0)
+            for spine in ax.spines.values():
+                spine.set_visible(False)
+    what = "test reconstructions" if wide else "decoded one-hot codes (learned features)"
+    fig.suptitle(f"{what}, one run per setting", fontsize=10)
+    return save(fig, out / f"compare_{name}.png")
+
+
 def make_plots(rows: list[Row], jobs: list[Job], keys: list[str], out: Path) -> list[Path]:
     numeric = [k for k in keys if all(is_number(r.setting[k]) for r in rows)]
     paths = [metrics_vs(rows, k, out) for k in numeric]
@@ -166,6 +206,6 @@ def make_plots(rows: list[Row], jobs: list[Job], keys: list[str], out: Path) -> 
         paths.append(robustness_heatmap(rows, out))
     labels = {job.path: row.label + (f" seed={job.overrides[SEED]}" if SEED in job.overrides else "")
               for row in rows for job in row.jobs}
-    curves = loss_curves(jobs, labels, out)
-    return paths + ([curves] if curves else [])
+    drawn = [loss_curves(jobs, labels, out), *(side_by_side(rows, name, out) for name in ("reconstructions", "features"))]
+    return paths + [path for path in drawn if path]
 

@@ -201,10 +201,12 @@ def report(sweep_dir: Path) -> dict:
     shown = [n for m in shown for n in ([x for x in metrics if x.startswith("mse_")] if m == "mse_*" else [m])]
     print_table(rows, keys, shown, title=f"aelab report: {sweep_dir} ({len(jobs)} runs)")
     failed = [f"- {name}: {why}" for name, why in unfinished_jobs(sweep_dir)]  # said, not dropped
+    from .console import console
     if failed:
-        from .console import console
         console.print(f"{len(failed)} job(s) without results:\n" + "\n".join(failed), markup=False, highlight=False,
                       soft_wrap=True)
     csv_path, md_path = write_tables(rows, keys, metrics, failed, sweep_dir)
     plots = make_plots(rows, jobs, [k for k in keys if k != SEED_KEY], sweep_dir)
+    console.print(f"wrote {', '.join(p.name for p in [csv_path, md_path, *plots])} in {sweep_dir}", markup=False,
+                  highlight=False, soft_wrap=True)
     return {"jobs": len(jobs), "rows": len(rows), "swept": keys, "files": [csv_path, md_path, *plots]}

@@ -45,11 +45,39 @@ def test_report_folds_seeds_and_writes_table_csv_markdown_plots(sweep):
     assert "…" not in proc.stdout and all(cell in proc.stdout for cell in mse_cells)  # piped: no cell cut short
     pngs = sorted(sweep.glob("*.png"))
     names = {p.name for p in pngs}
-    assert {"metrics_vs_reg.weight.png", "recon_vs_sparsity.png", "loss_curves.png"} <= names
+    assert {"metrics_vs_reg.weight.png", "recon_vs_sparsity.png", "loss_curves.png", "compare_reconstructions.png",
+            "compare_features.png"} <= names
     for png in pngs:
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
         with Image.open(png) as image:
             assert image.width >= 400 and image.height >= 300
+    wrote = proc.stdout.strip().splitlines()[-1]  # where the files went, said last
+    assert wrote.startswith("wrote report.csv, report.md, ") and wrote.endswith(f" in {sweep}")
+    written = {name.strip() for name in wrote[len("wrote "):-len(f" in {sweep}")].split(",")}
+    assert written == {"report.csv", "report.md"} | names
+
+
+def test_side_by_side_shows_each_settings_own_pictures(sweep, tmp_path, monkeypatch):
+    """compare_reconstructions.png / compare_features.png: one panel per setting, titled with it, showing
+    the pixels of the picture its first run wrote; fewer than two settings: no comparison drawn."""
+    import numpy as np
+    from aelab import plots
+    from aelab.report import fold, load_jobs, swept_keys
+
+    jobs = load_jobs(sweep)
+    rows = fold(jobs, swept_keys(jobs))
+    drawn = {}
+    monkeypatch.setattr(plots, "save", lambda fig, path: drawn.setdefault(path.name, fig) and path)
+    for name in ("reconstructions", "features"):
+        assert plots.side_by_side(rows, name, tmp_path) == tmp_path / f"compare_{name}.png"
+        panels = [ax for ax in drawn[f"compare_{name}.png"].axes if ax.images]
+        assert [ax.get_title() for ax in panels] == [f"{row.label} (2 seeds: the first)" for row in rows]
+        for ax, row in zip(panels, rows):
+            with Image.open(row.jobs[0].path / f"{name}.png") as own:
+                assert np.array_equal(ax.images[0].get_array(), np.asarray(own.convert("L")))
+        assert plots.side_by_side(rows[:1], name, tmp_path) is None
+    strip = next(ax for ax in drawn["compare_reconstructions.png"].axes if ax.images)
+    assert [t.get_text() for t in strip.get_yticklabels()] == ["clean", "input", "output"]
 
 
 def _pairs(sweep):
