@@ -1,6 +1,7 @@
 """The report's pictures, chosen from what a sweep varied; every axis labelled, every line named."""
 from __future__ import annotations
 
+import textwrap
 from collections import defaultdict
 from pathlib import Path
 
@@ -62,27 +63,41 @@ def metrics_vs(rows: list[Row], key: str, out: Path, panels=PANELS) -> Path:
 
 
 def metrics_by(rows: list[Row], key: str, out: Path, panels=PANELS) -> Path:
-    """Bars per option of a categorical swept key (loss=mse,bce,mae; reg=l1,kl; ...)."""
+    """A bar per setting of a categorical swept key (loss=mse,bce,mae; reg=l1,kl; ...), mean ± std over
+    seeds; horizontal, the settings written out once on the left, so long ones are read whole."""
     plt = pyplot()
     panels = [m for m in panels if any(r.values(m) for r in rows)]
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.6), squeeze=False)
+    names = [textwrap.fill(r.label, 44) for r in rows]
+    height = 1.4 + 0.17 * sum(name.count("\n") + 1 for name in names) + 0.08 * len(rows)
+    fig, axes = plt.subplots(1, len(panels), figsize=(3.3 * len(panels) + 2.8, max(3.0, height)), sharey=True,
+                             squeeze=False)
     for ax, metric in zip(axes[0], panels):
         stats = [r.mean_std(metric) for r in rows]
-        ax.bar(range(len(rows)), [m for m, _ in stats], yerr=[s for _, s in stats], capsize=3, color="tab:blue")
-        ax.set_xticks(range(len(rows)), [r.label for r in rows], rotation=30, ha="right", fontsize=7)
-        ax.set(xlabel=key, ylabel=LABELS.get(metric, metric), title=LABELS.get(metric, metric))
+        ax.barh(range(len(rows)), [m for m, _ in stats], xerr=[s for _, s in stats], capsize=3, color="tab:blue")
+        ax.set(xlabel=LABELS.get(metric, metric))
+        ax.set_title(LABELS.get(metric, metric), fontsize=10)
+    axes[0][0].set_yticks(range(len(rows)), names, fontsize=7)
+    axes[0][0].set_ylim(len(rows) - 0.5, -0.5)  # the first setting on top, as in the table
+    axes[0][0].set_ylabel(key)
     return save(fig, out / f"metrics_by_{key}.png")
 
 
 def trade_off(rows: list[Row], x_metric: str, name: str, out: Path) -> Path:
-    """Reconstruction error against a regularization effect, one point per setting, labelled."""
+    """Reconstruction error against a regularization effect, one point per setting, labelled: by its
+    setting beside the point, or where settings are long, by a number keyed in a legend below."""
     plt = pyplot()
-    fig, ax = plt.subplots(figsize=(5.5, 4.2))
-    for row in rows:
+    numbered = max(len(row.label) for row in rows) > 24
+    keyed = sum(textwrap.fill(row.label, 70).count("\n") + 1 for row in rows) if numbered else 0
+    fig, ax = plt.subplots(figsize=(6.5 if numbered else 5.5, 4.2 + 0.13 * keyed))
+    for number, row in enumerate(rows, 1):
         (x, _), (y, _) = row.mean_std(x_metric), row.mean_std("mse")
-        ax.scatter(x, y, color="tab:purple")
-        ax.annotate(row.label, (x, y), fontsize=7, xytext=(4, 4), textcoords="offset points")
+        ax.scatter(x, y, color="tab:purple", label=f"{number}: {textwrap.fill(row.label, 70)}" if numbered else None)
+        ax.annotate(str(number) if numbered else row.label, (x, y), fontsize=7, xytext=(4, 4),
+                    textcoords="offset points")
     ax.set(xlabel=LABELS[x_metric], ylabel=LABELS["mse"], title=f"Reconstruction vs {LABELS[x_metric]}")
+    if numbered:
+        ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.16), fontsize=6, handlelength=0, markerscale=0,
+                  frameon=False)
     return save(fig, out / f"{name}.png")
 
 
@@ -206,6 +221,7 @@ def make_plots(rows: list[Row], jobs: list[Job], keys: list[str], out: Path) -> 
         paths.append(robustness_heatmap(rows, out))
     labels = {job.path: row.label + (f" seed={job.overrides[SEED]}" if SEED in job.overrides else "")
               for row in rows for job in row.jobs}
-    drawn = [loss_curves(jobs, labels, out), *(side_by_side(rows, name, out) for name in ("reconstructions", "features"))]
+    drawn = [loss_curves(jobs, labels, out), side_by_side(rows, "reconstructions", out),
+             side_by_side(rows, "features", out)]
     return paths + [path for path in drawn if path]
 

@@ -80,6 +80,36 @@ def test_side_by_side_shows_each_settings_own_pictures(sweep, tmp_path, monkeypa
     assert [t.get_text() for t in strip.get_yticklabels()] == ["clean", "input", "output"]
 
 
+def test_long_settings_are_drawn_whole(tmp_path, monkeypatch):
+    """`aelab report outputs` over runs that differ in many keys: every bar's setting is written out whole
+    (was cut off by the figure's edge, with a tight-layout warning per plot), and the trade-off plot
+    numbers its points and keys them below."""
+    import warnings
+    from aelab import plots
+    from aelab.report import Job, Row
+
+    settings = [{"trainer.epochs": str(e), "model.hidden": "[256, 128]", "model": "sparse_l1", "reg.weight": w,
+                 "experiment": "l1_sweep", "reg": "l1"} for e in (2, 30) for w in ("0.001", "0.1", "1")]
+    rows = [Row(s, [Job(Path(str(n)), s, {}, {"mse": 0.01 * n, "population_sparsity": 0.1 * n, "sensitivity": n,
+                                               "probe_latent": 0.9})]) for n, s in enumerate(settings)]
+    drawn = {}
+    real_save = plots.save
+
+    def save(fig, path):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # matplotlib warns when the labels do not fit
+            drawn[path.name] = [[t.get_text() for t in ax.get_yticklabels()] for ax in fig.axes], [
+                t.get_text() for ax in fig.axes if ax.get_legend() for t in ax.get_legend().get_texts()]
+            return real_save(fig, path)
+    monkeypatch.setattr(plots, "save", save)
+    plots.metrics_by(rows, "reg.weight", tmp_path)
+    plots.trade_off(rows, "population_sparsity", "recon_vs_sparsity", tmp_path)
+    ticks, _ = drawn["metrics_by_reg.weight.png"]
+    assert [" ".join(t.split()) for t in ticks[0]] == [row.label for row in rows]
+    _, keyed = drawn["recon_vs_sparsity.png"]
+    assert [" ".join(t.split()) for t in keyed] == [f"{n}: {row.label}" for n, row in enumerate(rows, 1)]
+
+
 def _pairs(sweep):
     """Per reg.weight, the test MSE of its two seeds, read from each job's own files."""
     found = {}
