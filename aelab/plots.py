@@ -30,7 +30,7 @@ def by_other_keys(rows: list[Row], key: str) -> dict[str, list[Row]]:
     """Rows grouped into one line per setting of the other swept keys."""
     lines = defaultdict(list)
     for row in rows:
-        rest = ", ".join(f"{k}={v}" for k, v in row.setting.items() if k != key)
+        rest = ", ".join(f"{k}={v}" for k, v in row.shown.items() if k != key)
         lines[rest].append(row)
     return lines
 

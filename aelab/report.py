@@ -64,8 +64,23 @@ class Row:
         return mean, std
 
     @property
+    def shown(self) -> dict[str, str]:
+        """The setting as the table and the plots show it: sampled numbers cut to 4 significant digits."""
+        return {k: short(v) for k, v in self.setting.items()}
+
+    @property
     def label(self) -> str:
-        return ", ".join(f"{k}={v}" for k, v in self.setting.items()) or "run"
+        return ", ".join(f"{k}={v}" for k, v in self.shown.items()) or "run"
+
+
+def short(value: str) -> str:
+    """An Optuna sample's 0.0015676677195506068 as 0.001568; what was typed (1e-3, 0.25, an integer) as it was.
+    report.csv keeps every value whole."""
+    try:
+        number = float(value)
+    except ValueError:
+        return value
+    return f"{number:.4g}" if len(value) > 8 and "." in value and math.isfinite(number) else value
 
 
 def load_jobs(sweep_dir: Path) -> list[Job]:
@@ -152,7 +167,7 @@ def write_tables(rows: list[Row], keys: list[str], metrics: list[str], failed: l
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in rows:
         cells = [fmt(*row.mean_std(m), len(row.values(m))) for m in metrics]
-        lines.append("| " + " | ".join([*row.setting.values(), str(len(row.jobs)), *cells]) + " |")
+        lines.append("| " + " | ".join([*row.shown.values(), str(len(row.jobs)), *cells]) + " |")
     if failed:
         lines += ["", "Jobs without results:", "", *failed]
     md_path.write_text("\n".join(lines) + "\n")
@@ -172,7 +187,7 @@ def print_table(rows: list[Row], keys: list[str], metrics: list[str], title: str
     for m in metrics:
         table.add_column(SHORT.get(m, m.replace("mse_", "mse ")), justify="right", overflow="fold")
     for row in rows:
-        table.add_row(*map(escape, row.setting.values()), str(len(row.jobs)),
+        table.add_row(*map(escape, row.shown.values()), str(len(row.jobs)),
                       *(fmt(*row.mean_std(m), len(row.values(m))) for m in metrics))
     if console.is_terminal:
         console.print(table)

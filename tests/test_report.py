@@ -80,6 +80,21 @@ def test_side_by_side_shows_each_settings_own_pictures(sweep, tmp_path, monkeypa
     assert [t.get_text() for t in strip.get_yticklabels()] == ["clean", "input", "output"]
 
 
+def test_sampled_values_are_shown_short_and_kept_whole(tmp_path):
+    """An Optuna trial's reg.weight=0.0015676677195506068: 0.001568 in the table, Markdown and plots,
+    whole in report.csv; typed values (1e-3, 0.25, mse) as typed."""
+    from aelab.report import Job, Row, short, write_tables
+
+    assert [short(v) for v in ("0.0015676677195506068", "0.35759468318620974", "1e-3", "0.25", "mse", "[256, 128]",
+                               "123456789")] == ["0.001568", "0.3576", "1e-3", "0.25", "mse", "[256, 128]", "123456789"]
+    setting = {"reg.weight": "0.0015676677195506068", "loss": "mse"}
+    row = Row(setting, [Job(Path("0"), setting, {}, {"mse": 0.5})])
+    assert row.label == "reg.weight=0.001568, loss=mse"
+    csv_path, md_path = write_tables([row], list(setting), ["mse"], [], tmp_path)
+    assert csv_path.read_text().splitlines()[1].startswith("0.0015676677195506068,mse,1,0.5,")
+    assert md_path.read_text().splitlines()[2] == "| 0.001568 | mse | 1 | 0.5 |"
+
+
 def test_long_settings_are_drawn_whole(tmp_path, monkeypatch):
     """`aelab report outputs` over runs that differ in many keys: every bar's setting is written out whole
     (was cut off by the figure's edge, with a tight-layout warning per plot), and the trade-off plot
