@@ -36,29 +36,50 @@ def by_other_keys(rows: list[Row], key: str) -> dict[str, list[Row]]:
 
 
 def save(fig, path: Path) -> Path:
-    fig.tight_layout()
+    if fig.get_layout_engine() is None:  # a figure with a legend below its panels lays itself out
+        fig.tight_layout()
     fig.savefig(path, dpi=110)
     pyplot().close(fig)
     return path
+
+
+def line_style(number: int) -> dict:
+    """The number-th line's colour, and past ten lines (the colours' cycle) its dash: no two alike."""
+    return {"color": f"C{number % 10}", "linestyle": ("-", "--", ":", "-.")[number // 10 % 4]}
+
+
+def legend_below(labels: list[str], width: float) -> tuple[list[str], int, float]:
+    """A figure's one legend, under its panels (a legend per panel covered the lines and was cut off by
+    the figure's edge when settings are long): (the labels, wrapped to fit; columns; inches it takes)."""
+    if not labels:
+        return [], 1, 0.0
+    chars = int(width * 16)  # about the characters of 7-point text an inch holds, less the line sample
+    cols = max(1, min(4, chars // (max(map(len, labels)) + 8)))
+    wrapped = [textwrap.fill(label, chars - 8) for label in labels] if cols == 1 else labels
+    lines = sum(label.count("\n") + 1 for label in wrapped) if cols == 1 else -(-len(labels) // cols)
+    return wrapped, cols, 0.3 + 0.15 * lines
 
 
 def metrics_vs(rows: list[Row], key: str, out: Path, panels=PANELS) -> Path:
     """Each metric against a numeric swept value, mean ± std over seeds, one line per other setting."""
     plt = pyplot()
     panels = [m for m in panels if any(r.values(m) for r in rows)]
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.6), squeeze=False)
+    lines = by_other_keys(rows, key)
+    labels, cols, below = legend_below([label for label in lines if label], 4.2 * len(panels))
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.6 + below), squeeze=False,
+                             layout="constrained" if labels else None)
     xs_all = [float(r.setting[key]) for r in rows]
     for ax, metric in zip(axes[0], panels):
-        for label, line in by_other_keys(rows, key).items():
+        for number, line in enumerate(lines.values()):
             line = sorted(line, key=lambda r: float(r.setting[key]))
             stats = [r.mean_std(metric) for r in line]
             ax.errorbar([float(r.setting[key]) for r in line], [m for m, _ in stats], yerr=[s for _, s in stats],
-                        marker="o", capsize=3, label=label or None)
+                        marker="o", capsize=3, **line_style(number))
         if wants_log_x(key, xs_all):
             ax.set_xscale("log")
         ax.set(xlabel=key, ylabel=LABELS.get(metric, metric), title=LABELS.get(metric, metric))
-        if ax.get_legend_handles_labels()[1]:
-            ax.legend(fontsize=7)
+    if labels:
+        fig.legend(axes[0][0].containers, labels, loc="outside lower center", ncol=cols, fontsize=7)
     return save(fig, out / f"metrics_vs_{key}.png")
 
 
@@ -147,22 +168,24 @@ def loss_curves(jobs: list[Job], labels: dict[Path, str], out: Path) -> Path | N
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     plt = pyplot()
-    fig, (train_ax, val_ax) = plt.subplots(1, 2, figsize=(11, 4.2))
-    drawn = 0
-    for job in jobs:
+    shown, cols, below = legend_below([labels[job.path] for job in jobs], 11)
+    fig, (train_ax, val_ax) = plt.subplots(1, 2, figsize=(11, 4.2 + below), layout="constrained")
+    drawn, named = 0, {}
+    for job, label in zip(jobs, shown):
         events = EventAccumulator(str(job.path), size_guidance={"scalars": 0})
         events.Reload()
+        style = line_style(len(named))
         for ax, tag in ((train_ax, "train/total"), (val_ax, "val/total")):
             if tag in events.Tags()["scalars"]:
                 points = events.Scalars(tag)
-                ax.plot([p.step for p in points], [p.value for p in points], label=labels[job.path])
+                named[label], = ax.plot([p.step for p in points], [p.value for p in points], **style)
                 drawn += 1
     if not drawn:
         pyplot().close(fig)
         return None
     for ax, title in ((train_ax, "training loss"), (val_ax, "validation loss")):
         ax.set(xlabel="optimizer step", ylabel="total loss", title=title, yscale="log")
-    val_ax.legend(fontsize=6, ncol=1 + len(jobs) // 12)
+    fig.legend(list(named.values()), list(named), loc="outside lower center", ncol=cols, fontsize=7)
     return save(fig, out / "loss_curves.png")
 
 
@@ -184,15 +207,18 @@ def side_by_side(rows: list[Row], name: str, out: Path) -> Path | None:
     with Image.open(found[0][1]) as first:
         aspect = first.height / first.width
     width = 6.0 if wide else 2.6
-    fig, axes = plt.subplots(lines, cols, figsize=(width * cols, (width * aspect + 0.45) * lines), squeeze=False)
+    titles = [textwrap.fill(row.label + (f" ({len(row.jobs)} seeds: the first)" if len(row.jobs) > 1 else ""),
+                            int(width * 15)) for row, _ in found]  # about the characters a panel's width holds
+    title_height = 0.25 + 0.14 * max(title.count("\n") + 1 for title in titles)
+    fig, axes = plt.subplots(lines, cols, figsize=(width * cols, (width * aspect + title_height) * lines),
+                             squeeze=False)
     for ax in axes.flat:
         ax.set_axis_off()
-    for ax, (row, path) in zip(axes.flat, found):
+    for ax, (row, path), title in zip(axes.flat, found, titles):
         with Image.open(path) as image:
             pixels = np.asarray(image.convert("L"))
         ax.imshow(pixels, cmap="gray", vmin=0, vmax=255, interpolation="nearest")
-        seeds = f" ({len(row.jobs)} seeds: the first)" if len(row.jobs) > 1 else ""
-        ax.set_title(row.label + seeds, fontsize=8)
+        ax.set_title(title, fontsize=8)
         if wide:  # make_grid's layout: 2 px padding around each image
             side = (pixels.shape[0] - 2) / 3 - 2
             ax.set_axis_on()

@@ -37,8 +37,9 @@ class Job:
     def value(self, key: str) -> str:
         """Its value for an override key: as typed where the job set it, else what it ran with (the
         default): runs that set different keys (loss=bce in one, reg=l1 in the other) compare in full."""
-        if key in self.overrides:
-            return self.overrides[key]
+        if key in self.overrides:  # true as typed, True as Optuna's sweeper records it: one value
+            value = self.overrides[key]
+            return value.lower() if value.lower() in ("true", "false") else value
         if key in self.choices:
             return self.choices[key]
         node = self.config

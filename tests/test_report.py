@@ -125,6 +125,38 @@ def test_long_settings_are_drawn_whole(tmp_path, monkeypatch):
     assert [" ".join(t.split()) for t in keyed] == [f"{n}: {row.label}" for n, row in enumerate(rows, 1)]
 
 
+def test_many_long_lines_get_one_legend_below_and_no_two_alike(tmp_path, monkeypatch):
+    """metrics_vs over twelve other settings, each long: one legend under the panels naming each line
+    whole (a legend in every panel covered the lines and ran off the figure), and the lines past the
+    colour cycle's ten told apart by their dash."""
+    import warnings
+    from aelab import plots
+    from aelab.report import Job, Row
+
+    rows = []
+    for epochs in range(1, 13):
+        for weight in ("0.001", "0.1"):
+            setting = {"trainer.epochs": str(epochs), "model.hidden": "[256, 128]", "experiment": "l1_sweep",
+                       "reg.weight": weight}
+            rows.append(Row(setting, [Job(Path(f"{epochs}-{weight}"), setting, {}, {"mse": 0.01 * epochs})]))
+    seen = {}
+    real_save = plots.save
+
+    def save(fig, path):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            seen["legends"] = [[t.get_text() for t in legend.get_texts()] for legend in fig.legends]
+            seen["per_panel"] = [ax.get_legend() for ax in fig.axes]
+            seen["styles"] = [(c.lines[0].get_color(), c.lines[0].get_linestyle()) for c in fig.axes[0].containers]
+            return real_save(fig, path)
+    monkeypatch.setattr(plots, "save", save)
+    plots.metrics_vs(rows, "reg.weight", tmp_path, panels=("mse",))
+    (legend,) = seen["legends"]
+    assert [" ".join(t.split()) for t in legend] == [
+        f"trainer.epochs={e}, model.hidden=[256, 128], experiment=l1_sweep" for e in range(1, 13)]
+    assert seen["per_panel"] == [None] and len(set(seen["styles"])) == 12
+
+
 def _pairs(sweep):
     """Per reg.weight, the test MSE of its two seeds, read from each job's own files."""
     found = {}
@@ -157,6 +189,10 @@ def test_a_key_a_job_did_not_set_shows_what_it_ran_with():
         {"loss": "bce", "reg": "none", "reg.weight": "0.0", "eval.probe": "false"},
         {"loss": "mse", "reg": "l1", "reg.weight": "0.1", "eval.probe": "true"}]
     assert fmt(float("nan"), float("nan"), 0) == "-"  # no job of the row has the metric
+    optuna = Job(Path("c"), {"reg": "l1", "reg.weight": "0.1", "eval.probe": "True"}, config, {"mse": 0.3},
+                 {"loss": "mse", "reg": "l1"})
+    assert optuna.value("eval.probe") == "true"  # Optuna's sweeper records True: the same setting as true
+    assert len(fold([l1, optuna], keys)) == 1
 
 
 def test_a_job_whose_metrics_cannot_be_read_is_listed_not_a_traceback(sweep, tmp_path):
