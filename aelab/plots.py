@@ -170,22 +170,24 @@ def loss_curves(jobs: list[Job], labels: dict[Path, str], out: Path) -> Path | N
     plt = pyplot()
     shown, cols, below = legend_below([labels[job.path] for job in jobs], 11)
     fig, (train_ax, val_ax) = plt.subplots(1, 2, figsize=(11, 4.2 + below), layout="constrained")
-    drawn, named = 0, {}
+    drawn = []  # (label, line) per run with curves; two runs of one setting are two entries
     for job, label in zip(jobs, shown):
         events = EventAccumulator(str(job.path), size_guidance={"scalars": 0})
         events.Reload()
-        style = line_style(len(named))
+        style, line = line_style(len(drawn)), None
         for ax, tag in ((train_ax, "train/total"), (val_ax, "val/total")):
             if tag in events.Tags()["scalars"]:
                 points = events.Scalars(tag)
-                named[label], = ax.plot([p.step for p in points], [p.value for p in points], **style)
-                drawn += 1
+                line, = ax.plot([p.step for p in points], [p.value for p in points], **style)
+        if line is not None:
+            drawn.append((label, line))
     if not drawn:
         pyplot().close(fig)
         return None
     for ax, title in ((train_ax, "training loss"), (val_ax, "validation loss")):
         ax.set(xlabel="optimizer step", ylabel="total loss", title=title, yscale="log")
-    fig.legend(list(named.values()), list(named), loc="outside lower center", ncol=cols, fontsize=7)
+    fig.legend([line for _, line in drawn], [label for label, _ in drawn], loc="outside lower center", ncol=cols,
+               fontsize=7)
     return save(fig, out / "loss_curves.png")
 
 

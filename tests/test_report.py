@@ -125,6 +125,31 @@ def test_long_settings_are_drawn_whole(tmp_path, monkeypatch):
     assert [" ".join(t.split()) for t in keyed] == [f"{n}: {row.label}" for n, row in enumerate(rows, 1)]
 
 
+def test_loss_curves_name_every_run_even_two_of_one_setting(sweep, tmp_path, monkeypatch):
+    """Two runs labelled alike (aelab report outputs over repeated runs) are two lines and two legend
+    entries, each line the run's own train/total from its TensorBoard events."""
+    from aelab import plots
+    from aelab.report import load_jobs
+
+    jobs = load_jobs(sweep)[:2]
+    seen = {}
+    real_save = plots.save
+
+    def save(fig, path):
+        seen["legend"] = [t.get_text() for t in fig.legends[0].get_texts()]
+        seen["train"] = [(list(line.get_ydata()), line.get_color()) for line in fig.axes[0].lines]
+        return real_save(fig, path)
+    monkeypatch.setattr(plots, "save", save)
+    assert plots.loss_curves(jobs, {job.path: "reg.weight=0.001" for job in jobs}, tmp_path) == tmp_path / (
+        "loss_curves.png")
+    assert seen["legend"] == ["reg.weight=0.001", "reg.weight=0.001"]
+    for job, (values, _) in zip(jobs, seen["train"]):
+        events = EventAccumulator(str(job.path), size_guidance={"scalars": 0})
+        events.Reload()
+        assert values == pytest.approx([p.value for p in events.Scalars("train/total")])
+    assert seen["train"][0][1] != seen["train"][1][1]
+
+
 def test_many_long_lines_get_one_legend_below_and_no_two_alike(tmp_path, monkeypatch):
     """metrics_vs over twelve other settings, each long: one legend under the panels naming each line
     whole (a legend in every panel covered the lines and ran off the figure), and the lines past the
