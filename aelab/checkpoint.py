@@ -1,7 +1,6 @@
 """Checkpoints that resume bit for bit: model, optimizer, RNG streams and the place in the epoch."""
 from __future__ import annotations
 
-import os
 import pickle
 import zipfile
 from dataclasses import asdict, dataclass
@@ -14,6 +13,7 @@ from torch import Tensor
 
 from .build import Parts
 from .registry import ConfigError
+from .runs import write_whole
 
 FILE = "checkpoint.pt"
 
@@ -37,9 +37,7 @@ def save(parts: Parts, cfg: DictConfig, pos: Position, run_dir: Path) -> Path:
              "rng": {"cpu": torch.get_rng_state(),
                      "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}}
     path = run_dir / FILE
-    tmp = path.with_name(f".{FILE}.tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    write_whole(path, lambda tmp: torch.save(state, tmp))
     return path
 
 

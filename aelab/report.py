@@ -84,16 +84,18 @@ def short(value: str) -> str:
     return f"{number:.4g}" if len(value) > 8 and "." in value and math.isfinite(number) else value
 
 
-def load_jobs(sweep_dir: Path) -> list[Job]:
-    """Every finished job below sweep_dir: a metrics.json beside Hydra's .hydra/ record."""
-    jobs = []
+def load_jobs(sweep_dir: Path) -> tuple[list[Job], dict[Path, str]]:
+    """Every finished job below sweep_dir (a metrics.json beside Hydra's .hydra/ record), and each
+    metrics.json that cannot be read, with why: every file read once."""
+    jobs, unreadable = [], {}
     for metrics_path in sorted(sweep_dir.glob("**/metrics.json")):
         hydra_dir = metrics_path.parent / ".hydra"
-        if not (hydra_dir / "overrides.yaml").is_file():
-            continue
         try:
             record = read_results(metrics_path.parent)
-        except ConfigError:  # listed by unfinished_jobs with why, under the table
+        except ConfigError as e:  # listed by unfinished_jobs, under the table
+            unreadable[metrics_path.parent] = e.message
+            continue
+        if not (hydra_dir / "overrides.yaml").is_file():
             continue
         overrides = override_values(yaml.safe_load((hydra_dir / "overrides.yaml").read_text()) or [])
         metrics = {**record["test"], "val_total": record["val"]["total"]}
@@ -102,26 +104,22 @@ def load_jobs(sweep_dir: Path) -> list[Job]:
         choices = {k: str(v) for k, v in ran["hydra"]["runtime"]["choices"].items()} if ran else {}
         jobs.append(Job(metrics_path.parent, overrides, config, metrics, choices))
     if not jobs:
-        unfinished = unfinished_jobs(sweep_dir)
+        unfinished = unfinished_jobs(sweep_dir, unreadable)
         if unfinished:
             raise ConfigError(f"no finished jobs under {sweep_dir} yet; {len(unfinished)} without results: "
                               + "; ".join(f"{name}: {why}" for name, why in unfinished), "SWEEP_DIR")
         raise ConfigError(f"no finished jobs (metrics.json with .hydra/overrides.yaml) under {sweep_dir}; "
                           f"pass the folder of an `aelab train -m` sweep", "SWEEP_DIR")
-    return jobs
+    return jobs, unreadable
 
 
-def unfinished_jobs(sweep_dir: Path) -> list[tuple[str, str]]:
+def unfinished_jobs(sweep_dir: Path, unreadable: dict[Path, str]) -> list[tuple[str, str]]:
     """(job dir relative to sweep_dir, why it has no results): its error, for a job that stopped on a
-    NaN or inf loss (failed.json) or whose metrics.json cannot be read; for one stopped before its end
-    (a checkpoint only), how to go on."""
+    NaN or inf loss (failed.json) or whose metrics.json cannot be read (`unreadable`, from load_jobs);
+    for one stopped before its end (a checkpoint only), how to go on."""
     failed = {path.parent: read_json(path, "remove it and rerun the job").get("error", "diverged")
               for path in sweep_dir.glob(f"**/{FAILED}")}
-    for path in sweep_dir.glob("**/metrics.json"):
-        try:
-            read_results(path.parent)
-        except ConfigError as e:
-            failed[path.parent] = e.message
+    failed.update(unreadable)
     stopped = {path.parent: f"stopped before it finished (checkpoint.pt, no metrics.json); continue the sweep: "
                             f"aelab train resume={shlex.quote(str(sweep_dir))}"
                for path in sweep_dir.glob("**/checkpoint.pt")
@@ -209,14 +207,14 @@ def report(sweep_dir: Path) -> dict:
     """Load, fold, print, and write report.csv, report.md and the plots into sweep_dir."""
     from .plots import make_plots
 
-    jobs = load_jobs(sweep_dir)
+    jobs, unreadable = load_jobs(sweep_dir)
     keys = swept_keys(jobs)
     rows = fold(jobs, keys)
     metrics = metric_names(jobs)
     shown = [m for m in shown_metrics(keys) if m in metrics or m == "mse_*"]
     shown = [n for m in shown for n in ([x for x in metrics if x.startswith("mse_")] if m == "mse_*" else [m])]
     print_table(rows, keys, shown, title=f"aelab report: {sweep_dir} ({len(jobs)} runs)")
-    failed = [f"- {name}: {why}" for name, why in unfinished_jobs(sweep_dir)]  # said, not dropped
+    failed = [f"- {name}: {why}" for name, why in unfinished_jobs(sweep_dir, unreadable)]  # said, not dropped
     from .console import console
     if failed:
         console.print(f"{len(failed)} job(s) without results:\n" + "\n".join(failed), markup=False, highlight=False,

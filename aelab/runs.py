@@ -8,6 +8,7 @@ import shlex
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Callable
 
 import yaml
 from omegaconf import DictConfig
@@ -23,11 +24,16 @@ RESUME_MAY_CHANGE = ("trainer.epochs", "trainer.log_every", "trainer.cuda_graph"
 INFO_FLAGS = ("--help", "-h", "--hydra-help", "--cfg", "-c", "--info", "-i", "--version", "--shell-completion", "-sc")
 
 
-def write_json(path: Path, record: dict) -> None:
-    """Written to a temporary file, then renamed: a crash or a full disk never leaves half a record."""
+def write_whole(path: Path, write: Callable[[Path], object]) -> None:
+    """`write` fills a temporary file, which is then renamed to `path`: a crash or a full disk never
+    leaves half a file (a checkpoint, a JSON record) in place of a good one."""
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(record, indent=2) + "\n")
+    write(tmp)
     os.replace(tmp, path)
+
+
+def write_json(path: Path, record: dict) -> None:
+    write_whole(path, lambda tmp: tmp.write_text(json.dumps(record, indent=2) + "\n"))
 
 
 def read_json(path: Path, fix: str) -> dict:

@@ -64,7 +64,7 @@ def test_side_by_side_shows_each_settings_own_pictures(sweep, tmp_path, monkeypa
     from aelab import plots
     from aelab.report import fold, load_jobs, swept_keys
 
-    jobs = load_jobs(sweep)
+    jobs, _ = load_jobs(sweep)
     rows = fold(jobs, swept_keys(jobs))
     drawn = {}
     monkeypatch.setattr(plots, "save", lambda fig, path: drawn.setdefault(path.name, fig) and path)
@@ -131,7 +131,7 @@ def test_loss_curves_name_every_run_even_two_of_one_setting(sweep, tmp_path, mon
     from aelab import plots
     from aelab.report import load_jobs
 
-    jobs = load_jobs(sweep)[:2]
+    jobs = load_jobs(sweep)[0][:2]
     seen = {}
     real_save = plots.save
 
