@@ -124,8 +124,8 @@ def set_matmul_precision(tf32: bool) -> None:
 def eval_settings(node, image_shape: tuple[int, int, int]) -> EvalSettings:
     try:
         known_keys(node, EvalSettings, "eval")
-        noise = {name: build_part(f"noise.{name}", CORRUPTIONS, {"name": name, **dict(params or {})},
-                                  image_shape=image_shape) for name, params in node.noise.items()}
+        noise = {label: build_part(f"noise.{name}", CORRUPTIONS, {"name": name, **options}, image_shape=image_shape)
+                 for name, params in node.noise.items() for label, options in noise_entries(name, params)}
         return EvalSettings(threshold=number(node.threshold, "threshold"), noise=noise,
                             probe=flag(node.probe, "probe"),
                             probe_max_samples=number(node.probe_max_samples, "probe_max_samples", low=10,
@@ -133,6 +133,22 @@ def eval_settings(node, image_shape: tuple[int, int, int]) -> EvalSettings:
                             features=number(node.features, "features", low=1, integer=True))
     except ConfigError as e:
         raise e.within("eval") from None
+
+
+def noise_entries(name: str, params) -> list[tuple[str, dict]]:
+    """One `eval.noise` entry as (label, options) pairs: a list for one key measures each value, labelled
+    by it (`eval.noise.gaussian.noise_factor=[0.1,0.5]` → mse_gaussian_0.1 and mse_gaussian_0.5)."""
+    options = OmegaConf.to_container(params, resolve=True) if isinstance(params, DictConfig) else dict(params or {})
+    listed = [key for key, value in options.items() if isinstance(value, (list, tuple))]
+    if not listed:
+        return [(name, options)]
+    if len(listed) > 1:
+        raise ConfigError(f"a list of values for one key at most, got lists for {' and '.join(listed)}; "
+                          f"keep one list and give the others one value", f"noise.{name}")
+    key, values = listed[0], options[listed[0]]
+    if not values or len(set(map(str, values))) < len(values):
+        raise ConfigError(f"give one or more distinct values in the list; got {values}", f"noise.{name}.{key}")
+    return [(f"{name}_{value}", {**options, key: value}) for value in values]
 
 
 def check_contracts(model: Autoencoder, loss: ReconstructionLoss, penalty: Penalty) -> None:

@@ -19,6 +19,7 @@ from .regularizers import encoder_sensitivity
 
 RECON = ("mse", "bce", "mae")
 GRID_IMAGES = 8
+ACTIVITY = ("population_sparsity", "dead_fraction", "mean_activation")
 
 
 @torch.no_grad()
@@ -53,6 +54,13 @@ def sparsity(latent: Tensor, threshold: float) -> tuple[dict, Tensor]:
             "lifetime_sparsity": lifetime.mean().item(),
             "dead_fraction": (lifetime == 0).float().mean().item(),
             "mean_activation": latent.mean().item()}, lifetime
+
+
+def activity(parts: Parts, x: Tensor) -> dict[str, float]:
+    """Population sparsity, dead-unit fraction and mean activation of x's codes: logged each epoch on
+    the validation split, to follow how fast a penalty makes the code sparse (Exercise 3's dynamics)."""
+    found, _ = sparsity(codes(parts, x), parts.evaluation.threshold)
+    return {name: found[name] for name in ACTIVITY}
 
 
 def sensitivity(parts: Parts, x: Tensor) -> float:

@@ -123,71 +123,108 @@ def trade_off(rows: list[Row], x_metric: str, name: str, out: Path) -> Path:
 
 
 def noise_metrics(rows: list[Row]) -> list[str]:
-    """`mse` (clean test input) and every `mse_<noise>` the runs measured."""
-    return ["mse", *sorted({m for r in rows for j in r.jobs for m in j.metrics if m.startswith("mse_")})]
+    """`mse` (clean test input) and every `mse_<noise>` the runs measured, by name, then level
+    (mse_gaussian_0.1 before mse_gaussian_0.25 before mse_gaussian_1)."""
+    def order(metric: str) -> tuple[str, float]:
+        name, _, level = metric.rpartition("_")
+        return (name, float(level)) if is_number(level) else (metric, 0.0)
+    return ["mse", *sorted({m for r in rows for j in r.jobs for m in j.metrics if m.startswith("mse_")}, key=order)]
+
+
+def noise_name(metric: str) -> str:
+    return "none" if metric == "mse" else metric[4:]
 
 
 def denoising_vs_noise(rows: list[Row], out: Path) -> Path:
-    """Test MSE (against clean) under each test corruption, against the training noise level."""
+    """Test MSE (against clean) under each test corruption, against the training noise level; a panel per
+    setting of the other swept keys, the test corruptions keyed once on the right."""
     plt = pyplot()
     key = "corruption.noise_factor"
-    rows = sorted(rows, key=lambda r: float(r.setting[key]))
     metrics = noise_metrics(rows)
-    fig, ax = plt.subplots(figsize=(6, 4.2))
-    for metric in metrics:
-        stats = [r.mean_std(metric) for r in rows]
-        ax.errorbar([float(r.setting[key]) for r in rows], [m for m, _ in stats], yerr=[s for _, s in stats],
-                    marker="o", capsize=3, label="clean test input" if metric == "mse" else f"test {metric[4:]}")
-    ax.set(xlabel="training noise_factor (gaussian std)", ylabel="test MSE against clean input",
-           title="Denoising error vs training noise level")
-    ax.legend(fontsize=7)
+    panels = by_other_keys(rows, key)
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.6 * len(panels) + 1.6, 4.2), squeeze=False, sharey=True,
+                             layout="constrained")
+    for ax, (other, line) in zip(axes[0], panels.items()):
+        line = sorted(line, key=lambda r: float(r.setting[key]))
+        for number, metric in enumerate(metrics):
+            stats = [r.mean_std(metric) for r in line]
+            ax.errorbar([float(r.setting[key]) for r in line], [m for m, _ in stats], yerr=[s for _, s in stats],
+                        marker="o", capsize=3, **line_style(number))
+        ax.set(xlabel="training noise_factor (gaussian std)", title=textwrap.fill(other, 50) if other else None)
+    axes[0][0].set_ylabel("test MSE against clean input")
+    fig.suptitle("Denoising error vs training noise level", fontsize=11)
+    fig.legend(axes[0][0].containers, ["clean test input" if m == "mse" else f"test {noise_name(m)}" for m in metrics],
+               loc="outside right upper", fontsize=7, title="test input")
     return save(fig, out / "denoising_vs_noise.png")
 
 
 def robustness_heatmap(rows: list[Row], out: Path) -> Path:
-    """Train corruption (rows) x test corruption (columns): test MSE against clean inputs."""
+    """Training setting (rows) x test corruption (columns): test MSE against clean inputs. Each column's
+    lowest error is framed: the training setting that best handles that test input."""
+    from matplotlib.patches import Rectangle
+
     plt = pyplot()
     tests = noise_metrics(rows)
     grid = [[r.mean_std(m)[0] for m in tests] for r in rows]
-    fig, ax = plt.subplots(figsize=(1.6 * len(tests) + 2, 0.6 * len(rows) + 2))
-    image = ax.imshow(grid, cmap="viridis_r")
+    names = [textwrap.fill(r.label, 44) for r in rows]
+    height = 1.9 + 0.2 * sum(name.count("\n") + 1 for name in names) + 0.25 * len(rows)
+    fig, ax = plt.subplots(figsize=(0.85 * len(tests) + 0.065 * max(len(line) for name in names
+                                                                     for line in name.splitlines()) + 2.6, height),
+                           layout="constrained")
+    image = ax.imshow(grid, cmap="viridis_r", aspect="auto")
     low, high = image.get_clim()
     for i, line in enumerate(grid):
         for j, value in enumerate(line):
             dark = (value - low) / ((high - low) or 1) > 0.5  # viridis_r: high values are dark
-            ax.text(j, i, f"{value:.4f}", ha="center", va="center", fontsize=8, color="white" if dark else "black")
-    ax.set_xticks(range(len(tests)), ["none" if m == "mse" else m[4:] for m in tests])
-    ax.set_yticks(range(len(rows)), [r.label for r in rows], fontsize=8)
-    ax.set(xlabel="test corruption", ylabel="training setting", title="Test MSE against clean inputs")
+            ax.text(j, i, f"{value:.4f}", ha="center", va="center", fontsize=7, color="white" if dark else "black")
+    for j in range(len(tests)):
+        best = min(range(len(rows)), key=lambda i: grid[i][j])
+        ax.add_patch(Rectangle((j - 0.5, best - 0.5), 1, 1, fill=False, edgecolor="red", linewidth=2))
+    ax.set_xticks(range(len(tests)), [noise_name(m) for m in tests], rotation=30, ha="right", fontsize=8)
+    ax.set_yticks(range(len(rows)), names, fontsize=7)
+    ax.set(xlabel="test input", ylabel="training setting")
+    ax.set_title("Test MSE against clean inputs (framed: each column's lowest)", fontsize=10)
     fig.colorbar(image, ax=ax, label="MSE per element")
     return save(fig, out / "robustness_heatmap.png")
 
 
+CURVES = (  # (TensorBoard tag, panel title, y label, y scale) of loss_curves.png
+    ("train/total", "training loss", "total loss", "log"),
+    ("val/recon", "validation reconstruction", "reconstruction loss (val/recon)", "log"),
+    ("val/population_sparsity", "validation codes", "fraction of units active per sample", "linear"))
+
+
 def loss_curves(jobs: list[Job], labels: dict[Path, str], out: Path) -> Path | None:
-    """val/total and train/total per run, read back from each run's TensorBoard events."""
+    """Per run, from its TensorBoard events: the training loss, the validation reconstruction loss and,
+    where logged, the fraction of validation code units active: how fast each setting learns and how
+    fast its penalty makes the code sparse (Exercise 3's training dynamics)."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    plt = pyplot()
-    shown, cols, below = legend_below([labels[job.path] for job in jobs], 11)
-    fig, (train_ax, val_ax) = plt.subplots(1, 2, figsize=(11, 4.2 + below), layout="constrained")
-    drawn = []  # (label, line) per run with curves; two runs of one setting are two entries
-    for job, label in zip(jobs, shown):
+    series = []  # (label, {tag: (steps, values)}) per run with curves; two runs of one setting are two
+    for job in jobs:
         events = EventAccumulator(str(job.path), size_guidance={"scalars": 0})
         events.Reload()
-        style, line = line_style(len(drawn)), None
-        for ax, tag in ((train_ax, "train/total"), (val_ax, "val/total")):
-            if tag in events.Tags()["scalars"]:
-                points = events.Scalars(tag)
-                line, = ax.plot([p.step for p in points], [p.value for p in points], **style)
-        if line is not None:
-            drawn.append((label, line))
-    if not drawn:
-        pyplot().close(fig)
+        logged = events.Tags()["scalars"]
+        found = {tag: ([p.step for p in events.Scalars(tag)], [p.value for p in events.Scalars(tag)])
+                 for tag, *_ in CURVES if tag in logged}
+        if found:
+            series.append((labels[job.path], found))
+    if not series:
         return None
-    for ax, title in ((train_ax, "training loss"), (val_ax, "validation loss")):
-        ax.set(xlabel="optimizer step", ylabel="total loss", title=title, yscale="log")
-    fig.legend([line for _, line in drawn], [label for label, _ in drawn], loc="outside lower center", ncol=cols,
-               fontsize=7)
+    panels = [curve for curve in CURVES if any(curve[0] in found for _, found in series)]
+    plt = pyplot()
+    shown, cols, below = legend_below([label for label, _ in series], 4.6 * len(panels))
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.6 * len(panels), 4.2 + below), squeeze=False,
+                             layout="constrained")
+    lines = []
+    for number, (_, found) in enumerate(series):
+        for ax, (tag, *_) in zip(axes[0], panels):
+            if tag in found:
+                line, = ax.plot(*found[tag], **line_style(number))
+        lines.append(line)
+    for ax, (_, title, ylabel, scale) in zip(axes[0], panels):
+        ax.set(xlabel="optimizer step", ylabel=ylabel, title=title, yscale=scale)
+    fig.legend(lines, shown, loc="outside lower center", ncol=cols, fontsize=7)
     return save(fig, out / "loss_curves.png")
 
 
@@ -245,7 +282,7 @@ def make_plots(rows: list[Row], jobs: list[Job], keys: list[str], out: Path) -> 
         paths.append(trade_off(rows, "sensitivity", "recon_vs_sensitivity", out))
     if "corruption.noise_factor" in numeric:
         paths.append(denoising_vs_noise(rows, out))
-    if "corruption" in keys:
+    if "corruption" in keys or "corruption.noise_factor" in numeric:  # train noise x test noise
         paths.append(robustness_heatmap(rows, out))
     labels = {job.path: row.label + (f" seed={job.overrides[SEED]}" if SEED in job.overrides else "")
               for row in rows for job in row.jobs}

@@ -15,7 +15,7 @@ from .build import Parts, build, run_config
 from .checkpoint import Position
 from .faults import FiniteWatch, StopNow, StopSignals, environment
 from .logs import config_text, log_final, log_terms, save_pictures
-from .metrics import analyse, image_grid
+from .metrics import activity, analyse, image_grid
 from .objective import TERMS, batches, evaluate
 from .runs import read_results, write_json
 from .steps import Step, make_step
@@ -81,7 +81,7 @@ def run(cfg: DictConfig, run_dir: Path, resume: bool = False, job_num: int | Non
                 stop.exit(checkpoint.save(parts, cfg, pos, run_dir), pos.step)
             pos.epoch, pos.order = pos.epoch + 1, None
             val = evaluate(parts, parts.data.val.x)
-            log_terms(writer, "val", val, pos.step)
+            log_terms(writer, "val", {**val, **activity(parts, parts.data.val.x)}, pos.step)
             writer.add_image("val/clean_corrupted_reconstructed", image_grid(parts, parts.data.val.x), pos.step)
             checkpoint.save(parts, cfg, pos, run_dir)
             train = dict(zip(TERMS, (pos.epoch_sums / pos.seen).tolist()))

@@ -52,6 +52,10 @@ def test_splits_are_seeded_and_disjoint(make_cfg):
     (["optim.betas=[0.9]"], "optim.betas", "two numbers [beta1, beta2]"),
     (["optim=adamw", "optim.betas=0.9"], "optim.betas", "two numbers [beta1, beta2]"),
     (["optim.betas=[0.9,1.0]"], "optim.betas", "in [0, 1)"),
+    (["eval.noise.block.size=[2,3]", "eval.noise.block.count=[1,2]"], "eval.noise.block", "one key at most"),
+    (["eval.noise.gaussian.noise_factor=[]"], "eval.noise.gaussian.noise_factor", "one or more distinct values"),
+    (["eval.noise.gaussian.noise_factor=[0.1,0.1]"], "eval.noise.gaussian.noise_factor", "distinct"),
+    (["eval.noise.gaussian.noise_factor=[0.1,-1]"], "eval.noise.gaussian.noise_factor", "must be >= 0, got -1"),
 ])
 def test_bad_config_names_key(make_cfg, overrides, key, text):
     with pytest.raises(ConfigError) as err:

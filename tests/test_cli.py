@@ -61,6 +61,19 @@ def test_bce_kl_run_writes_events_metrics_and_checkpoint(tmp_path):
                                                         rel=1e-5)
     assert {"mse", "bce", "mae"} <= set(metrics["test"])
     assert (run_dir / ".hydra" / "config.yaml").exists() and (run_dir / "checkpoint.pt").exists()
+    # each epoch logs how sparse the validation codes are: the last equals the saved model's own
+    from aelab import checkpoint
+    from aelab.build import build, run_config
+    from aelab.metrics import codes
+    parts = build(run_config(run_dir, []))
+    checkpoint.load(parts, run_dir)
+    latent = codes(parts, parts.data.val.x)
+    active = latent > 0.1
+    expected = {"population_sparsity": active.float().mean().item(), "mean_activation": latent.mean().item(),
+                "dead_fraction": (active.sum(0) == 0).float().mean().item()}
+    for name, value in expected.items():
+        logged = acc.Scalars(f"val/{name}")
+        assert len(logged) == 2 and logged[-1].value == pytest.approx(value, rel=1e-5, abs=1e-7)
 
 
 def test_default_run_learns(tmp_path):
@@ -117,6 +130,7 @@ def test_two_job_multirun_makes_two_run_dirs(tmp_path):
     (["reg=l1", "reg.weight=abc"], "reg.weight: must be a number, got 'abc'"),
     (["reg.wieght=1"], "error: reg.wieght: no such key (did you mean reg.weight?)"),
     (["corruption=block", "corruption.size=20"], "corruption.size: must be <= the image side 8"),
+    (["eval.noise.masking.prob=[0.1,1.5]"], "eval.noise.masking.prob: must be in [0, 1], got 1.5"),
 ])
 def test_bad_input_fails_with_a_clear_message(tmp_path, args, message):
     proc = run_cli("train", *args, "device=cpu", f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path, check=False)

@@ -71,3 +71,18 @@ def test_robustness_is_the_same_noise_for_every_model(make_cfg):
     b = type(b)(**{**b.__dict__, "trainer": a.trainer})  # same seed → same noisy test set
     assert analyse(a, a.evaluation)[0] == analyse(b, b.evaluation)[0]
     assert math.isfinite(analyse(a, a.evaluation)[0]["mse_block"])
+
+
+def test_a_list_of_test_noise_levels_measures_each(make_cfg):
+    """eval.noise.gaussian.noise_factor=[0.1,0.5] measures mse_gaussian_0.1 and mse_gaussian_0.5, each the
+    number a run tested at that one level gives (Exercise 5: a model tested at every noise level)."""
+    from aelab.metrics import analyse
+    levels = build(make_cfg("device=cpu", "eval.probe=false", "eval.noise.gaussian.noise_factor=[0.1,0.5]"))
+    found = analyse(levels, levels.evaluation)[0]
+    assert [m for m in found if m.startswith("mse_")] == ["mse_gaussian_0.1", "mse_gaussian_0.5", "mse_salt_pepper",
+                                                          "mse_masking", "mse_block"]
+    for level in ("0.1", "0.5"):
+        one = build(make_cfg("device=cpu", "eval.probe=false", f"eval.noise.gaussian.noise_factor={level}"))
+        one.model.load_state_dict(levels.model.state_dict())
+        assert found[f"mse_gaussian_{level}"] == analyse(one, one.evaluation)[0]["mse_gaussian"]
+    assert found["mse_gaussian_0.5"] > found["mse_gaussian_0.1"] > found["mse"]

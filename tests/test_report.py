@@ -127,7 +127,8 @@ def test_long_settings_are_drawn_whole(tmp_path, monkeypatch):
 
 def test_loss_curves_name_every_run_even_two_of_one_setting(sweep, tmp_path, monkeypatch):
     """Two runs labelled alike (aelab report outputs over repeated runs) are two lines and two legend
-    entries, each line the run's own train/total from its TensorBoard events."""
+    entries, each line the run's own train/total from its TensorBoard events; beside it each run's
+    validation reconstruction loss and active fraction per epoch."""
     from aelab import plots
     from aelab.report import load_jobs
 
@@ -138,6 +139,8 @@ def test_loss_curves_name_every_run_even_two_of_one_setting(sweep, tmp_path, mon
     def save(fig, path):
         seen["legend"] = [t.get_text() for t in fig.legends[0].get_texts()]
         seen["train"] = [(list(line.get_ydata()), line.get_color()) for line in fig.axes[0].lines]
+        seen["titles"] = [ax.get_title() for ax in fig.axes]
+        seen["active"] = [list(line.get_ydata()) for line in fig.axes[2].lines]
         return real_save(fig, path)
     monkeypatch.setattr(plots, "save", save)
     assert plots.loss_curves(jobs, {job.path: "reg.weight=0.001" for job in jobs}, tmp_path) == tmp_path / (
@@ -148,6 +151,13 @@ def test_loss_curves_name_every_run_even_two_of_one_setting(sweep, tmp_path, mon
         events.Reload()
         assert values == pytest.approx([p.value for p in events.Scalars("train/total")])
     assert seen["train"][0][1] != seen["train"][1][1]
+    # the validation reconstruction loss and how sparse the codes grow, per epoch: the training dynamics
+    assert seen["titles"] == ["training loss", "validation reconstruction", "validation codes"]
+    for job, values in zip(jobs, seen["active"]):
+        events = EventAccumulator(str(job.path), size_guidance={"scalars": 0})
+        events.Reload()
+        assert values == pytest.approx([p.value for p in events.Scalars("val/population_sparsity")])
+        assert len(values) == 2  # one per epoch
 
 
 def test_many_long_lines_get_one_legend_below_and_no_two_alike(tmp_path, monkeypatch):
@@ -326,6 +336,64 @@ def test_experiment_presets_compose_to_a_sweep(name):
         assert group in cfg, key
 
 
+def test_noise_levels_preset_tests_every_model_at_every_level():
+    """Exercise 5 asks whether a model trained on high noise denoises low noise: each job of the preset
+    measures the gaussian test error at each training level, besides the other corruptions."""
+    from aelab.build import eval_settings
+    with initialize_config_module("aelab.configs", version_base="1.3"):
+        cfg = compose("train", overrides=["+experiment=noise_levels"], return_hydra_config=True)
+    levels = cfg.hydra.sweeper.params["corruption.noise_factor"].split(",")
+    noise = eval_settings(cfg.eval, (1, 8, 8)).noise
+    assert list(noise) == [f"gaussian_{level}" for level in levels] + ["salt_pepper", "masking", "block"]
+
+
 def test_eight_seed_exercises_are_presets():
     assert set(EXPERIMENTS) >= {"loss_comparison", "latent_dim_search", "l1_sweep", "kl_sweep", "l1_vs_kl",
                                 "contractive_lambda", "noise_levels", "noise_types"}
+
+
+def test_noise_level_sweep_draws_train_noise_by_test_noise(tmp_path, monkeypatch):
+    """noise_levels (Exercise 5) tests each model at every level: the heatmap's columns are the test inputs
+    in level order (0.25 before 1), each column's lowest error framed; the line plot draws a panel per
+    setting of the other swept key, a line per test input, keyed once."""
+    import warnings
+    from aelab import plots
+    from aelab.report import Job, Row
+
+    tests = {"mse": 0.01, "mse_gaussian_1": 0.05, "mse_gaussian_0.25": 0.02, "mse_masking": 0.03}
+    rows = []
+    for loss in ("mse", "bce"):
+        for level, shift in (("0.1", 0.0), ("0.5", 0.004)):
+            setting = {"corruption.noise_factor": level, "loss": loss}
+            # the low-noise model is best on clean and 0.25, the high-noise one on 1 and masking
+            metrics = {m: v + (shift if m in ("mse", "mse_gaussian_0.25") else -shift) for m, v in tests.items()}
+            run = tmp_path / f"{loss}{level}"
+            run.mkdir()
+            rows.append(Row(setting, [Job(run, setting, {}, metrics)]))
+    assert plots.noise_metrics(rows) == ["mse", "mse_gaussian_0.25", "mse_gaussian_1", "mse_masking"]
+    seen = {}
+    real_save = plots.save
+
+    def save(fig, path):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            seen[path.name] = fig
+            return real_save(fig, path)
+    monkeypatch.setattr(plots, "save", save)
+    paths = plots.make_plots(rows, [job for row in rows for job in row.jobs], ["corruption.noise_factor", "loss"],
+                             tmp_path)
+    assert {"robustness_heatmap.png", "denoising_vs_noise.png"} <= {p.name for p in paths}
+    (heat, _) = seen["robustness_heatmap.png"].axes
+    assert [t.get_text() for t in heat.get_xticklabels()] == ["none", "gaussian_0.25", "gaussian_1", "masking"]
+    framed = sorted((int(p.get_x() + 0.5), int(p.get_y() + 0.5)) for p in heat.patches)
+    low = [r.label for r in rows].index("corruption.noise_factor=0.1, loss=mse")
+    high = [r.label for r in rows].index("corruption.noise_factor=0.5, loss=mse")
+    assert framed == [(0, low), (1, low), (2, high), (3, high)]
+    lines = seen["denoising_vs_noise.png"]
+    panels = [ax for ax in lines.axes if ax.containers]
+    assert [ax.get_title() for ax in panels] == ["loss=mse", "loss=bce"]
+    assert all(len(ax.containers) == 4 for ax in panels)
+    assert [t.get_text() for t in lines.legends[0].get_texts()] == [
+        "clean test input", "test gaussian_0.25", "test gaussian_1", "test masking"]
+    mse_panel = panels[0]
+    assert list(mse_panel.containers[2].lines[0].get_ydata()) == pytest.approx([0.05, 0.046])
