@@ -1,6 +1,7 @@
 """The report's pictures, chosen from what a sweep varied; every axis labelled, every line named."""
 from __future__ import annotations
 
+import math
 import textwrap
 from collections import defaultdict
 from pathlib import Path
@@ -176,10 +177,13 @@ def robustness_heatmap(rows: list[Row], out: Path) -> Path:
     for i, line in enumerate(grid):
         for j, value in enumerate(line):
             dark = (value - low) / ((high - low) or 1) > 0.5  # viridis_r: high values are dark
-            ax.text(j, i, f"{value:.4f}", ha="center", va="center", fontsize=7, color="white" if dark else "black")
+            ax.text(j, i, "-" if math.isnan(value) else f"{value:.4f}", ha="center", va="center", fontsize=7,
+                    color="white" if dark else "black")
     for j in range(len(tests)):
-        best = min(range(len(rows)), key=lambda i: grid[i][j])
-        ax.add_patch(Rectangle((j - 0.5, best - 0.5), 1, 1, fill=False, edgecolor="red", linewidth=2))
+        measured = [i for i in range(len(rows)) if not math.isnan(grid[i][j])]  # a run tested without it: blank
+        if measured:
+            best = min(measured, key=lambda i: grid[i][j])
+            ax.add_patch(Rectangle((j - 0.5, best - 0.5), 1, 1, fill=False, edgecolor="red", linewidth=2))
     ax.set_xticks(range(len(tests)), [noise_name(m) for m in tests], rotation=30, ha="right", fontsize=8)
     ax.set_yticks(range(len(rows)), names, fontsize=7)
     ax.set(xlabel="test input", ylabel="training setting")

@@ -389,6 +389,12 @@ def test_noise_level_sweep_draws_train_noise_by_test_noise(tmp_path, monkeypatch
     low = [r.label for r in rows].index("corruption.noise_factor=0.1, loss=mse")
     high = [r.label for r in rows].index("corruption.noise_factor=0.5, loss=mse")
     assert framed == [(0, low), (1, low), (2, high), (3, high)]
+    del rows[0].jobs[0].metrics["mse_masking"]  # `aelab report outputs` over runs tested differently
+    plots.robustness_heatmap(rows, tmp_path)
+    (heat, _) = seen["robustness_heatmap.png"].axes
+    framed = sorted((int(p.get_x() + 0.5), int(p.get_y() + 0.5)) for p in heat.patches)
+    assert framed[3] == (3, high)  # the untested cell is blank, never the best
+    assert "-" in [t.get_text() for t in heat.texts]
     lines = seen["denoising_vs_noise.png"]
     panels = [ax for ax in lines.axes if ax.containers]
     assert [ax.get_title() for ax in panels] == ["loss=mse", "loss=bce"]
@@ -397,3 +403,4 @@ def test_noise_level_sweep_draws_train_noise_by_test_noise(tmp_path, monkeypatch
         "clean test input", "test gaussian_0.25", "test gaussian_1", "test masking"]
     mse_panel = panels[0]
     assert list(mse_panel.containers[2].lines[0].get_ydata()) == pytest.approx([0.05, 0.046])
+
