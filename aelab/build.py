@@ -249,6 +249,12 @@ def resident(data: Splits, device: torch.device, share: float = 0.5) -> Splits:
     return data.to(device)
 
 
+def current_defaults() -> DictConfig:
+    """This aelab's own configs/train.yaml, as shipped in the package."""
+    from importlib.resources import files
+    return OmegaConf.create(files("aelab.configs").joinpath("train.yaml").read_text())
+
+
 def run_config(run_dir: Path, overrides: list[str], allowed: tuple[str, ...] = ("eval.", "device.")) -> DictConfig:
     """A finished run's composed config (.hydra/config.yaml) with `eval.*` / `device.*` overrides."""
     path = run_dir / ".hydra" / "config.yaml"
@@ -256,6 +262,9 @@ def run_config(run_dir: Path, overrides: list[str], allowed: tuple[str, ...] = (
         raise ConfigError(f"{run_dir} is not an aelab run (it needs .hydra/config.yaml and checkpoint.pt); "
                           f"pass a run dir under outputs/", "RUN_DIR")
     cfg = OmegaConf.load(path)
+    for key, value in current_defaults().eval.items():  # a run saved by an aelab whose eval lacked a key
+        if key not in cfg.setdefault("eval", {}):
+            cfg.eval[key] = value
     OmegaConf.set_struct(cfg, True)
     for override in overrides:
         key, sep, value = override.partition("=")

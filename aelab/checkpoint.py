@@ -41,16 +41,19 @@ def save(parts: Parts, cfg: DictConfig, pos: Position, run_dir: Path) -> Path:
     return path
 
 
-def load(parts: Parts, run_dir: Path, key: str = "resume", fix: str = "resume another run or start afresh"
-         ) -> Position:
-    """Restore a run's state into freshly built parts; a bad file is a ConfigError (under `key`, with
-    `fix`), not a traceback."""
+def load(parts: Parts, run_dir: Path, key: str = "resume", fix: str = "resume another run or start afresh",
+         model_only: bool = False) -> Position | None:
+    """Restore a run's state into freshly built parts (only the model's weights for `model_only`: what
+    evaluating needs, from a checkpoint of any aelab version); a bad file is a ConfigError (under `key`,
+    with `fix`), not a traceback."""
     path = run_dir / FILE
     if not path.is_file():
         raise ConfigError(f"{run_dir} has no {FILE} to resume from; start a new run without resume", "resume")
     try:
         state = torch.load(path, map_location=parts.device, weights_only=True)
         parts.model.load_state_dict(state["model"])
+        if model_only:
+            return None
         parts.optimizer.load_state_dict(state["optimizer"])
         position = Position(**state["position"])
     except (RuntimeError, EOFError, OSError, KeyError, TypeError, ValueError, pickle.UnpicklingError,

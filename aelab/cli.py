@@ -145,7 +145,22 @@ def eval_command(args: list[str]) -> int:
         return 0 if args else 2
     target = Path(args[0])  # a run, or a sweep: each of its jobs that holds a checkpoint
     runs = [target] if (target / "checkpoint.pt").exists() else sorted(p.parent for p in target.glob("*/checkpoint.pt"))
-    return guarded(lambda: [evaluate_run(run, args[1:]) for run in runs or [target]])
+    if len(runs) <= 1:
+        return guarded(lambda: evaluate_run(runs[0] if runs else target, args[1:]))
+    typed = {override.partition("=")[0] for override in args[1:]} | {"override"}
+    failed = []  # each run's own problem (a damaged checkpoint), one line naming it; the others go on
+    for run in runs:
+        try:
+            evaluate_run(run, args[1:])
+        except (ConfigError, OmegaConfBaseException) as e:
+            error = config_error(e)
+            if error.key in typed:  # a bad override is wrong for every run: said once, at the first
+                console.error(str(error))
+                return 2
+            failed.append(f"{run}: {error}")
+    for line in failed:
+        console.error(line)
+    return 2 if failed else 0
 
 
 def report_command(args: list[str]) -> int:

@@ -132,7 +132,7 @@ def evaluate_run(run_dir: Path, overrides: list[str]) -> dict:
     """`aelab eval`: reload a run's checkpoint, recompute the test metrics, print and save them."""
     cfg = run_config(run_dir, overrides)
     parts = build(cfg)
-    checkpoint.load(parts, run_dir, "RUN_DIR", "evaluate another run, or train this one again")
+    checkpoint.load(parts, run_dir, "RUN_DIR", "evaluate another run, or train this one again", model_only=True)
     test, _ = test_split(parts)
     name = "eval.json" if not overrides else "eval_" + "_".join(o.replace("/", "-") for o in overrides) + ".json"
     write_json(run_dir / name, {"overrides": overrides, "test": test})

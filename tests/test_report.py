@@ -404,3 +404,40 @@ def test_noise_level_sweep_draws_train_noise_by_test_noise(tmp_path, monkeypatch
     mse_panel = panels[0]
     assert list(mse_panel.containers[2].lines[0].get_ydata()) == pytest.approx([0.05, 0.046])
 
+
+def test_eval_of_a_folder_goes_on_past_a_bad_run_and_reads_older_runs(sweep, tmp_path):
+    """`aelab eval FOLDER`: a run saved by an older aelab (no eval section in its config, a checkpoint of
+    the model, optimizer, epoch and step only) is evaluated with today's eval defaults; a run whose
+    checkpoint is damaged is named in its own error line and the others are evaluated all the same
+    (exit 2); a bad override, the same for every run, is said once and nothing is written."""
+    import torch
+    import yaml
+
+    folder = tmp_path / "runs"
+    jobs = sorted(p.parent for p in sweep.glob("*/metrics.json"))[:3]
+    for job in jobs:
+        shutil.copytree(job, folder / job.name, ignore=shutil.ignore_patterns("eval*.json"))
+    old, damaged, fine = (folder / job.name for job in jobs)
+    config = yaml.safe_load((old / ".hydra" / "config.yaml").read_text())
+    del config["eval"]
+    (old / ".hydra" / "config.yaml").write_text(yaml.safe_dump(config))
+    state = torch.load(old / "checkpoint.pt", weights_only=True)
+    torch.save({"model": state["model"], "optimizer": state["optimizer"], "epoch": 2, "step": 10,
+                "config": state["config"]}, old / "checkpoint.pt")
+    (damaged / "checkpoint.pt").write_bytes((damaged / "checkpoint.pt").read_bytes()[:1000])
+
+    typo = run_cli("eval", str(folder), "eval.treshold=0.2", cwd=tmp_path, check=False)
+    assert typo.returncode == 2 and typo.stderr.count("error: ") == 1 and "did you mean eval.threshold?" in typo.stderr
+    assert not list(folder.glob("*/eval*.json"))
+
+    proc = run_cli("eval", str(folder), "eval.probe=false", cwd=tmp_path, check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines() == [
+        f"error: {damaged}: RUN_DIR: {damaged / 'checkpoint.pt'} is unreadable or truncated "
+        f"(not a whole file written by torch.save); evaluate another run, or train this one again"]
+    for run in (old, fine):
+        stored = json.loads((run / "metrics.json").read_text())["test"]
+        again = json.loads((run / "eval_eval.probe=false.json").read_text())["test"]
+        for key in ("mse", "population_sparsity", "sensitivity", "mse_gaussian"):
+            assert again[key] == pytest.approx(stored[key], rel=1e-6)
+    assert not list(damaged.glob("eval*.json"))
