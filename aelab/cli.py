@@ -48,6 +48,14 @@ PLUGINS = {  # command-line choice → the Hydra plugin it needs (pip install 'a
 }
 diverged_jobs: list[Path] = []  # the last sweep's jobs that stopped on a NaN or inf loss (SweepOutcome)
 finished_jobs: list[Path] = []  # and those that hold results
+swept: list[Path] = []  # and its folder
+
+
+def shown(path: Path) -> str:
+    """A path as the user would type it: relative to where aelab runs when it lies below, quoted for a shell."""
+    path = Path(path).resolve()
+    return shlex.quote(str(path.relative_to(Path.cwd().resolve()) if path.is_relative_to(Path.cwd().resolve())
+                           else path))
 
 
 @hydra.main(config_path="configs", config_name="train", version_base="1.3")
@@ -84,6 +92,9 @@ def train(cfg: DictConfig) -> float:
             write_json(run_dir / FAILED, {"error": str(e), "exit_code": e.exit_code})
             return math.inf  # Optuna refuses NaN; inf ranks the trial last in the study, which minimises
         sys.exit(e.exit_code)
+    if job_num is None:
+        console.console.print(f"results in {shown(run_dir)}; look at them: tensorboard --logdir {shown(run_dir)}",
+                              markup=False, highlight=False, soft_wrap=True)
     return record["val"]["recon"]
 
 
@@ -100,6 +111,7 @@ class SweepOutcome(Callback):
         fresh = self.started - 5  # a file system's clock may lag this one's a little; older files are earlier runs'
         diverged_jobs[:] = [p.parent for p in sorted(self.sweep_dir.glob(f"**/{FAILED}")) if p.stat().st_mtime >= fresh]
         finished_jobs[:] = [p.parent for p in self.sweep_dir.glob("**/metrics.json")]
+        swept[:] = [self.sweep_dir]
 
 
 def installed(module: str) -> bool:
@@ -128,7 +140,11 @@ def train_command(args: list[str]) -> int:
         train()
     diverged_jobs.clear()
     finished_jobs.clear()
+    swept.clear()
     code = guarded(launch)
+    if code == 0 and swept and finished_jobs:
+        console.console.print(f"{len(finished_jobs)} job(s) with results in {shown(swept[0])}; the table and plots: "
+                              f"aelab report {shown(swept[0])}", markup=False, highlight=False, soft_wrap=True)
     if code == 0 and diverged_jobs:
         others = f"{len(finished_jobs)} other job(s) finished" if finished_jobs else "no job finished"
         console.error(f"{len(diverged_jobs)} job(s) of the sweep stopped on a NaN or inf loss ({FAILED} in each: "

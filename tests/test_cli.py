@@ -49,8 +49,9 @@ def test_train_help_and_cfg_job(tmp_path):
 
 def test_bce_kl_run_writes_events_metrics_and_checkpoint(tmp_path):
     run_dir = tmp_path / "run"
-    run_cli("train", "loss=bce", "reg=kl", "trainer.epochs=2", "trainer.log_every=5", "device=cpu",
-            f"hydra.run.dir={run_dir}", cwd=tmp_path)
+    proc = run_cli("train", "loss=bce", "reg=kl", "trainer.epochs=2", "trainer.log_every=5", "device=cpu",
+                   f"hydra.run.dir={run_dir}", cwd=tmp_path)
+    assert proc.stdout.strip().splitlines()[-1] == "results in run; look at them: tensorboard --logdir run"
     acc = events(run_dir)
     assert SIX_TAGS <= set(acc.Tags()["scalars"])
     assert len(acc.Scalars("val/total")) == 2 and len(acc.Scalars("train/total")) >= 2
@@ -115,7 +116,11 @@ def test_devices(tmp_path):
 
 
 def test_two_job_multirun_makes_two_run_dirs(tmp_path):
-    run_cli("train", "-m", "reg=l1", "reg.weight=1e-3,1e-1", *FAST, cwd=tmp_path)
+    proc = run_cli("train", "-m", "reg=l1", "reg.weight=1e-3,1e-1", *FAST, cwd=tmp_path)
+    (sweep,) = (tmp_path / "outputs" / "multirun").glob("*/*")
+    where = sweep.relative_to(tmp_path)  # said last, as the user would type it where they are
+    assert proc.stdout.strip().splitlines()[-1] == (
+        f"2 job(s) with results in {where}; the table and plots: aelab report {where}")
     jobs = sorted((tmp_path / "outputs" / "multirun").glob("*/*/*/metrics.json"))
     names = [p.parent.name for p in jobs]
     assert len(names) == 2 and names[0].startswith("0_") and names[1].startswith("1_")
