@@ -105,18 +105,40 @@ def metrics_by(rows: list[Row], key: str, out: Path, panels=PANELS) -> Path:
 
 
 def trade_off(rows: list[Row], x_metric: str, name: str, out: Path) -> Path:
-    """Reconstruction error against a regularization effect, one point per setting, labelled: by its
-    setting beside the point, or where settings are long, by a number keyed in a legend below."""
+    """Reconstruction error against a regularization effect, one point per setting (joined in order when
+    one key is swept; a log axis when the effect spans two decades), labelled: by its setting beside the
+    point, or where settings are long, by a number
+    keyed in a legend below. Against encoder sensitivity a second panel shows what the tutorial's trade-off
+    promises for it: the error noisy test inputs add to the clean one (mse_<noise> - mse), which a flatter
+    encoder should shrink as its clean error grows."""
     plt = pyplot()
     numbered = max(len(row.label) for row in rows) > 24
     keyed = sum(textwrap.fill(row.label, 70).count("\n") + 1 for row in rows) if numbered else 0
-    fig, ax = plt.subplots(figsize=(6.5 if numbered else 5.5, 4.2 + 0.13 * keyed))
-    for number, row in enumerate(rows, 1):
-        (x, _), (y, _) = row.mean_std(x_metric), row.mean_std("mse")
+    noises = noise_metrics(rows)[1:] if x_metric == "sensitivity" else []
+    fig, axes = plt.subplots(1, 2 if noises else 1, figsize=((6.5 if numbered else 5.5) * (2 if noises else 1),
+                                                             4.2 + 0.13 * keyed), squeeze=False)
+    ax = axes[0][0]
+    xs = [row.mean_std(x_metric)[0] for row in rows]
+    ys = [row.mean_std("mse")[0] for row in rows]
+    order = sorted(range(len(rows)), key=lambda i: xs[i])
+    if len(rows[0].setting) == 1:  # one swept key: the points are one curve
+        ax.plot([xs[i] for i in order], [ys[i] for i in order], color="tab:purple", alpha=0.35)
+    for number, (row, x, y) in enumerate(zip(rows, xs, ys), 1):
         ax.scatter(x, y, color="tab:purple", label=f"{number}: {textwrap.fill(row.label, 70)}" if numbered else None)
         ax.annotate(str(number) if numbered else row.label, (x, y), fontsize=7, xytext=(4, 4),
                     textcoords="offset points")
-    ax.set(xlabel=LABELS[x_metric], ylabel=LABELS["mse"], title=f"Reconstruction vs {LABELS[x_metric]}")
+    positive = [x for x in xs if x > 0]
+    log = len(positive) == len(xs) and max(positive) / min(positive) >= 100
+    ax.set(xlabel=LABELS[x_metric], ylabel=LABELS["mse"], title=f"Reconstruction vs {LABELS[x_metric]}",
+           xscale="log" if log else "linear")
+    if noises:
+        gap = axes[0][1]
+        for number, metric in enumerate(noises):
+            gap.plot([xs[i] for i in order], [rows[i].mean_std(metric)[0] - ys[i] for i in order], marker="o",
+                     label=f"test {noise_name(metric)}", **line_style(number))
+        gap.set(xlabel=LABELS[x_metric], ylabel="test MSE, noisy input - clean input",
+                title="Error the noisy test inputs add", xscale="log" if log else "linear")
+        gap.legend(fontsize=7)
     if numbered:
         ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.16), fontsize=6, handlelength=0, markerscale=0,
                   frameon=False)

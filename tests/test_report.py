@@ -441,3 +441,33 @@ def test_eval_of_a_folder_goes_on_past_a_bad_run_and_reads_older_runs(sweep, tmp
         for key in ("mse", "population_sparsity", "sensitivity", "mse_gaussian"):
             assert again[key] == pytest.approx(stored[key], rel=1e-6)
     assert not list(damaged.glob("eval*.json"))
+
+
+def test_contractive_trade_off_shows_what_noise_adds(tmp_path, monkeypatch):
+    """recon_vs_sensitivity of a contractive sweep: the sensitivities span seven decades, so the axis is
+    logarithmic (a linear one piled four of five points at zero); the points are one curve in order of
+    sensitivity; the second panel draws, per test noise, its error minus the clean error."""
+    from aelab import plots
+    from aelab.report import Job, Row
+
+    measured = {"0.0001": (3.8, 0.022, 0.033), "0.001": (0.74, 0.0255, 0.034), "0.01": (0.076, 0.035, 0.040),
+                "0.1": (2.7e-4, 0.0739, 0.0739), "1": (3.8e-7, 0.0739, 0.0739)}
+    rows = [Row({"reg.weight": w}, [Job(Path(w), {"reg.weight": w}, {}, {"sensitivity": j, "mse": m,
+                                                                        "mse_gaussian": g})])
+            for w, (j, m, g) in measured.items()]
+    seen = {}
+    monkeypatch.setattr(plots, "save", lambda fig, path: seen.setdefault(path.name, fig) and path)
+    plots.trade_off(rows, "sensitivity", "recon_vs_sensitivity", tmp_path)
+    recon, gap = seen["recon_vs_sensitivity.png"].axes
+    assert recon.get_xscale() == "log" and gap.get_xscale() == "log"
+    (curve,) = recon.lines
+    assert list(curve.get_xdata()) == sorted(j for j, _, _ in measured.values())
+    (noise,) = gap.lines
+    by_x = sorted(measured.values())
+    assert list(noise.get_ydata()) == pytest.approx([g - m for _, m, g in by_x])
+    assert [t.get_text() for t in gap.get_legend().get_texts()] == ["test gaussian"]
+    sparsity = [Row({"reg.weight": w}, [Job(Path(w), {"reg.weight": w}, {}, {"population_sparsity": p, "mse": 0.02})])
+                for w, p in (("0.001", 0.6), ("0.01", 0.3))]
+    plots.trade_off(sparsity, "population_sparsity", "recon_vs_sparsity", tmp_path)
+    (only,) = seen["recon_vs_sparsity.png"].axes  # no noise panel for a sparsity sweep; a narrow span: linear
+    assert only.get_xscale() == "linear"
