@@ -80,13 +80,13 @@ def run(cfg: DictConfig, run_dir: Path, resume: bool = False, job_num: int | Non
                 writer.close()
                 stop.exit(checkpoint.save(parts, cfg, pos, run_dir), pos.step)
             pos.epoch, pos.order = pos.epoch + 1, None
-            val = evaluate(parts, parts.data.val.x)
-            log_terms(writer, "val", {**val, **activity(parts, parts.data.val.x)}, pos.step)
+            val, codes = evaluate(parts, parts.data.val.x), activity(parts, parts.data.val.x)
+            log_terms(writer, "val", {**val, **codes}, pos.step)
             writer.add_image("val/clean_corrupted_reconstructed", image_grid(parts, parts.data.val.x), pos.step)
             checkpoint.save(parts, cfg, pos, run_dir)
             train = dict(zip(TERMS, (pos.epoch_sums / pos.seen).tolist()))
             bar.log(f"epoch {pos.epoch}/{trainer.epochs}  train {console.format_terms(train)}"
-                    f"  |  val {console.format_terms(val)}")
+                    f"  |  val {console.format_terms(val)}  active {codes['population_sparsity']:.3g}")
     seconds = time.perf_counter() - started
     with StopNow(f"during the final evaluation; training is complete in {run_dir / checkpoint.FILE}; "
                  f"finish with: aelab train resume={shlex.quote(str(run_dir))}"):

@@ -75,6 +75,8 @@ def test_bce_kl_run_writes_events_metrics_and_checkpoint(tmp_path):
     for name, value in expected.items():
         logged = acc.Scalars(f"val/{name}")
         assert len(logged) == 2 and logged[-1].value == pytest.approx(value, rel=1e-5, abs=1e-7)
+    (last,) = [line for line in proc.stdout.splitlines() if line.startswith("epoch 2/2 ")]
+    assert last.endswith(f"  active {acc.Scalars('val/population_sparsity')[-1].value:.3g}")  # said each epoch
 
 
 def test_default_run_learns(tmp_path):
