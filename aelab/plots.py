@@ -107,10 +107,9 @@ def metrics_by(rows: list[Row], key: str, out: Path, panels=PANELS) -> Path:
 def trade_off(rows: list[Row], x_metric: str, name: str, out: Path) -> Path:
     """Reconstruction error against a regularization effect, one point per setting (joined in order when
     one key is swept; a log axis when the effect spans two decades), labelled: by its setting beside the
-    point, or where settings are long, by a number
-    keyed in a legend below. Against encoder sensitivity a second panel shows what the tutorial's trade-off
-    promises for it: the error noisy test inputs add to the clean one (mse_<noise> - mse), which a flatter
-    encoder should shrink as its clean error grows."""
+    point, or where settings are long, by a number keyed in a legend below. Against encoder sensitivity
+    a second panel shows what the tutorial's trade-off promises for it: the error noisy test inputs add
+    to the clean one (mse_<noise> - mse), which a flatter encoder should shrink as its clean error grows."""
     plt = pyplot()
     numbered = max(len(row.label) for row in rows) > 24
     keyed = sum(textwrap.fill(row.label, 70).count("\n") + 1 for row in rows) if numbered else 0
@@ -127,8 +126,7 @@ def trade_off(rows: list[Row], x_metric: str, name: str, out: Path) -> Path:
         ax.scatter(x, y, color="tab:purple", label=f"{number}: {textwrap.fill(row.label, 70)}" if numbered else None)
         ax.annotate(str(number) if numbered else row.label, (x, y), fontsize=7, xytext=(4, 4),
                     textcoords="offset points")
-    positive = [x for x in xs if x > 0]
-    log = len(positive) == len(xs) and max(positive) / min(positive) >= 100
+    log = wants_log_x(x_metric, xs)
     ax.set(xlabel=LABELS[x_metric], ylabel=LABELS["mse"], title=f"Reconstruction vs {LABELS[x_metric]}",
            xscale="log" if log else "linear")
     if noises:
