@@ -106,10 +106,9 @@ def trainer_settings(node) -> Trainer:
                        batch_size=number(node.batch_size, "batch_size", low=1, integer=True),
                        seed=number(node.seed, "seed", integer=True),
                        log_every=number(node.log_every, "log_every", low=1, integer=True),
-                       # .get: runs saved before these keys existed still load in `aelab eval`
-                       cuda_graph=choice(node.get("cuda_graph", "auto"), "cuda_graph", CUDA_GRAPH),
-                       compile=flag(node.get("compile", False), "compile"),
-                       tf32=flag(node.get("tf32", False), "tf32"))
+                       cuda_graph=choice(node.cuda_graph, "cuda_graph", CUDA_GRAPH),
+                       compile=flag(node.compile, "compile"),
+                       tf32=flag(node.tf32, "tf32"))
     except ConfigError as e:
         raise e.within("trainer") from None
 
@@ -261,10 +260,11 @@ def run_config(run_dir: Path, overrides: list[str], allowed: tuple[str, ...] = (
     if not path.is_file() or not (run_dir / "checkpoint.pt").is_file():
         raise ConfigError(f"{run_dir} is not an aelab run (it needs .hydra/config.yaml and checkpoint.pt); "
                           f"pass a run dir under outputs/", "RUN_DIR")
-    cfg = OmegaConf.load(path)
-    for key, value in current_defaults().eval.items():  # a run saved by an aelab whose eval lacked a key
-        if key not in cfg.setdefault("eval", {}):
-            cfg.eval[key] = value
+    cfg, defaults = OmegaConf.load(path), current_defaults()
+    for section in ("trainer", "eval"):  # keys a run saved by an older aelab lacks take today's defaults
+        for key, value in defaults[section].items():
+            if key not in cfg.setdefault(section, {}):
+                cfg[section][key] = value
     OmegaConf.set_struct(cfg, True)
     for override in overrides:
         key, sep, value = override.partition("=")

@@ -84,13 +84,19 @@ def metrics_vs(rows: list[Row], key: str, out: Path, panels=PANELS) -> Path:
     return save(fig, out / f"metrics_vs_{key}.png")
 
 
+def setting_names(rows: list[Row]) -> tuple[list[str], int]:
+    """Each row's setting wrapped for a y axis that writes them out whole, and the lines they take."""
+    names = [textwrap.fill(r.label, 44) for r in rows]
+    return names, sum(name.count("\n") + 1 for name in names)
+
+
 def metrics_by(rows: list[Row], key: str, out: Path, panels=PANELS) -> Path:
     """A bar per setting of a categorical swept key (loss=mse,bce,mae; reg=l1,kl; ...), mean ± std over
     seeds; horizontal, the settings written out once on the left, so long ones are read whole."""
     plt = pyplot()
     panels = [m for m in panels if any(r.values(m) for r in rows)]
-    names = [textwrap.fill(r.label, 44) for r in rows]
-    height = 1.4 + 0.17 * sum(name.count("\n") + 1 for name in names) + 0.08 * len(rows)
+    names, lines = setting_names(rows)
+    height = 1.4 + 0.17 * lines + 0.08 * len(rows)
     fig, axes = plt.subplots(1, len(panels), figsize=(3.3 * len(panels) + 2.8, max(3.0, height)), sharey=True,
                              squeeze=False)
     for ax, metric in zip(axes[0], panels):
@@ -187,8 +193,8 @@ def robustness_heatmap(rows: list[Row], out: Path) -> Path:
     plt = pyplot()
     tests = noise_metrics(rows)
     grid = [[r.mean_std(m)[0] for m in tests] for r in rows]
-    names = [textwrap.fill(r.label, 44) for r in rows]
-    height = 1.9 + 0.2 * sum(name.count("\n") + 1 for name in names) + 0.25 * len(rows)
+    names, lines = setting_names(rows)
+    height = 1.9 + 0.2 * lines + 0.25 * len(rows)
     fig, ax = plt.subplots(figsize=(0.85 * len(tests) + 0.065 * max(len(line) for name in names
                                                                      for line in name.splitlines()) + 2.6, height),
                            layout="constrained")
