@@ -50,7 +50,7 @@ def test_train_help_and_cfg_job(tmp_path):
 def test_bce_kl_run_writes_events_metrics_and_checkpoint(tmp_path):
     run_dir = tmp_path / "run"
     proc = run_cli("train", "loss=bce", "reg=kl", "trainer.epochs=2", "trainer.log_every=5", "device=cpu",
-                   f"hydra.run.dir={run_dir}", cwd=tmp_path)
+                   "eval.noise.masking.prob=[0.1,0.5]", f"hydra.run.dir={run_dir}", cwd=tmp_path)
     assert proc.stdout.strip().splitlines()[-1] == "results in run; look at them: tensorboard --logdir run"
     acc = events(run_dir)
     assert SIX_TAGS <= set(acc.Tags()["scalars"])
@@ -61,6 +61,8 @@ def test_bce_kl_run_writes_events_metrics_and_checkpoint(tmp_path):
         assert metrics[split]["total"] == pytest.approx(metrics[split]["recon"] + 0.1 * metrics[split]["reg"],
                                                         rel=1e-5)
     assert {"mse", "bce", "mae"} <= set(metrics["test"])
+    masked = [metrics["test"][f"mse_masking_{level}"] for level in ("0.1", "0.5")]  # a list: each level measured
+    assert "mse_masking" not in metrics["test"] and all(m > 0 for m in masked) and masked[0] != masked[1]
     assert (run_dir / ".hydra" / "config.yaml").exists() and (run_dir / "checkpoint.pt").exists()
     # each epoch logs how sparse the validation codes are: the last equals the saved model's own
     from aelab import checkpoint

@@ -260,11 +260,16 @@ def test_eval_recomputes_metrics_with_other_noise_levels(sweep):
     run_cli("eval", str(job), "eval.noise.gaussian.noise_factor=0.9", "eval.probe=false", cwd=job)
     louder = json.loads(next(job.glob("eval_eval.noise.gaussian*.json")).read_text())["test"]
     assert louder["mse_gaussian"] > stored["mse_gaussian"] and louder["mse"] == pytest.approx(stored["mse"])
+    run_cli("eval", str(job), "eval.noise.gaussian.noise_factor=[0.3,0.9]", "eval.probe=false", cwd=job)
+    levels = json.loads(next(job.glob("eval_eval.noise.gaussian.noise_factor=[[]0.3,0.9[]]*.json")).read_text())["test"]
+    assert "mse_gaussian" not in levels  # a list: one metric per level, each the number that level alone gives
+    assert levels["mse_gaussian_0.3"] == pytest.approx(stored["mse_gaussian"], rel=1e-6)
+    assert levels["mse_gaussian_0.9"] == pytest.approx(louder["mse_gaussian"], rel=1e-6)
     bad = run_cli("eval", str(job), "reg.weight=3", cwd=job, check=False)
     assert bad.returncode == 2 and "eval.* or device.*" in bad.stderr
     typo = run_cli("eval", str(job), "eval.treshold=0.2", cwd=job, check=False)
     assert typo.returncode == 2 and "eval.treshold: no such key (did you mean eval.threshold?)" in typo.stderr
-    assert len(list(job.glob("eval*.json"))) == 2  # the failed calls wrote nothing
+    assert len(list(job.glob("eval*.json"))) == 3  # the failed calls wrote nothing
     everyone = run_cli("eval", str(sweep), "eval.threshold=0.5", "eval.probe=false", cwd=sweep)  # each job
     written = sorted(sweep.glob("*/eval_eval.threshold=0.5_eval.probe=false.json"))
     assert len(written) == 4 and everyone.stdout.count("aelab eval: ") == 4
@@ -406,8 +411,9 @@ def test_noise_level_sweep_draws_train_noise_by_test_noise(tmp_path, monkeypatch
 
 
 def test_eval_of_a_folder_goes_on_past_a_bad_run_and_reads_older_runs(sweep, tmp_path):
-    """`aelab eval FOLDER`: a run saved by an older aelab (no eval section in its config, a checkpoint of
-    the model, optimizer, epoch and step only) is evaluated with today's eval defaults; a run whose
+    """`aelab eval FOLDER`: a run saved by an older aelab (no eval section and fewer trainer keys in its
+    config, a checkpoint of the model, optimizer, epoch and step only) is evaluated with today's
+    defaults for what it lacks; a run whose
     checkpoint is damaged is named in its own error line and the others are evaluated all the same
     (exit 2); a bad override, the same for every run, is said once and nothing is written."""
     import torch
@@ -420,6 +426,8 @@ def test_eval_of_a_folder_goes_on_past_a_bad_run_and_reads_older_runs(sweep, tmp
     old, damaged, fine = (folder / job.name for job in jobs)
     config = yaml.safe_load((old / ".hydra" / "config.yaml").read_text())
     del config["eval"]
+    for key in ("cuda_graph", "compile", "tf32"):  # trainer keys added after the first runs
+        del config["trainer"][key]
     (old / ".hydra" / "config.yaml").write_text(yaml.safe_dump(config))
     state = torch.load(old / "checkpoint.pt", weights_only=True)
     torch.save({"model": state["model"], "optimizer": state["optimizer"], "epoch": 2, "step": 10,
