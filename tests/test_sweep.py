@@ -11,6 +11,9 @@ from aelab.devices import gpu_for_job
 from conftest import run_cli
 
 SHORT = ["trainer.epochs=3", "device=cpu", "eval.probe=false"]
+# Jobs long enough to overlap on a busy 2-core machine: a worker process starts a few seconds after the
+# first (importing torch); 3-epoch jobs (~2 s) could finish before it began, and the test failed.
+CONCURRENT = ["trainer.epochs=20", "device=cpu", "eval.probe=false"]
 
 
 def plugin(name):
@@ -29,7 +32,7 @@ def assert_overlapping(jobs: list[dict]) -> None:
 def test_joblib_launcher_runs_jobs_concurrently(tmp_path):
     plugin("hydra_joblib_launcher")
     sweep = tmp_path / "sweep"
-    run_cli("train", "-m", "launcher=parallel", "hydra.launcher.n_jobs=2", "reg=l1", "reg.weight=1e-3,1e-1", *SHORT,
+    run_cli("train", "-m", "launcher=parallel", "hydra.launcher.n_jobs=2", "reg=l1", "reg.weight=1e-3,1e-1", *CONCURRENT,
             f"hydra.sweep.dir={sweep}", cwd=tmp_path)
     jobs = finished_jobs(sweep)
     assert len(jobs) == 2
@@ -41,7 +44,7 @@ def test_joblib_launcher_runs_jobs_concurrently(tmp_path):
 def test_submitit_local_launcher_runs_jobs_concurrently(tmp_path):
     plugin("hydra_submitit_launcher")
     sweep = tmp_path / "sweep"
-    run_cli("train", "-m", "launcher=local", "corruption=gaussian", "corruption.noise_factor=0.1,0.3", *SHORT,
+    run_cli("train", "-m", "launcher=local", "corruption=gaussian", "corruption.noise_factor=0.1,0.3", *CONCURRENT,
             f"hydra.sweep.dir={sweep}", cwd=tmp_path)
     jobs = finished_jobs(sweep)
     assert len(jobs) == 2
