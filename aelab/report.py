@@ -120,11 +120,20 @@ def unfinished_jobs(sweep_dir: Path, unreadable: dict[Path, str]) -> list[tuple[
     failed = {path.parent: read_json(path, "remove it and rerun the job").get("error", "diverged")
               for path in sweep_dir.glob(f"**/{FAILED}")}
     failed.update(unreadable)
-    stopped = {path.parent: f"stopped before it finished (checkpoint.pt, no metrics.json); continue the sweep: "
-                            f"aelab train resume={shlex.quote(str(sweep_dir))}"
+    stopped = {path.parent: f"stopped before it finished (checkpoint.pt, no metrics.json); "
+                            f"{continue_command(path.parent)}"
                for path in sweep_dir.glob("**/checkpoint.pt")
                if not (path.parent / "metrics.json").exists() and path.parent not in failed}
     return [(str(job.relative_to(sweep_dir)), why) for job, why in sorted({**failed, **stopped}.items())]
+
+
+def continue_command(job_dir: Path) -> str:
+    """How a stopped job goes on: with its sweep, the nearest folder above it that holds a multirun.yaml
+    (`aelab report outputs` reads many sweeps and single runs), else on its own."""
+    sweep = next((p for p in job_dir.parents if (p / "multirun.yaml").is_file()), None)
+    if sweep is None:
+        return f"continue it: aelab train resume={shlex.quote(str(job_dir))}"
+    return f"continue the sweep: aelab train resume={shlex.quote(str(sweep))}"
 
 
 def swept_keys(jobs: list[Job]) -> list[str]:

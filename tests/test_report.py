@@ -245,6 +245,26 @@ def test_a_job_whose_metrics_cannot_be_read_is_listed_not_a_traceback(sweep, tmp
         assert sorted(r["runs"] for r in csv.DictReader(f)) == ["1", "2"]
 
 
+def test_a_stopped_job_is_continued_with_its_own_sweep_or_alone(sweep, tmp_path):
+    """`aelab report outputs` over a sweep and a single run, one job of each stopped: the command each
+    line names is that job's sweep (never the folder reported on, which no resume reads), or the run
+    itself; and the run's command works."""
+    outputs = tmp_path / "outputs"
+    swept = outputs / "multirun" / "s"
+    shutil.copytree(sweep, swept, ignore=shutil.ignore_patterns("report.*", "*.png"))
+    shutil.copytree(sorted(sweep.glob("*/metrics.json"))[0].parent, outputs / "single")
+    for job in (sorted(swept.glob("*/metrics.json"))[1].parent, outputs / "single"):
+        (job / "metrics.json").unlink()
+    proc = run_cli("report", "outputs", cwd=tmp_path)
+    lines = [line for line in proc.stdout.splitlines() if "stopped before it finished" in line]
+    assert len(lines) == 2 and "3 runs" in proc.stdout
+    assert lines[0].startswith("- multirun/s/1_")
+    assert lines[0].endswith(f"continue the sweep: aelab train resume={swept.relative_to(tmp_path)}")
+    assert lines[1].startswith("- single:") and lines[1].endswith("continue it: aelab train resume=outputs/single")
+    run_cli("train", "resume=outputs/single", cwd=tmp_path)
+    assert (outputs / "single" / "metrics.json").is_file()
+
+
 def test_report_of_a_folder_without_runs_is_a_clear_error(tmp_path):
     proc = run_cli("report", str(tmp_path), cwd=tmp_path, check=False)
     assert proc.returncode == 2 and "no finished jobs" in proc.stderr and "Traceback" not in proc.stderr
@@ -343,13 +363,15 @@ def test_experiment_presets_compose_to_a_sweep(name):
 
 def test_noise_levels_preset_tests_every_model_at_every_level():
     """Exercise 5 asks whether a model trained on high noise denoises low noise: each job of the preset
-    measures the gaussian test error at each training level, besides the other corruptions."""
+    measures the gaussian test error at each training level, besides the other corruptions; a model
+    trained without noise is the baseline (its test input at 0.0 is the clean one, mse)."""
     from aelab.build import eval_settings
     with initialize_config_module("aelab.configs", version_base="1.3"):
         cfg = compose("train", overrides=["+experiment=noise_levels"], return_hydra_config=True)
     levels = cfg.hydra.sweeper.params["corruption.noise_factor"].split(",")
+    assert levels[0] == "0.0" and levels[1:] == ["0.1", "0.2", "0.3", "0.4", "0.5"]
     noise = eval_settings(cfg.eval, (1, 8, 8)).noise
-    assert list(noise) == [f"gaussian_{level}" for level in levels] + ["salt_pepper", "masking", "block"]
+    assert list(noise) == [f"gaussian_{level}" for level in levels[1:]] + ["salt_pepper", "masking", "block"]
 
 
 def test_eight_seed_exercises_are_presets():
