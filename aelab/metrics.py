@@ -22,19 +22,31 @@ GRID_IMAGES = 8
 ACTIVITY = ("population_sparsity", "dead_fraction", "mean_activation")
 
 
+def gradient_energy(images: Tensor) -> Tensor:
+    """Sum of squared differences between neighbouring pixels, down the rows and across the columns, of
+    (N, C, H, W) images: the high-frequency content that blur takes away."""
+    return images.diff(dim=-2).pow(2).sum() + images.diff(dim=-1).pow(2).sum()
+
+
 @torch.no_grad()
 def reconstruction(parts: Parts, x: Tensor, corrupt: Corruption | None = None, seed: int = 0) -> dict:
-    """Per-element MSE, BCE, MAE and mean per-image PSNR (peak 1) of reconstructing clean x."""
+    """Per-element MSE, BCE, MAE and mean per-image PSNR (peak 1) of reconstructing clean x; and the
+    sharpness of the reconstructions: their gradient energy over that of the clean images (1: as sharp
+    as the inputs; blur lowers it, speckle raises it)."""
     generator = torch.Generator(parts.device).manual_seed(seed)
     losses = [LOSSES.get(name)() for name in RECON]
     sums = torch.zeros(len(RECON) + 1, device=parts.device)
+    energy = torch.zeros(2, device=parts.device)  # reconstructions', clean images'
     with eval_mode(parts.model):
         for clean in batches(x, parts.trainer.batch_size, parts.device):
             fwd = parts.model(clean if corrupt is None else corrupt(clean, generator))
             per_image = (fwd.recon - clean).pow(2).mean(1).clamp_min(1e-10)
             psnr = (-10 * torch.log10(per_image)).sum()
             sums += torch.stack([*(loss(fwd, clean) * len(clean) for loss in losses), psnr])
-    return dict(zip((*RECON, "psnr"), (sums / len(x)).tolist()))
+            energy += torch.stack([gradient_energy(images.reshape(-1, *parts.data.image_shape))
+                                   for images in (fwd.recon, clean)])
+    found = dict(zip((*RECON, "psnr"), (sums / len(x)).tolist()))
+    return {**found, "sharpness": (energy[0] / energy[1]).item()}
 
 
 @torch.no_grad()

@@ -10,6 +10,8 @@ from .logs import pyplot
 from .report import LABELS, SEED_KEY as SEED, Job, Row
 
 PANELS = ("mse", "population_sparsity", "sensitivity", "probe_latent")
+GROUP_PANELS = {"loss": ("mse", "mae", "sharpness", "probe_latent"),  # which loss reconstructs sharpest
+                "corruption": ("mse", "sharpness", "sensitivity", "probe_latent")}  # what denoising buys, costs
 LOG_KEYS = ("weight", "lr")
 
 
@@ -303,8 +305,9 @@ def side_by_side(rows: list[Row], name: str, out: Path) -> Path | None:
 
 def make_plots(rows: list[Row], jobs: list[Job], keys: list[str], out: Path) -> list[Path]:
     numeric = [k for k in keys if all(is_number(r.setting[k]) for r in rows)]
-    paths = [metrics_vs(rows, k, out) for k in numeric]
-    paths += [metrics_by(rows, k, out) for k in keys if k not in numeric]
+    panels = {k: GROUP_PANELS.get(k.split(".")[0], PANELS) for k in keys}
+    paths = [metrics_vs(rows, k, out, panels[k]) for k in numeric]
+    paths += [metrics_by(rows, k, out, panels[k]) for k in keys if k not in numeric]
     regs = {job.config.get("reg", {}).get("name") for job in jobs}
     if "reg.weight" in numeric and regs & {"l1", "kl"}:
         paths.append(trade_off(rows, "population_sparsity", "recon_vs_sparsity", out))

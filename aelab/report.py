@@ -18,9 +18,10 @@ SEED_KEY = "trainer.seed"
 PLUMBING = ("resume", "launcher", "paths.", "data.root", "data.download", "hydra")  # override keys (prefixes)
 SPARSITY = ("population_sparsity", "dead_fraction", "mean_activation", "sensitivity")
 SHORT = {"population_sparsity": "active", "dead_fraction": "dead", "mean_activation": "mean act",
-         "sensitivity": "||J||²", "probe_latent": "probe", "val_total": "val"}
+         "sensitivity": "||J||²", "probe_latent": "probe", "val_total": "val", "sharpness": "sharp"}
 LABELS = {"mse": "test MSE per element", "bce": "test BCE per element", "mae": "test MAE per element",
-          "psnr": "test PSNR (dB)", "population_sparsity": "population sparsity (fraction active)",
+          "psnr": "test PSNR (dB)", "sharpness": "sharpness (gradient energy, output / input)",
+          "population_sparsity": "population sparsity (fraction active)",
           "dead_fraction": "dead units (fraction)", "mean_activation": "mean latent activation",
           "sensitivity": "encoder sensitivity ||J||_F^2", "probe_latent": "linear-probe accuracy (codes)",
           "probe_pixels": "linear-probe accuracy (pixels)", "val_total": "validation loss (total)"}
@@ -208,8 +209,8 @@ def shown_metrics(keys: list[str]) -> list[str]:
     """The terminal's columns: what the swept groups act on (CSV and Markdown hold every metric)."""
     touches = lambda group: any(k == group or k.startswith(group + ".") for k in keys)  # noqa: E731
     regularized = touches("reg") or touches("model")
-    return ["mse", "psnr", *(SPARSITY if regularized else ()), *(["mse_*"] if touches("corruption") else ()),
-            "probe_latent"]
+    return ["mse", "psnr", *(["sharpness"] if touches("loss") or touches("corruption") else ()),
+            *(SPARSITY if regularized else ()), *(["mse_*"] if touches("corruption") else ()), "probe_latent"]
 
 
 def report(sweep_dir: Path) -> dict:

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from aelab.build import build
-from aelab.metrics import feature_grid, linear_probe, reconstruction, sensitivity, sparsity
+from aelab.metrics import feature_grid, gradient_energy, linear_probe, reconstruction, sensitivity, sparsity
 
 
 def test_sparsity_of_a_known_code():
@@ -39,8 +39,22 @@ def test_reconstruction_metrics_and_psnr(make_cfg):
     assert found["mse"] == pytest.approx(per_image.mean().item(), rel=1e-5)
     assert found["mae"] == pytest.approx((recon - x).abs().mean().item(), rel=1e-5)
     assert found["psnr"] == pytest.approx((10 * torch.log10(1 / per_image)).mean().item(), rel=1e-5)
+    images = lambda t: t.view(-1, *parts.data.image_shape)  # noqa: E731
+    assert found["sharpness"] == pytest.approx((gradient_energy(images(recon)) / gradient_energy(images(x))).item(),
+                                               rel=1e-5)
     identity = reconstruction(parts, x, corrupt=lambda c, g=None: c)
     assert identity["mse"] == pytest.approx(found["mse"], rel=1e-6)
+
+
+def test_sharpness_is_the_gradient_energy_that_blur_lowers(make_cfg):
+    dot = torch.zeros(1, 1, 3, 3)
+    dot[0, 0, 1, 1] = 1.0  # four neighbours differ by 1: two down the rows, two across the columns
+    assert gradient_energy(dot).item() == 4.0
+    assert gradient_energy(torch.full((2, 1, 4, 4), 0.7)).item() == 0.0
+    digits = build(make_cfg("device=cpu")).data.test.x.view(-1, 1, 8, 8)
+    blurred = torch.nn.functional.avg_pool2d(digits, 3, stride=1, padding=1, count_include_pad=False)
+    assert 0 < gradient_energy(blurred) / gradient_energy(digits) < 0.5
+    assert gradient_energy(digits * 0.5) / gradient_energy(digits) == pytest.approx(0.25)
 
 
 def test_linear_probe_separates_separable_classes():

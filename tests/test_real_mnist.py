@@ -26,3 +26,12 @@ def test_denoising_model_beats_plain_model_on_noisy_inputs(real_mnist_root, tmp_
                       *common)
     assert denoising["mse_gaussian"] < 0.9 * plain["mse_gaussian"]
     assert plain["mse"] < denoising["mse"]  # the price: clean inputs reconstruct less well
+
+
+def test_mae_reconstructs_sharper_than_mse(real_mnist_root, tmp_path):
+    """Exercise 1's question, which loss gives the sharpest outputs: MAE (a median, where MSE averages
+    the plausible strokes into a blur), at the price of a higher squared error."""
+    mse = train(tmp_path, real_mnist_root, "mse", "loss=mse", "trainer.epochs=3")
+    mae = train(tmp_path, real_mnist_root, "mae", "loss=mae", "trainer.epochs=3")
+    assert mae["sharpness"] > 2 * mse["sharpness"]
+    assert mse["mse"] < mae["mse"]

@@ -125,6 +125,33 @@ def test_long_settings_are_drawn_whole(tmp_path, monkeypatch):
     assert [" ".join(t.split()) for t in keyed] == [f"{n}: {row.label}" for n, row in enumerate(rows, 1)]
 
 
+def test_panels_follow_what_was_swept(tmp_path, monkeypatch):
+    """A loss sweep is drawn with what tells losses apart (MSE, MAE, sharpness: Exercise 1 asks which is
+    sharpest), a noise sweep with what denoising costs and buys (sharpness, encoder sensitivity), a
+    penalty sweep with sparsity; each terminal table shows sharpness where loss or corruption was swept."""
+    from aelab import plots
+    from aelab.report import LABELS, Job, Row, shown_metrics
+
+    titles = {}
+
+    def save(fig, path):
+        titles[path.name] = [ax.get_title() for ax in fig.axes]
+        return path
+    monkeypatch.setattr(plots, "save", save)
+    metrics = {"mse": 0.02, "mae": 0.05, "sharpness": 0.8, "population_sparsity": 0.4, "sensitivity": 9.0,
+               "probe_latent": 0.9}
+    for key, values in (("loss", ("mse", "mae")), ("corruption.noise_factor", ("0.1", "0.3")),
+                        ("reg.weight", ("0.001", "0.1"))):
+        rows = [Row({key: v}, [Job(Path(v), {key: v}, {"reg": {"name": "l1"}}, metrics)]) for v in values]
+        plots.make_plots(rows, [], [key], tmp_path)
+    drawn = lambda name, *panels: titles[name] == [LABELS[m] for m in panels]  # noqa: E731
+    assert drawn("metrics_by_loss.png", "mse", "mae", "sharpness", "probe_latent")
+    assert drawn("metrics_vs_corruption.noise_factor.png", "mse", "sharpness", "sensitivity", "probe_latent")
+    assert drawn("metrics_vs_reg.weight.png", "mse", "population_sparsity", "sensitivity", "probe_latent")
+    assert "sharpness" in shown_metrics(["loss"]) and "sharpness" in shown_metrics(["corruption"])
+    assert "sharpness" not in shown_metrics(["reg.weight"])
+
+
 def test_loss_curves_name_every_run_even_two_of_one_setting(sweep, tmp_path, monkeypatch):
     """Two runs labelled alike (aelab report outputs over repeated runs) are two lines and two legend
     entries, each line the run's own train/total from its TensorBoard events; beside it each run's
@@ -275,7 +302,7 @@ def test_eval_recomputes_metrics_with_other_noise_levels(sweep):
     stored = json.loads((job / "metrics.json").read_text())["test"]
     run_cli("eval", str(job), cwd=job)
     again = json.loads((job / "eval.json").read_text())["test"]
-    for key in ("mse", "psnr", "population_sparsity", "sensitivity", "mse_gaussian", "probe_latent"):
+    for key in ("mse", "psnr", "sharpness", "population_sparsity", "sensitivity", "mse_gaussian", "probe_latent"):
         assert again[key] == pytest.approx(stored[key], rel=1e-6)
     run_cli("eval", str(job), "eval.noise.gaussian.noise_factor=0.9", "eval.probe=false", cwd=job)
     louder = json.loads(next(job.glob("eval_eval.noise.gaussian*.json")).read_text())["test"]
