@@ -117,7 +117,8 @@ def trade_off(rows: list[Row], x_metric: str, name: str, out: Path) -> Path:
     one key is swept; a log axis when the effect spans two decades), labelled: by its setting beside the
     point, or where settings are long, by a number keyed in a legend below. Against encoder sensitivity
     a second panel shows what the tutorial's trade-off promises for it: the error noisy test inputs add
-    to the clean one (mse_<noise> - mse), which a flatter encoder should shrink as its clean error grows."""
+    to the clean one (mse_<noise> - mse), which a flatter encoder should shrink as its clean error grows;
+    its points too are joined only when one key is swept, and numbered as in the first panel."""
     plt = pyplot()
     numbered = max(len(row.label) for row in rows) > 24
     keyed = sum(textwrap.fill(row.label, 70).count("\n") + 1 for row in rows) if numbered else 0
@@ -128,7 +129,8 @@ def trade_off(rows: list[Row], x_metric: str, name: str, out: Path) -> Path:
     xs = [row.mean_std(x_metric)[0] for row in rows]
     ys = [row.mean_std("mse")[0] for row in rows]
     order = sorted(range(len(rows)), key=lambda i: xs[i])
-    if len(rows[0].setting) == 1:  # one swept key: the points are one curve
+    joined = len(rows[0].setting) == 1  # one swept key: the points are one curve; of a grid, they are not
+    if joined:
         ax.plot([xs[i] for i in order], [ys[i] for i in order], color="tab:purple", alpha=0.35)
     for number, (row, x, y) in enumerate(zip(rows, xs, ys), 1):
         ax.scatter(x, y, color="tab:purple", label=f"{number}: {textwrap.fill(row.label, 70)}" if numbered else None)
@@ -139,9 +141,14 @@ def trade_off(rows: list[Row], x_metric: str, name: str, out: Path) -> Path:
            xscale="log" if log else "linear")
     if noises:
         gap = axes[0][1]
-        for number, metric in enumerate(noises):
-            gap.plot([xs[i] for i in order], [rows[i].mean_std(metric)[0] - ys[i] for i in order], marker="o",
-                     label=f"test {noise_name(metric)}", **line_style(number))
+        gaps = [[rows[i].mean_std(metric)[0] - ys[i] for i in order] for metric in noises]
+        for number, (metric, line) in enumerate(zip(noises, gaps)):
+            gap.plot([xs[i] for i in order], line, marker="o", label=f"test {noise_name(metric)}",
+                     **{**line_style(number), **({} if joined else {"linestyle": "none"})})
+        if numbered:  # each column of points numbered as its setting is in the first panel
+            for i, top in zip(order, map(max, zip(*gaps))):
+                gap.annotate(str(i + 1), (xs[i], top), fontsize=7, xytext=(0, 5), textcoords="offset points",
+                             ha="center")
         gap.set(xlabel=LABELS[x_metric], ylabel="test MSE, noisy input - clean input",
                 title="Error the noisy test inputs add", xscale="log" if log else "linear")
         gap.legend(fontsize=7)

@@ -523,6 +523,16 @@ def test_contractive_trade_off_shows_what_noise_adds(tmp_path, monkeypatch):
     by_x = sorted(measured.values())
     assert list(noise.get_ydata()) == pytest.approx([g - m for _, m, g in by_x])
     assert [t.get_text() for t in gap.get_legend().get_texts()] == ["test gaussian"]
+    assert noise.get_linestyle() == "-"  # one swept key: one curve
+    grid = [Row({"corruption.noise_factor": n, "reg.weight": w}, [Job(Path(n + w), {}, {}, {
+        "sensitivity": j, "mse": 0.02, "mse_gaussian": 0.02 + g})])
+        for n, w, j, g in (("0.0", "0.0", 12.9, 0.017), ("0.3", "0.0", 5.2, 0.004), ("0.0", "1e-3", 0.7, 0.008))]
+    plots.trade_off(grid, "sensitivity", "grid_vs_sensitivity", tmp_path)
+    recon, gap = seen["grid_vs_sensitivity.png"].axes
+    assert not recon.lines and gap.lines[0].get_linestyle() == "None"  # a grid's settings are no curve
+    numbers = {t.get_text(): t.xy for t in gap.texts}  # as in the first panel, above each column of points
+    assert numbers == {"1": (12.9, pytest.approx(0.017)), "2": (5.2, pytest.approx(0.004)),
+                       "3": (0.7, pytest.approx(0.008))}
     sparsity = [Row({"reg.weight": w}, [Job(Path(w), {"reg.weight": w}, {}, {"population_sparsity": p, "mse": 0.02})])
                 for w, p in (("0.001", 0.6), ("0.01", 0.3))]
     plots.trade_off(sparsity, "population_sparsity", "recon_vs_sparsity", tmp_path)
