@@ -159,12 +159,15 @@ def trade_off(rows: list[Row], x_metric: str, name: str, out: Path) -> Path:
 
 
 def noise_metrics(rows: list[Row]) -> list[str]:
-    """`mse` (clean test input) and every `mse_<noise>` the runs measured, by name, then level
-    (mse_gaussian_0.1 before mse_gaussian_0.25 before mse_gaussian_1)."""
-    def order(metric: str) -> tuple[str, float]:
+    """`mse` (clean test input) and every `mse_<noise>` the runs measured: the noises in the order they
+    were measured (eval.noise's: gaussian, salt_pepper, masking, block), a noise's levels in increasing
+    order (mse_gaussian_0.1 before mse_gaussian_0.25 before mse_gaussian_1)."""
+    def noise_level(metric: str) -> tuple[str, float]:
         name, _, level = metric.rpartition("_")
         return (name, float(level)) if is_number(level) else (metric, 0.0)
-    return ["mse", *sorted({m for r in rows for j in r.jobs for m in j.metrics if m.startswith("mse_")}, key=order)]
+    found = dict.fromkeys(m for r in rows for j in r.jobs for m in j.metrics if m.startswith("mse_"))
+    noises = list(dict.fromkeys(noise_level(m)[0] for m in found))
+    return ["mse", *sorted(found, key=lambda m: (noises.index(noise_level(m)[0]), noise_level(m)[1]))]
 
 
 def noise_name(metric: str) -> str:

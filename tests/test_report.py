@@ -425,6 +425,10 @@ def test_noise_level_sweep_draws_train_noise_by_test_noise(tmp_path, monkeypatch
             run.mkdir()
             rows.append(Row(setting, [Job(run, setting, {}, metrics)]))
     assert plots.noise_metrics(rows) == ["mse", "mse_gaussian_0.25", "mse_gaussian_1", "mse_masking"]
+    measured = {"mse": 0.02, "mse_gaussian_0.3": 0.03, "mse_gaussian_0.1": 0.02, "mse_salt_pepper": 0.04,
+                "mse_masking": 0.04, "mse_block": 0.04}  # in eval.noise's order, the levels as listed
+    assert plots.noise_metrics([Row({}, [Job(tmp_path, {}, {}, measured)])]) == [
+        "mse", "mse_gaussian_0.1", "mse_gaussian_0.3", "mse_salt_pepper", "mse_masking", "mse_block"]
     seen = {}
     real_save = plots.save
 
