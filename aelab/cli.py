@@ -46,6 +46,8 @@ PLUGINS = {  # command-line choice → the Hydra plugin it needs (pip install 'a
     "+experiment=optuna_search": "hydra_plugins.hydra_optuna_sweeper",
     "hydra/sweeper=optuna": "hydra_plugins.hydra_optuna_sweeper",
 }
+MODES = {"-r": "--run", "--run": "--run", "-m": "-m", "--multirun": "-m", "-c": "--cfg", "--cfg": "--cfg",
+         "-i": "--info", "--info": "--info", "-sc": "--shell-completion", "--shell-completion": "--shell-completion"}
 diverged_jobs: list[Path] = []  # the last sweep's jobs that stopped on a NaN or inf loss (SweepOutcome)
 finished_jobs: list[Path] = []  # and those that hold results
 swept: list[Path] = []  # and its folder
@@ -121,6 +123,16 @@ def installed(module: str) -> bool:
         return False
 
 
+def one_mode(args: list[str]) -> None:
+    """Hydra does one thing per call, run, sweep, print the config or its info; two of them were its
+    ValueError traceback."""
+    modes = list(dict.fromkeys(MODES[a] for a in args if a in MODES))
+    if len(modes) > 1:
+        hint = "; without -m, --cfg job prints the config of one job with these overrides" if "-m" in modes else ""
+        raise ConfigError(f"{modes[0]} and {modes[1]} cannot be combined: aelab train runs, sweeps (-m), prints "
+                          f"the config (--cfg) or Hydra's info (--info), one per call{hint}", modes[0])
+
+
 def require_plugins(args: list[str]) -> None:
     for arg in args:
         module = PLUGINS.get(arg)
@@ -134,6 +146,7 @@ def train_command(args: list[str]) -> int:
     def launch() -> None:
         require_plugins(args)
         overrides = resume_args(args)
+        one_mode(overrides)  # resume=SWEEP_DIR is a sweep (-m) too
         check_dirs(overrides)
         check_overrides(overrides)
         sys.argv = ["aelab train", *overrides]
