@@ -18,7 +18,7 @@ from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 from . import console
 from .overrides import check as check_overrides
 from .registry import ConfigError
-from .runs import FAILED, check_dirs, drop_if_nothing_ran, read_results, resume_args, resume_mode, write_json
+from .runs import FAILED, MODES, check_dirs, drop_if_nothing_ran, read_results, resume_args, resume_mode, write_json
 
 USAGE = """usage: aelab COMMAND [ARGS]
 
@@ -46,8 +46,6 @@ PLUGINS = {  # command-line choice → the Hydra plugin it needs (pip install 'a
     "+experiment=optuna_search": "hydra_plugins.hydra_optuna_sweeper",
     "hydra/sweeper=optuna": "hydra_plugins.hydra_optuna_sweeper",
 }
-MODES = {"-r": "--run", "--run": "--run", "-m": "-m", "--multirun": "-m", "-c": "--cfg", "--cfg": "--cfg",
-         "-i": "--info", "--info": "--info", "-sc": "--shell-completion", "--shell-completion": "--shell-completion"}
 diverged_jobs: list[Path] = []  # the last sweep's jobs that stopped on a NaN or inf loss (SweepOutcome)
 finished_jobs: list[Path] = []  # and those that hold results
 swept: list[Path] = []  # and its folder
@@ -126,7 +124,8 @@ def installed(module: str) -> bool:
 def one_mode(args: list[str]) -> None:
     """Hydra does one thing per call, run, sweep, print the config or its info; two of them were its
     ValueError traceback."""
-    modes = list(dict.fromkeys(MODES[a] for a in args if a in MODES))
+    named = {alias: name for name, aliases in MODES.items() for alias in aliases}
+    modes = list(dict.fromkeys(named[a] for a in args if a in named))
     if len(modes) > 1:
         hint = "; without -m, --cfg job prints the config of one job with these overrides" if "-m" in modes else ""
         raise ConfigError(f"{modes[0]} and {modes[1]} cannot be combined: aelab train runs, sweeps (-m), prints "

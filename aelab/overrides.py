@@ -20,6 +20,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from .console import first_line
 from .registry import ConfigError
+from .runs import MULTIRUN
 
 GRAMMAR = "https://hydra.cc/docs/advanced/override_grammar/basic/"
 
@@ -28,13 +29,13 @@ def check(args: list[str]) -> None:
     """Compose the config before Hydra starts, so that a misspelled option, key or override is one
     line naming the key and the fix (Hydra reports them over many lines, in a sweep only once jobs run).
     Every option of a swept group is checked, then every job's values (check_sweep)."""
-    if any(a.startswith("-") and a not in ("-m", "--multirun") for a in args):
+    if any(a.startswith("-") and a not in MULTIRUN for a in args):
         return  # Hydra's own flags (--help, --cfg, --config-name ...): Hydra reads those itself
     with initialize_config_module("aelab.configs", version_base="1.3"):
         loader = GlobalHydra.instance().config_loader()
         group_options = functools.cache(loader.get_group_options)  # Hydra's look-up is slow: once per key
         parser = OverridesParser.create(config_loader=loader)
-        multirun = "-m" in args or "--multirun" in args
+        multirun = bool(set(MULTIRUN) & set(args))
         chosen, keys, intervals = [], [], []
         for text in (a for a in args if not a.startswith("-")):
             try:

@@ -21,7 +21,12 @@ HYDRA_ONLY = {".hydra", "train.log"}  # what a run dir holds before its job has 
 # how long and where a resumed run goes on, and how it is measured: not what it trains
 RESUME_MAY_CHANGE = ("trainer.epochs", "trainer.log_every", "trainer.cuda_graph", "trainer.compile", "trainer.tf32",
                      "device", "eval", "hydra")
-INFO_FLAGS = ("--help", "-h", "--hydra-help", "--cfg", "-c", "--info", "-i", "--version", "--shell-completion", "-sc")
+# Hydra's flags that choose what a call does, one per call: the name aelab's messages give → how it is typed
+MODES = {"--run": ("-r", "--run"), "-m": ("-m", "--multirun"), "--cfg": ("-c", "--cfg"), "--info": ("-i", "--info"),
+         "--shell-completion": ("-sc", "--shell-completion")}
+MULTIRUN = MODES["-m"]
+# the flags after which nothing runs: Hydra prints something and exits
+INFO_FLAGS = ("--help", "-h", "--hydra-help", "--version", *MODES["--cfg"], *MODES["--info"], *MODES["--shell-completion"])
 
 
 def write_whole(path: Path, write: Callable[[Path], object]) -> None:
@@ -127,7 +132,7 @@ def sweep_resume_args(sweep_dir: Path, rest: list[str]) -> list[str]:
     if not record.is_file():
         raise ConfigError(f"{sweep_dir} has no multirun.yaml, the record of how its sweep was started; continue "
                           f"one of its jobs with aelab train resume=JOB_DIR", "resume")
-    rest = [a for a in rest if a not in ("-m", "--multirun")]
+    rest = [a for a in rest if a not in MULTIRUN]
     changed = [a for a in rest if not a.startswith("hydra.")]
     if changed:
         raise ConfigError(f"a sweep continues as it was started; {' '.join(changed)} would make other jobs: start "
@@ -154,7 +159,7 @@ def check_dirs(args: list[str]) -> None:
         if used:
             raise ConfigError(f"{value} already holds aelab results ({used[0]}); choose a new dir, "
                               f"or continue a run with aelab train resume=RUN_DIR", key)
-    key = "hydra.sweep.dir" if {"-m", "--multirun"} & set(args) else "hydra.run.dir"
+    key = "hydra.sweep.dir" if set(MULTIRUN) & set(args) else "hydra.run.dir"
     value = given.get(key) or "outputs"  # both default to a dir under ./outputs
     path = Path(value).expanduser().absolute()
     nearest = next(p for p in (path, *path.parents) if p.exists())
