@@ -2,7 +2,8 @@
 
 Reconstruction (MSE, BCE, MAE, PSNR), sparsity (population, lifetime, dead units, mean activation),
 encoder sensitivity (mean ||J_f(x)||_F^2), denoising robustness (error against clean inputs under each
-test corruption, fixed seed) and linear-probe accuracy of the frozen codes next to raw pixels.
+test corruption, fixed seed; for gaussian noise also how well f(x̃) - x̃, the score estimate, points
+back to the clean input) and linear-probe accuracy of the frozen codes next to raw pixels.
 """
 from __future__ import annotations
 
@@ -28,25 +29,41 @@ def gradient_energy(images: Tensor) -> Tensor:
     return images.diff(dim=-2).pow(2).sum() + images.diff(dim=-1).pow(2).sum()
 
 
+def step_alignment(recon: Tensor, noisy: Tensor, clean: Tensor) -> Tensor:
+    """Per image, the cosine between the model's step from the noisy input, f(x̃) - x̃, and the step back
+    to the clean one, x - x̃; NaN where the corruption changed no pixel. For gaussian noise of small
+    sigma the first, over sigma², estimates the data's score ∇_x log p (the tutorial's score matching
+    connection): 1 where it points straight at the clean input, 0 where it ignores the noise."""
+    toward = (clean - noisy).flatten(1)
+    cosine = torch.nn.functional.cosine_similarity((recon - noisy).flatten(1), toward, dim=1)
+    return cosine.where(toward.abs().sum(1) > 0, torch.nan)
+
+
 @torch.no_grad()
 def reconstruction(parts: Parts, x: Tensor, corrupt: Corruption | None = None, seed: int = 0) -> dict:
     """Per-element MSE, BCE, MAE and mean per-image PSNR (peak 1) of reconstructing clean x; and the
     sharpness of the reconstructions: their gradient energy over that of the clean images (1: as sharp
-    as the inputs; blur lowers it, speckle raises it)."""
+    as the inputs; blur lowers it, speckle raises it). With a corruption, also `score_cos`: the mean
+    step_alignment over the images it changed (absent if it changed none)."""
     generator = torch.Generator(parts.device).manual_seed(seed)
     losses = [LOSSES.get(name)() for name in RECON]
     sums = torch.zeros(len(RECON) + 1, device=parts.device)
     energy = torch.zeros(2, device=parts.device)  # reconstructions', clean images'
+    aligned = torch.zeros(2, device=parts.device)  # sum of the cosines, images changed
     with eval_mode(parts.model):
         for clean in batches(x, parts.trainer.batch_size, parts.device):
-            fwd = parts.model(clean if corrupt is None else corrupt(clean, generator))
+            noisy = clean if corrupt is None else corrupt(clean, generator)
+            fwd = parts.model(noisy)
             per_image = (fwd.recon - clean).pow(2).mean(1).clamp_min(1e-10)
             psnr = (-10 * torch.log10(per_image)).sum()
             sums += torch.stack([*(loss(fwd, clean) * len(clean) for loss in losses), psnr])
             energy += torch.stack([gradient_energy(images.reshape(-1, *parts.data.image_shape))
                                    for images in (fwd.recon, clean)])
+            cosine = step_alignment(fwd.recon, noisy, clean)
+            aligned += torch.stack([cosine.nansum(), cosine.isfinite().sum()])
     found = dict(zip((*RECON, "psnr"), (sums / len(x)).tolist()))
-    return {**found, "sharpness": (energy[0] / energy[1]).item()}
+    score = {"score_cos": (aligned[0] / aligned[1]).item()} if aligned[1] > 0 else {}
+    return {**found, "sharpness": (energy[0] / energy[1]).item(), **score}
 
 
 @torch.no_grad()
@@ -109,8 +126,11 @@ def analyse(parts: Parts, settings: EvalSettings) -> tuple[dict, dict[str, Tenso
     found, lifetime = sparsity(latent, settings.threshold)
     metrics.update(found)
     metrics["sensitivity"] = sensitivity(parts, test.x)
-    for name, corrupt in settings.noise.items():
-        metrics[f"mse_{name}"] = reconstruction(parts, test.x, corrupt, seed)["mse"]
+    for label, corrupt in settings.noise.items():
+        noisy = reconstruction(parts, test.x, corrupt, seed)
+        metrics[f"mse_{label}"] = noisy["mse"]
+        if label.partition("_")[0] == "gaussian" and "score_cos" in noisy:  # gaussian, gaussian_0.3: the score
+            metrics[f"score_cos_{label}"] = noisy["score_cos"]
     if settings.probe:
         train = parts.data.train
         as_np = lambda t: t.detach().cpu().numpy()  # noqa: E731

@@ -176,21 +176,30 @@ def noise_name(metric: str) -> str:
 
 def denoising_vs_noise(rows: list[Row], out: Path) -> Path:
     """Test MSE (against clean) under each test corruption, against the training noise level; a panel per
-    setting of the other swept keys, the test corruptions keyed once on the right."""
+    setting of the other swept keys, the test corruptions keyed once on the right. Below, where the runs
+    measured it, each gaussian test level's score_cos: how well f(x̃) - x̃, the score estimate, points back
+    to the clean input (the tutorial's score matching connection)."""
     plt = pyplot()
     key = "corruption.noise_factor"
     metrics = noise_metrics(rows)
+    scores = {number: "score_cos_" + noise_name(m) for number, m in enumerate(metrics)
+              if any("score_cos_" + noise_name(m) in j.metrics for r in rows for j in r.jobs)}
     panels = by_other_keys(rows, key)
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.6 * len(panels) + 1.6, 4.2), squeeze=False, sharey=True,
-                             layout="constrained")
-    for ax, (other, line) in zip(axes[0], panels.items()):
+    fig, axes = plt.subplots(1 + bool(scores), len(panels), figsize=(4.6 * len(panels) + 1.6, 4.2 + 3 * bool(scores)),
+                             squeeze=False, sharex="col", sharey="row", layout="constrained")
+    for column, (other, line) in enumerate(panels.items()):
         line = sorted(line, key=lambda r: float(r.setting[key]))
-        for number, metric in enumerate(metrics):
-            stats = [r.mean_std(metric) for r in line]
-            ax.errorbar([float(r.setting[key]) for r in line], [m for m, _ in stats], yerr=[s for _, s in stats],
-                        marker="o", capsize=3, **line_style(number))
-        ax.set(xlabel="training noise_factor (gaussian std)", title=textwrap.fill(other, 50) if other else None)
+        x = [float(r.setting[key]) for r in line]
+        for ax, drawn in zip(axes[:, column], (dict(enumerate(metrics)), scores)):
+            for number, metric in drawn.items():
+                stats = [r.mean_std(metric) for r in line]
+                ax.errorbar(x, [m for m, _ in stats], yerr=[s for _, s in stats], marker="o", capsize=3,
+                            **line_style(number))
+        axes[0][column].set(title=textwrap.fill(other, 50) if other else None)
+        axes[-1][column].set(xlabel="training noise_factor (gaussian std)")
     axes[0][0].set_ylabel("test MSE against clean input")
+    if scores:
+        axes[1][0].set_ylabel("cos(f(x̃) - x̃, x - x̃): the score\nestimate's aim at the clean input")
     fig.suptitle("Denoising error vs training noise level", fontsize=11)
     fig.legend(axes[0][0].containers, ["clean test input" if m == "mse" else f"test {noise_name(m)}" for m in metrics],
                loc="outside right upper", fontsize=7, title="test input")

@@ -461,6 +461,18 @@ def test_noise_level_sweep_draws_train_noise_by_test_noise(tmp_path, monkeypatch
         "clean test input", "test gaussian_0.25", "test gaussian_1", "test masking"]
     mse_panel = panels[0]
     assert list(mse_panel.containers[2].lines[0].get_ydata()) == pytest.approx([0.05, 0.046])
+    assert len(lines.axes) == 2  # runs without score_cos (an older aelab's): the MSE row alone
+    for row in rows:  # the gaussian levels' score estimate: a row of panels below, each level in its MSE line's colour
+        row.jobs[0].metrics.update({"score_cos_gaussian_0.25": 0.4, "score_cos_gaussian_1": 0.7
+                                    + (0.1 if row.setting["corruption.noise_factor"] == "0.5" else 0)})
+    plots.denoising_vs_noise(rows, tmp_path)
+    lines = seen["denoising_vs_noise.png"]
+    top, bottom = lines.axes[:2], lines.axes[2:4]  # row by row
+    assert [len(ax.containers) for ax in top + bottom] == [4, 4, 2, 2]
+    assert [ax.get_title() for ax in top] == ["loss=mse", "loss=bce"]
+    assert list(bottom[0].containers[1].lines[0].get_ydata()) == pytest.approx([0.7, 0.8])
+    assert bottom[0].containers[1].lines[0].get_color() == top[0].containers[2].lines[0].get_color()  # gaussian_1
+    assert "score" in bottom[0].get_ylabel() and bottom[0].get_xlabel().startswith("training noise_factor")
 
 
 def test_eval_of_a_folder_goes_on_past_a_bad_run_and_reads_older_runs(sweep, tmp_path):
