@@ -43,6 +43,15 @@ class EvalSettings:
     features: int  # decoded one-hot codes to draw
 
 
+@dataclass(frozen=True)
+class SampleSettings:  # `aelab sample`: corrupt-and-denoise chains
+    steps: int  # corrupt-and-denoise steps of each chain
+    count: int  # chains, run side by side
+    start: str  # noise: uniform random pixels; test: the first `count` test images
+    noise: float | None  # the chain's gaussian noise_factor; None: the run's own training corruption
+    seed: int  # the start's and the chain's noise
+
+
 @dataclass
 class Parts:
     device: torch.device
@@ -54,6 +63,7 @@ class Parts:
     optimizer: torch.optim.Optimizer
     trainer: Trainer
     evaluation: EvalSettings
+    sampling: SampleSettings
 
     @property
     def trace(self) -> bool:
@@ -134,6 +144,21 @@ def eval_settings(node, image_shape: tuple[int, int, int]) -> EvalSettings:
         raise e.within("eval") from None
 
 
+SAMPLE_STARTS = ("noise", "test")
+
+
+def sample_settings(node) -> SampleSettings:
+    try:
+        known_keys(node, SampleSettings, "sample")
+        return SampleSettings(steps=number(node.steps, "steps", low=1, integer=True),
+                              count=number(node.count, "count", low=1, integer=True),
+                              start=choice(node.start, "start", SAMPLE_STARTS),
+                              noise=None if node.noise is None else number(node.noise, "noise", low=0),
+                              seed=number(node.seed, "seed", integer=True))
+    except ConfigError as e:
+        raise e.within("sample") from None
+
+
 def noise_entries(name: str, params) -> list[tuple[str, dict]]:
     """One `eval.noise` entry as (label, options) pairs: a list for one key measures each value, labelled
     by it (`eval.noise.gaussian.noise_factor=[0.1,0.5]` → mse_gaussian_0.1 and mse_gaussian_0.5)."""
@@ -196,7 +221,7 @@ def build(cfg: DictConfig, job_num: int | None = None) -> Parts:
     """Config → parts, in dependency order; every problem surfaces here as a ConfigError.
 
     `job_num`, a sweep job's number, spreads local sweep jobs over several GPUs."""
-    trainer = trainer_settings(cfg.trainer)
+    trainer, sampling = trainer_settings(cfg.trainer), sample_settings(cfg.sample)
     device = build_part("device", DEVICES, cfg.device, job_num=job_num)
     torch.manual_seed(trainer.seed)
     data = build_part("data", DATASETS, cfg.data)
@@ -205,7 +230,8 @@ def build(cfg: DictConfig, job_num: int | None = None) -> Parts:
     set_matmul_precision(trainer.tf32)
     model = model.to(device)
     optimizer = build_part("optim", OPTIMIZERS, cfg.optim, params=model.parameters(), device=device)
-    return Parts(device, resident(data, device), model, loss, penalty, corruption, optimizer, trainer, evaluation)
+    return Parts(device, resident(data, device), model, loss, penalty, corruption, optimizer, trainer, evaluation,
+                 sampling)
 
 
 def check(cfg: DictConfig, loaded: dict[str, Splits | None]) -> None:
@@ -214,6 +240,7 @@ def check(cfg: DictConfig, loaded: dict[str, Splits | None]) -> None:
     one whose files are not here (a SLURM job's node may have them) is checked by its job, and
     data.IMAGE_SHAPES stands in for it. The device is left to the job as well."""
     trainer = trainer_settings(cfg.trainer)
+    sample_settings(cfg.sample)
     data = readable_data(cfg.data, loaded)
     image_shape = data.image_shape if data else IMAGE_SHAPES.get(cfg.data.get("name"))
     if image_shape is None:  # a data set of unknown shape, not readable here: its job checks its parts
@@ -254,14 +281,16 @@ def current_defaults() -> DictConfig:
     return OmegaConf.create(files("aelab.configs").joinpath("train.yaml").read_text())
 
 
-def run_config(run_dir: Path, overrides: list[str], allowed: tuple[str, ...] = ("eval.", "device.")) -> DictConfig:
-    """A finished run's composed config (.hydra/config.yaml) with `eval.*` / `device.*` overrides."""
+def run_config(run_dir: Path, overrides: list[str], allowed: tuple[str, ...] = ("eval.", "device."),
+               example: str = "eval.noise.gaussian.noise_factor=0.5") -> DictConfig:
+    """A finished run's composed config (.hydra/config.yaml) with overrides of the keys under `allowed`
+    (`aelab eval`: eval.* and device.*)."""
     path = run_dir / ".hydra" / "config.yaml"
     if not path.is_file() or not (run_dir / "checkpoint.pt").is_file():
         raise ConfigError(f"{run_dir} is not an aelab run (it needs .hydra/config.yaml and checkpoint.pt); "
                           f"pass a run dir under outputs/", "RUN_DIR")
     cfg, defaults = OmegaConf.load(path), current_defaults()
-    for section in ("trainer", "eval"):  # keys a run saved by an older aelab lacks take today's defaults
+    for section in ("trainer", "eval", "sample"):  # keys a run saved by an older aelab lacks take today's defaults
         for key, value in defaults[section].items():
             if key not in cfg.setdefault(section, {}):
                 cfg[section][key] = value
@@ -270,7 +299,7 @@ def run_config(run_dir: Path, overrides: list[str], allowed: tuple[str, ...] = (
         key, sep, value = override.partition("=")
         if not sep or not key.startswith(allowed):
             raise ConfigError(f"takes KEY=VALUE overrides under {' or '.join(a + '*' for a in allowed)}, "
-                              f"e.g. eval.noise.gaussian.noise_factor=0.5; got '{override}'", "override")
+                              f"e.g. {example}; got '{override}'", "override")
         try:
             cfg.merge_with(OmegaConf.from_dotlist([override]))
         except OmegaConfBaseException as e:

@@ -27,6 +27,8 @@ commands:
            continue a stopped run with: aelab train resume=RUN_DIR (a stopped sweep: resume=SWEEP_DIR)
   eval     aelab eval RUN_DIR|SWEEP_DIR [eval.KEY=VALUE ...]: recompute the test metrics of a run
            (of each job of a sweep)
+  sample   aelab sample RUN_DIR|SWEEP_DIR [sample.KEY=VALUE ...]: draw images from a trained model by
+           alternately corrupting and denoising (chains from random pixels), measured against the data
   report   aelab report SWEEP_DIR: table, report.csv, report.md and plots of a sweep
 
   --version  aelab's version and those of torch, hydra-core and Python
@@ -165,21 +167,21 @@ def train_command(args: list[str]) -> int:
     return code
 
 
-def eval_command(args: list[str]) -> int:
-    from .train import evaluate_run
-
+def each_run(args: list[str], action, usage: str) -> int:
+    """`aelab eval` / `aelab sample`: `action(run_dir, overrides)` on a run, or on each job of a sweep
+    that holds a checkpoint."""
     if not args or args[0].startswith("-"):
-        print("usage: aelab eval RUN_DIR|SWEEP_DIR [eval.KEY=VALUE ...]   e.g. eval.noise.gaussian.noise_factor=0.5")
+        print(usage)
         return 0 if args else 2
-    target = Path(args[0])  # a run, or a sweep: each of its jobs that holds a checkpoint
+    target = Path(args[0])
     runs = [target] if (target / "checkpoint.pt").exists() else sorted(p.parent for p in target.glob("*/checkpoint.pt"))
     if len(runs) <= 1:
-        return guarded(lambda: evaluate_run(runs[0] if runs else target, args[1:]))
+        return guarded(lambda: action(runs[0] if runs else target, args[1:]))
     typed = {override.partition("=")[0] for override in args[1:]} | {"override"}
     failed = []  # each run's own problem (a damaged checkpoint), one line naming it; the others go on
     for run in runs:
         try:
-            evaluate_run(run, args[1:])
+            action(run, args[1:])
         except (ConfigError, OmegaConfBaseException) as e:
             error = config_error(e)
             if error.key in typed:  # a bad override is wrong for every run: said once, at the first
@@ -189,6 +191,20 @@ def eval_command(args: list[str]) -> int:
     for line in failed:
         console.error(line)
     return 2 if failed else 0
+
+
+def eval_command(args: list[str]) -> int:
+    from .train import evaluate_run
+
+    return each_run(args, evaluate_run, "usage: aelab eval RUN_DIR|SWEEP_DIR [eval.KEY=VALUE ...]   "
+                                        "e.g. eval.noise.gaussian.noise_factor=0.5")
+
+
+def sample_command(args: list[str]) -> int:
+    from .sample import sample_run
+
+    return each_run(args, sample_run, "usage: aelab sample RUN_DIR|SWEEP_DIR [sample.KEY=VALUE ...]   "
+                                      "e.g. sample.steps=200 sample.noise=0.3 sample.start=test")
 
 
 def report_command(args: list[str]) -> int:
@@ -235,7 +251,7 @@ def version() -> str:
             f"Python {sys.version.split()[0]})")
 
 
-COMMANDS = {"train": train_command, "eval": eval_command, "report": report_command}
+COMMANDS = {"train": train_command, "eval": eval_command, "sample": sample_command, "report": report_command}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -20,7 +20,7 @@ FAILED = "failed.json"  # what a sweep's diverged job leaves instead of metrics.
 HYDRA_ONLY = {".hydra", "train.log"}  # what a run dir holds before its job has written anything
 # how long and where a resumed run goes on, and how it is measured: not what it trains
 RESUME_MAY_CHANGE = ("trainer.epochs", "trainer.log_every", "trainer.cuda_graph", "trainer.compile", "trainer.tf32",
-                     "device", "eval", "hydra")
+                     "device", "eval", "sample", "hydra")
 # Hydra's flags that choose what a call does, one per call: the name aelab's messages give → how it is typed
 MODES = {"--run": ("-r", "--run"), "-m": ("-m", "--multirun"), "--cfg": ("-c", "--cfg"), "--info": ("-i", "--info"),
          "--shell-completion": ("-sc", "--shell-completion")}
@@ -39,6 +39,12 @@ def write_whole(path: Path, write: Callable[[Path], object]) -> None:
 
 def write_json(path: Path, record: dict) -> None:
     write_whole(path, lambda tmp: tmp.write_text(json.dumps(record, indent=2) + "\n"))
+
+
+def output_name(stem: str, overrides: list[str]) -> str:
+    """What a command run on a finished run writes, named by its overrides (`eval_eval.threshold=0.2`),
+    so that each setting keeps its own file."""
+    return stem if not overrides else stem + "_" + "_".join(o.replace("/", "-") for o in overrides)
 
 
 def read_json(path: Path, fix: str) -> dict:
@@ -108,7 +114,7 @@ def resume_args(args: list[str]) -> list[str]:
         key, _, value = arg.partition("=")
         key = key.lstrip("+~")
         if not any(key == k or key.startswith(k + ".") for k in RESUME_MAY_CHANGE) and ran_with.get(key) != value:
-            allowed = ", ".join(k + (".*" if k in ("eval", "hydra") else "") for k in RESUME_MAY_CHANGE)
+            allowed = ", ".join(k + (".*" if k in ("eval", "sample", "hydra") else "") for k in RESUME_MAY_CHANGE)
             raise ConfigError(f"{arg} would change what {run_dir} trains (its results would mix two settings); "
                               f"a resumed run may change only {allowed}: start a new run for {arg}", "resume")
     return [*saved, *rest, f"hydra.run.dir={quoted(str(run_dir))}", "resume=true"]

@@ -17,7 +17,7 @@ from .faults import FiniteWatch, StopNow, StopSignals, environment
 from .logs import config_text, log_final, log_terms, save_pictures
 from .metrics import activity, analyse, image_grid
 from .objective import TERMS, batches, evaluate
-from .runs import read_results, write_json
+from .runs import output_name, read_results, write_json
 from .steps import Step, make_step
 
 
@@ -134,7 +134,6 @@ def evaluate_run(run_dir: Path, overrides: list[str]) -> dict:
     parts = build(cfg)
     checkpoint.load(parts, run_dir, "RUN_DIR", "evaluate another run, or train this one again", model_only=True)
     test, _ = test_split(parts)
-    name = "eval.json" if not overrides else "eval_" + "_".join(o.replace("/", "-") for o in overrides) + ".json"
-    write_json(run_dir / name, {"overrides": overrides, "test": test})
+    write_json(run_dir / f"{output_name('eval', overrides)}.json", {"overrides": overrides, "test": test})
     console.metrics_table(test, title=f"aelab eval: {run_dir}")
     return test

@@ -140,6 +140,7 @@ def test_two_job_multirun_makes_two_run_dirs(tmp_path):
     (["reg.wieght=1"], "error: reg.wieght: no such key (did you mean reg.weight?)"),
     (["corruption=block", "corruption.size=20"], "corruption.size: must be <= the image side 8"),
     (["eval.noise.masking.prob=[0.1,1.5]"], "eval.noise.masking.prob: must be in [0, 1], got 1.5"),
+    (["sample.steps=0"], "sample.steps: must be >= 1, got 0"),
     (["-m", "reg.weight=1e-3,1e-2", "--cfg", "job"], "error: -m: -m and --cfg cannot be combined"),
 ])
 def test_bad_input_fails_with_a_clear_message(tmp_path, args, message):

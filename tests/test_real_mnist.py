@@ -35,3 +35,17 @@ def test_mae_reconstructs_sharper_than_mse(real_mnist_root, tmp_path):
     mae = train(tmp_path, real_mnist_root, "mae", "loss=mae", "trainer.epochs=3")
     assert mae["sharpness"] > 2 * mse["sharpness"]
     assert mse["mse"] < mae["mse"]
+
+
+def test_denoising_chains_find_several_digits_where_plain_ones_collapse(real_mnist_root, tmp_path):
+    """`aelab sample`, Part 4's score connection: corrupt-and-denoise chains from random pixels. The
+    denoising model's chains keep moving and spread over several digits; the plain model's chain, x <- f(x),
+    runs every start to one fixed point."""
+    last = {}
+    for name, overrides in {"plain": [], "dae": ["corruption=gaussian", "corruption.noise_factor=0.3"]}.items():
+        train(tmp_path, real_mnist_root, name, "trainer.epochs=10", *overrides)
+        run_cli("sample", str(tmp_path / name), cwd=tmp_path)
+        last[name] = json.loads((tmp_path / name / "sample.json").read_text())["chain"][-1]
+    assert last["dae"]["classes"] >= 4 and last["dae"]["top_share"] < 0.7
+    assert last["plain"]["top_share"] >= 0.9
+    assert last["dae"]["change"] > 100 * last["plain"]["change"]

@@ -292,6 +292,14 @@ def test_a_stopped_job_is_continued_with_its_own_sweep_or_alone(sweep, tmp_path)
     assert (outputs / "single" / "metrics.json").is_file()
 
 
+def test_sample_draws_from_each_job_of_a_sweep(sweep):
+    proc = run_cli("sample", str(sweep), "sample.steps=3", "sample.count=5", cwd=sweep)
+    written = sorted(sweep.glob("*/sample_sample.steps=3_sample.count=5.json"))
+    assert len(written) == 4 and proc.stdout.count("aelab sample: ") == 4
+    assert all(path.with_suffix(".png").is_file() for path in written)
+    assert all([row["step"] for row in json.loads(path.read_text())["chain"]] == [0, 1, 2, 3] for path in written)
+
+
 def test_report_of_a_folder_without_runs_is_a_clear_error(tmp_path):
     proc = run_cli("report", str(tmp_path), cwd=tmp_path, check=False)
     assert proc.returncode == 2 and "no finished jobs" in proc.stderr and "Traceback" not in proc.stderr
