@@ -15,6 +15,7 @@ from .runs import FAILED, override_values, read_json, read_results
 from .registry import ConfigError
 
 SEED_KEY = "trainer.seed"
+SAMPLE_MEASURES = ("nearest_mse", "classes", "top_share", "sharpness", "change")  # aelab sample's, per state
 PLUMBING = ("resume", "launcher", "paths.", "data.root", "data.download", "hydra")  # override keys (prefixes)
 SPARSITY = ("population_sparsity", "dead_fraction", "mean_activation", "sensitivity")
 SHORT = {"population_sparsity": "active", "dead_fraction": "dead", "mean_activation": "mean act",
@@ -32,8 +33,9 @@ class Job:
     path: Path
     overrides: dict[str, str]  # key → value as typed on the command line (`reg.weight` → `1e-3`)
     config: dict
-    metrics: dict[str, float]  # the test metrics, plus val_total
+    metrics: dict[str, float]  # the test metrics, plus val_total (and sample_*: its chains' last state)
     choices: dict[str, str] = field(default_factory=dict)  # config group → the option it ran with
+    sampled: str | None = None  # the `aelab sample` record its sample_* metrics come from
 
     def value(self, key: str) -> str:
         """Its value for an override key: as typed where the job set it, else what it ran with (the
@@ -100,10 +102,13 @@ def load_jobs(sweep_dir: Path) -> tuple[list[Job], dict[Path, str]]:
             continue
         overrides = override_values(yaml.safe_load((hydra_dir / "overrides.yaml").read_text()) or [])
         metrics = {**record["test"], "val_total": record["val"]["total"]}
+        sampled = newest_sample(metrics_path.parent)
+        if sampled:
+            metrics.update(sample_metrics(sampled))
         config = OmegaConf.to_container(OmegaConf.load(hydra_dir / "config.yaml"), resolve=False)
         ran = yaml.safe_load((hydra_dir / "hydra.yaml").read_text()) if (hydra_dir / "hydra.yaml").is_file() else {}
         choices = {k: str(v) for k, v in ran["hydra"]["runtime"]["choices"].items()} if ran else {}
-        jobs.append(Job(metrics_path.parent, overrides, config, metrics, choices))
+        jobs.append(Job(metrics_path.parent, overrides, config, metrics, choices, sampled and sampled.name))
     if not jobs:
         unfinished = unfinished_jobs(sweep_dir, unreadable)
         if unfinished:
@@ -112,6 +117,22 @@ def load_jobs(sweep_dir: Path) -> tuple[list[Job], dict[Path, str]]:
         raise ConfigError(f"no finished jobs (metrics.json with .hydra/overrides.yaml) under {sweep_dir}; "
                           f"pass the folder of an `aelab train -m` sweep", "SWEEP_DIR")
     return jobs, unreadable
+
+
+def newest_sample(job_dir: Path) -> Path | None:
+    """The job's `aelab sample` record written last (sample.json, or sample_<overrides>.json)."""
+    found = sorted(job_dir.glob("sample*.json"), key=lambda path: path.stat().st_mtime)
+    return found[-1] if found else None
+
+
+def sample_metrics(path: Path) -> dict[str, float]:
+    """The measures of the chains' last recorded state, as sample_<measure>."""
+    fix = "remove it, or write it again with aelab sample"
+    try:
+        last = read_json(path, fix)["chain"][-1]
+        return {f"sample_{name}": float(last[name]) for name in SAMPLE_MEASURES}
+    except (KeyError, IndexError, TypeError, ValueError):
+        raise ConfigError(f"{path} is unreadable (not an aelab sample record); {fix}", path.name) from None
 
 
 def unfinished_jobs(sweep_dir: Path, unreadable: dict[Path, str]) -> list[tuple[str, str]]:
@@ -194,7 +215,8 @@ def print_table(rows: list[Row], keys: list[str], metrics: list[str], title: str
     for key in [k for k in keys if k != SEED_KEY] + ["runs"]:
         table.add_column(key, overflow="fold")
     for m in metrics:
-        table.add_column(SHORT.get(m, m.replace("mse_", "mse ")), justify="right", overflow="fold")
+        table.add_column(SHORT.get(m, m.replace("mse_", "mse ").replace("sample_", "chain ")), justify="right",
+                         overflow="fold")
     for row in rows:
         table.add_row(*map(escape, row.shown.values()), str(len(row.jobs)),
                       *(fmt(*row.mean_std(m), len(row.values(m))) for m in metrics))
@@ -210,7 +232,8 @@ def shown_metrics(keys: list[str]) -> list[str]:
     touches = lambda group: any(k == group or k.startswith(group + ".") for k in keys)  # noqa: E731
     regularized = touches("reg") or touches("model")
     return ["mse", "psnr", *(["sharpness"] if touches("loss") or touches("corruption") else ()),
-            *(SPARSITY if regularized else ()), *(["mse_*"] if touches("corruption") else ()), "probe_latent"]
+            *(SPARSITY if regularized else ()), *(["mse_*"] if touches("corruption") else ()), "probe_latent",
+            *(f"sample_{name}" for name in SAMPLE_MEASURES)]
 
 
 def report(sweep_dir: Path) -> dict:
@@ -228,6 +251,11 @@ def report(sweep_dir: Path) -> dict:
     from .console import console
     if failed:
         console.print(f"{len(failed)} job(s) without results:\n" + "\n".join(failed), markup=False, highlight=False,
+                      soft_wrap=True)
+    sampled = sorted({job.sampled for job in jobs if job.sampled})
+    if sampled:  # which chains the sample_* columns measure: the same file name is the same settings
+        console.print(f"sample_* (chain) columns: the last state of {' / '.join(sampled)} in "
+                      f"{sum(1 for job in jobs if job.sampled)} of {len(jobs)} runs", markup=False, highlight=False,
                       soft_wrap=True)
     csv_path, md_path = write_tables(rows, keys, metrics, failed, sweep_dir)
     plots = make_plots(rows, jobs, [k for k in keys if k != SEED_KEY], sweep_dir)

@@ -6,8 +6,9 @@ training corruption C and denoising, x ← f(C(x)), is the chain whose stationar
 generalized denoising autoencoder estimates the data's with (Bengio et al., 2013). Each chain starts
 from uniform random pixels (or a test image), and its states are measured against the training split:
 how close each is to its nearest training image (0: a copy of one; uniform random pixels: 0.19 on the
-digits, 0.29 on MNIST), how many classes those nearest images cover (do the chains find every digit, or collapse onto
-a few?), how sharp the states are next to the training images, and how much a step still changes them.
+digits, 0.29 on MNIST), how many classes those nearest images cover (do the chains find every digit,
+or collapse onto a few?), how sharp the states are next to the training images, and how much a step
+still changes them.
 """
 from __future__ import annotations
 
@@ -29,7 +30,7 @@ from .objective import eval_mode
 from .registry import ConfigError
 from .runs import output_name, write_json
 
-SHOWN_CHAINS = 8  # chains drawn step by step in samples.png
+SHOWN_CHAINS = 8  # chains drawn step by step in sample.png
 COLUMNS = ("nearest_mse", "classes", "top_share", "sharpness", "change")
 
 

@@ -151,3 +151,21 @@ def test_split_adam_is_torch_fused_adam_on_cuda(decoupled):
             torch.nn.functional.mse_loss(torch.sigmoid(model(x)), x).backward()
             optimizer.step()
     assert all(torch.equal(a, b) for a, b in zip(ours.parameters(), theirs.parameters()))
+
+
+def test_sample_chains_on_cuda_match_the_cpu(make_cfg):
+    """aelab sample's chain and measures on the device: x <- f(x) from the same start gives the CPU's states."""
+    from aelab.corruptions import CORRUPTIONS
+    from aelab.sample import chain, measure, sample
+
+    overrides = ["corruption=gaussian", "corruption.noise_factor=0.3"]
+    cpu, gpu = build(make_cfg("device=cpu", *overrides)), build(make_cfg("device=cuda", *overrides))
+    gpu.model.load_state_dict(cpu.model.state_dict())
+    start, none = cpu.data.test.x[:16], CORRUPTIONS.get("none")()
+    a, _ = chain(cpu.model, none, start, 5, [5], torch.Generator("cpu").manual_seed(0))
+    b, _ = chain(gpu.model, none, start.to(gpu.device), 5, [5], torch.Generator(gpu.device).manual_seed(0))
+    torch.testing.assert_close(b[5].cpu(), a[5], rtol=1e-4, atol=1e-5)
+    assert measure(b[5], gpu)["nearest_mse"] == pytest.approx(measure(a[5], cpu)["nearest_mse"], rel=1e-4)
+    rows, yardstick, states = sample(gpu)  # the run's own gaussian noise, drawn on the device
+    assert states[50].device == gpu.device and [row["step"] for row in rows] == [0, 1, 2, 5, 10, 20, 50]
+    assert all(0 <= row["nearest_mse"] < 1 for row in rows) and yardstick["classes"] >= 1

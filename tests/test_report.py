@@ -298,6 +298,27 @@ def test_sample_draws_from_each_job_of_a_sweep(sweep):
     assert len(written) == 4 and proc.stdout.count("aelab sample: ") == 4
     assert all(path.with_suffix(".png").is_file() for path in written)
     assert all([row["step"] for row in json.loads(path.read_text())["chain"]] == [0, 1, 2, 3] for path in written)
+    report = run_cli("report", str(sweep), cwd=sweep)  # the chains' last state, folded over seeds like the rest
+    assert "sample_* (chain) columns: the last state of sample_sample.steps=3_sample.count=5.json in 4 of 4 runs" \
+        in report.stdout and "chain classes" in report.stdout
+    with (sweep / "report.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    for row in rows:
+        jobs = [p for p in written if f"reg.weight={row['reg.weight']}," in p.parent.name]
+        last = [json.loads(path.read_text())["chain"][-1] for path in jobs]
+        assert len(jobs) == 2 and float(row["sample_nearest_mse_mean"]) == pytest.approx(
+            sum(state["nearest_mse"] for state in last) / 2)
+        assert float(row["sample_classes_mean"]) == pytest.approx(sum(state["classes"] for state in last) / 2)
+
+
+def test_report_names_a_damaged_sample_record(sweep, tmp_path):
+    copy = tmp_path / "sweep"
+    shutil.copytree(sweep, copy)
+    job = sorted(copy.glob("*/metrics.json"))[0].parent
+    (job / "sample.json").write_text('{"chain": []}')
+    proc = run_cli("report", str(copy), cwd=tmp_path, check=False)
+    assert proc.returncode == 2 and f"{job / 'sample.json'} is unreadable (not an aelab sample record); remove it" \
+        in proc.stderr and "Traceback" not in proc.stderr
 
 
 def test_report_of_a_folder_without_runs_is_a_clear_error(tmp_path):
