@@ -11,11 +11,10 @@ from pathlib import Path
 import yaml
 from omegaconf import OmegaConf
 
-from .runs import FAILED, override_values, read_json, read_results
+from .runs import FAILED, SAMPLE_MEASURES, override_values, read_json, read_results
 from .registry import ConfigError
 
 SEED_KEY = "trainer.seed"
-SAMPLE_MEASURES = ("nearest_mse", "classes", "top_share", "sharpness", "change")  # aelab sample's, per state
 PLUMBING = ("resume", "launcher", "paths.", "data.root", "data.download", "hydra")  # override keys (prefixes)
 SPARSITY = ("population_sparsity", "dead_fraction", "mean_activation", "sensitivity")
 SHORT = {"population_sparsity": "active", "dead_fraction": "dead", "mean_activation": "mean act",

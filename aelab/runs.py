@@ -17,6 +17,7 @@ from .registry import ConfigError
 
 RESULTS = ("checkpoint.pt", "metrics.json")  # what makes a directory an aelab run
 FAILED = "failed.json"  # what a sweep's diverged job leaves instead of metrics.json
+SAMPLE_MEASURES = ("nearest_mse", "classes", "top_share", "sharpness", "change")  # per chain state, in sample*.json
 HYDRA_ONLY = {".hydra", "train.log"}  # what a run dir holds before its job has written anything
 # how long and where a resumed run goes on, and how it is measured: not what it trains
 RESUME_MAY_CHANGE = ("trainer.epochs", "trainer.log_every", "trainer.cuda_graph", "trainer.compile", "trainer.tf32",

@@ -22,16 +22,15 @@ from torch import Tensor
 from torchvision.utils import make_grid
 
 from . import checkpoint, console
-from .build import Parts, SampleSettings, build, run_config
+from .build import Parts, SampleSettings, build, build_part, run_config
 from .corruptions import CORRUPTIONS, Corruption
 from .logs import pyplot
 from .metrics import gradient_energy
 from .objective import eval_mode
 from .registry import ConfigError
-from .runs import output_name, write_json
+from .runs import SAMPLE_MEASURES, output_name, write_json
 
 SHOWN_CHAINS = 8  # chains drawn step by step in sample.png
-COLUMNS = ("nearest_mse", "classes", "top_share", "sharpness", "change")
 
 
 def recorded_steps(steps: int) -> list[int]:
@@ -42,11 +41,6 @@ def recorded_steps(steps: int) -> list[int]:
         kept.update(m * scale for m in (1, 2, 5) if m * scale <= steps)
         scale *= 10
     return sorted(kept)
-
-
-def chain_corruption(parts: Parts, settings: SampleSettings) -> Corruption:
-    """The run's own training corruption, or gaussian noise of sample.noise."""
-    return parts.corruption if settings.noise is None else CORRUPTIONS.get("gaussian")(noise_factor=settings.noise)
 
 
 @torch.no_grad()
@@ -106,28 +100,27 @@ def starts(parts: Parts, settings: SampleSettings, generator: torch.Generator) -
     return torch.rand((settings.count, *test.shape[1:]), generator=generator, device=parts.device)
 
 
-def sample(parts: Parts) -> tuple[list[dict], dict, dict[int, Tensor]]:
-    """The chains of parts.sampling: one row of measures per recorded step, the same measures of as
-    many test images (the yardstick), and the recorded states."""
+def sample(parts: Parts, corrupt: Corruption) -> tuple[list[dict], dict, dict[int, Tensor]]:
+    """The chains of parts.sampling, corrupting with `corrupt`: one row of measures per recorded step,
+    the same measures of as many test images (the yardstick), and the recorded states."""
     settings = parts.sampling
     generator = torch.Generator(parts.device).manual_seed(settings.seed)
     record = recorded_steps(settings.steps)
-    states, change = chain(parts.model, chain_corruption(parts, settings), starts(parts, settings, generator),
-                           settings.steps, record, generator)
+    states, change = chain(parts.model, corrupt, starts(parts, settings, generator), settings.steps, record,
+                           generator)
     rows = [{"step": step, **measure(states[step], parts), "change": change[step]} for step in record]
     yardstick = measure(parts.data.test.x[:settings.count].to(parts.device), parts)
     return rows, yardstick, states
 
 
 def table(rows: list[dict], yardstick: dict, title: str) -> None:
+    """One line per recorded step, then the yardstick's (which has no change); counts as integers."""
+    cell = lambda value: "" if value is None else f"{value:.4g}" if isinstance(value, float) else str(value)  # noqa: E731
     grid = Table()
-    for name in ("step", *COLUMNS):
+    for name in ("step", *SAMPLE_MEASURES):
         grid.add_column(name, justify="right")
-    for row in rows:
-        grid.add_row(str(row["step"]), *("" if row[c] is None else f"{row[c]:.4g}" if isinstance(row[c], float)
-                                         else str(row[c]) for c in COLUMNS))
-    grid.add_row("test images", *(str(yardstick[c]) if c == "classes" else f"{yardstick[c]:.4g}"
-                                  for c in COLUMNS if c in yardstick), "")
+    for label, row in [*((str(row["step"]), row) for row in rows), ("test images", yardstick)]:
+        grid.add_row(label, *(cell(row.get(name)) for name in SAMPLE_MEASURES))
     console.show(grid, title)
 
 
@@ -160,11 +153,11 @@ def picture(states: dict[int, Tensor], shape: tuple[int, int, int], path, title:
     plt.close(fig)
 
 
-def corruption_of(cfg: DictConfig) -> dict:
+def chain_corruption(cfg: DictConfig, settings: SampleSettings) -> dict:
     """The chain's corruption as its config: the run's own, or gaussian noise of sample.noise."""
-    if cfg.sample.noise is None:
+    if settings.noise is None:
         return OmegaConf.to_container(cfg.corruption, resolve=True)
-    return {"name": "gaussian", "noise_factor": cfg.sample.noise}
+    return {"name": "gaussian", "noise_factor": settings.noise}
 
 
 def sample_run(run_dir: Path, overrides: list[str]) -> dict:
@@ -172,12 +165,13 @@ def sample_run(run_dir: Path, overrides: list[str]) -> dict:
     cfg = run_config(run_dir, overrides, allowed=("sample.", "device."), example="sample.steps=200")
     parts = build(cfg)
     checkpoint.load(parts, run_dir, "RUN_DIR", "sample another run, or train this one again", model_only=True)
-    corruption = corruption_of(cfg)
+    corruption = chain_corruption(cfg, parts.sampling)  # decided once: the record, the title and the chain
     if corruption["name"] == "none" or corruption.get("noise_factor") == 0:
         console.console.print("the chain corrupts nothing: each step is x <- f(x), which runs to a fixed point of "
                               "the model; for a stochastic chain give it noise, e.g. sample.noise=0.3",
                               markup=False, highlight=False, soft_wrap=True)
-    rows, yardstick, states = sample(parts)
+    rows, yardstick, states = sample(parts, build_part("corruption", CORRUPTIONS, corruption,
+                                                       image_shape=parts.data.image_shape))
     name = output_name("sample", overrides)
     described = " ".join(f"{k}={v}" for k, v in corruption.items() if k != "name")
     title = (f"{run_dir.name}: x <- f(C(x)), C = {corruption['name']} {described}".rstrip()
