@@ -129,6 +129,8 @@ def test_a_plain_autoencoder_chain_runs_to_a_fixed_point(runs):
     (["sample.steps=0"], "sample.steps: must be >= 1, got 0"),
     (["sample.start=middle"], "sample.start: must be one of noise, test, got 'middle'"),
     (["sample.noise=-1"], "sample.noise: must be >= 0, got -1"),
+    (["sample.seed=abc"], "sample.seed: must be an integer, got 'abc'"),
+    (["sample.count=0"], "sample.count: must be >= 1, got 0"),
     (["sample.start=test", "sample.count=100000"], "sample.count: must be <= the 270 test images"),
     (["sample.stpes=3"], "sample.stpes: no such key (did you mean sample.steps?)"),
     (["eval.threshold=0.2"], "takes KEY=VALUE overrides under sample.* or device.*, e.g. sample.steps=200"),
