@@ -44,12 +44,14 @@ class EvalSettings:
 
 
 @dataclass(frozen=True)
-class SampleSettings:  # `aelab sample`: corrupt-and-denoise chains
-    steps: int  # corrupt-and-denoise steps of each chain
+class SampleSettings:  # `aelab sample`: chains drawn from a trained model
+    method: str  # chain: x <- f(C(x)); langevin: Langevin steps along the score estimate (f(x) - x) / sigma^2
+    steps: int  # steps of each chain
     count: int  # chains, run side by side
     start: str  # noise: uniform random pixels; test: the first `count` test images
     noise: float | None  # the chain's gaussian noise_factor; None: the run's own training corruption
     seed: int  # the start's and the chain's noise
+    step_size: float  # langevin: the step as a fraction of sigma^2
 
 
 @dataclass
@@ -145,16 +147,19 @@ def eval_settings(node, image_shape: tuple[int, int, int]) -> EvalSettings:
 
 
 SAMPLE_STARTS = ("noise", "test")
+SAMPLE_METHODS = ("chain", "langevin")
 
 
 def sample_settings(node) -> SampleSettings:
     try:
         known_keys(node, SampleSettings, "sample")
-        return SampleSettings(steps=number(node.steps, "steps", low=1, integer=True),
+        return SampleSettings(method=choice(node.method, "method", SAMPLE_METHODS),
+                              steps=number(node.steps, "steps", low=1, integer=True),
                               count=number(node.count, "count", low=1, integer=True),
                               start=choice(node.start, "start", SAMPLE_STARTS),
                               noise=None if node.noise is None else number(node.noise, "noise", low=0),
-                              seed=number(node.seed, "seed", integer=True))
+                              seed=number(node.seed, "seed", integer=True),
+                              step_size=number(node.step_size, "step_size", low=0, high=2, low_open=True))
     except ConfigError as e:
         raise e.within("sample") from None
 

@@ -1,19 +1,22 @@
-"""`aelab sample`: images drawn from a trained autoencoder by a corrupt-and-denoise Markov chain.
+"""`aelab sample`: images drawn from a trained autoencoder by a Markov chain, two kinds.
 
 The tutorial's score matching connection (Part 4): a denoising autoencoder trained at gaussian noise
-sigma estimates the data's score, (f(x̃) - x̃) / sigma² ≈ ∇_x log p(x). Alternately corrupting with the
-training corruption C and denoising, x ← f(C(x)), is the chain whose stationary distribution the
-generalized denoising autoencoder estimates the data's with (Bengio et al., 2013). Each chain starts
-from uniform random pixels (or a test image), and its states are measured against the training split:
-how close each is to its nearest training image (0: a copy of one; uniform random pixels: 0.19 on the
-digits, 0.29 on MNIST), how many classes those nearest images cover (do the chains find every digit,
-or collapse onto a few?), how sharp the states are next to the training images, and how much a step
-still changes them.
+sigma estimates the data's score, (f(x̃) - x̃) / sigma² ≈ ∇_x log p(x). `sample.method=chain`
+alternately corrupts with the training corruption C and denoises, x ← f(C(x)): the chain whose
+stationary distribution the generalized denoising autoencoder estimates the data's with (Bengio et
+al., 2013); it works for any corruption. `sample.method=langevin` uses the score formula itself:
+Langevin steps x ← x + (a/2)·sigma²·s(x) + sqrt(a)·sigma·z sample the noised density whose score s
+is, and show the model's denoised f(x) of each state. Each chain starts from uniform random pixels
+(or a test image), and its states are measured against the training split: how close each is to its
+nearest training image (0: a copy of one; uniform random pixels: 0.19 on the digits, 0.29 on MNIST),
+how many classes those nearest images cover (do the chains find every digit, or collapse onto a
+few?), how sharp the states are next to the training images, and how much a step still changes them.
 """
 from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import Callable
 
 import torch
 from omegaconf import DictConfig, OmegaConf
@@ -43,19 +46,51 @@ def recorded_steps(steps: int) -> list[int]:
     return sorted(kept)
 
 
+Walk = Callable[[object], tuple[object, Tensor]]
+
+
+def walk(step: Walk, state, start: Tensor, steps: int, record: list[int]) -> tuple[dict[int, Tensor], dict[int, float | None]]:
+    """Run `step` (state -> next state, the image it shows) `steps` times: the images at the steps in
+    `record` (0: the start) and, at each, the mean squared change its last step made (None at the start)."""
+    states, change, shown = {0: start}, {0: None}, start
+    for index in range(1, steps + 1):
+        state, new = step(state)
+        if index in record:
+            states[index], change[index] = new, (new - shown).pow(2).mean().item()
+        shown = new
+    return {s: states[s] for s in record}, {s: change[s] for s in record}
+
+
 @torch.no_grad()
 def chain(model: torch.nn.Module, corrupt: Corruption, start: Tensor, steps: int, record: list[int],
           generator: torch.Generator) -> tuple[dict[int, Tensor], dict[int, float | None]]:
-    """Run x ← clamp(f(corrupt(x)), 0, 1) `steps` times from `start`: the states at the steps in `record`
-    (0: the start) and, at each, the mean squared change its last step made (None at the start)."""
-    states, change, x = {0: start}, {0: None}, start
+    """x ← clamp(f(corrupt(x)), 0, 1), `steps` times from `start`; kept and measured as `walk` says."""
+    def step(x: Tensor) -> tuple[Tensor, Tensor]:
+        new = model(corrupt(x, generator)).recon.clamp(0, 1)
+        return new, new
     with eval_mode(model):
-        for step in range(1, steps + 1):
-            new = model(corrupt(x, generator)).recon.clamp(0, 1)
-            if step in record:
-                states[step], change[step] = new, (new - x).pow(2).mean().item()
-            x = new
-    return {s: states[s] for s in record}, {s: change[s] for s in record}
+        return walk(step, start, start, steps, record)
+
+
+@torch.no_grad()
+def langevin(model: torch.nn.Module, sigma: float, step_size: float, start: Tensor, steps: int, record: list[int],
+             generator: torch.Generator) -> tuple[dict[int, Tensor], dict[int, float | None]]:
+    """Langevin dynamics on the noised data density whose score a denoising autoencoder trained at
+    gaussian sigma estimates, s(x) = (f(x) - x) / sigma²: with a step of a·sigma²,
+    x ← x + (a/2)·sigma²·s(x) + sqrt(a)·sigma·z, z ~ N(0, I). The state is a noisy image, unclamped;
+    the model sees it clamped to [0, 1], as it saw its training inputs (clamp(x + sigma·z)). What each
+    step shows is f(x), the model's denoised estimate of the noisy state."""
+    def denoise(x: Tensor) -> Tensor:
+        return model(x.clamp(0, 1)).recon.clamp(0, 1)
+
+    def step(state: tuple[Tensor, Tensor]) -> tuple[tuple[Tensor, Tensor], Tensor]:
+        x, denoised = state
+        noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+        x = x + step_size / 2 * (denoised - x) + math.sqrt(step_size) * sigma * noise
+        denoised = denoise(x)
+        return (x, denoised), denoised
+    with eval_mode(model):
+        return walk(step, (start, denoise(start)), start, steps, record)
 
 
 @torch.no_grad()
@@ -100,14 +135,25 @@ def starts(parts: Parts, settings: SampleSettings, generator: torch.Generator) -
     return torch.rand((settings.count, *test.shape[1:]), generator=generator, device=parts.device)
 
 
-def sample(parts: Parts, corrupt: Corruption) -> tuple[list[dict], dict, dict[int, Tensor]]:
-    """The chains of parts.sampling, corrupting with `corrupt`: one row of measures per recorded step,
-    the same measures of as many test images (the yardstick), and the recorded states."""
+def draw(parts: Parts, corruption: dict, start: Tensor, record: list[int],
+         generator: torch.Generator) -> tuple[dict[int, Tensor], dict[int, float | None]]:
+    """parts.sampling's chains from `start`: corrupt-and-denoise with `corruption`, or Langevin steps
+    at its gaussian sigma."""
+    settings = parts.sampling
+    if settings.method == "langevin":
+        return langevin(parts.model, corruption["noise_factor"], settings.step_size, start, settings.steps,
+                        record, generator)
+    corrupt = build_part("corruption", CORRUPTIONS, corruption, image_shape=parts.data.image_shape)
+    return chain(parts.model, corrupt, start, settings.steps, record, generator)
+
+
+def sample(parts: Parts, corruption: dict) -> tuple[list[dict], dict, dict[int, Tensor]]:
+    """The chains of parts.sampling with the chain's `corruption` (its config): one row of measures per
+    recorded step, the same measures of as many test images (the yardstick), and the recorded states."""
     settings = parts.sampling
     generator = torch.Generator(parts.device).manual_seed(settings.seed)
     record = recorded_steps(settings.steps)
-    states, change = chain(parts.model, corrupt, starts(parts, settings, generator), settings.steps, record,
-                           generator)
+    states, change = draw(parts, corruption, starts(parts, settings, generator), record, generator)
     rows = [{"step": step, **measure(states[step], parts), "change": change[step]} for step in record]
     yardstick = measure(parts.data.test.x[:settings.count].to(parts.device), parts)
     return rows, yardstick, states
@@ -154,28 +200,40 @@ def picture(states: dict[int, Tensor], shape: tuple[int, int, int], path, title:
 
 
 def chain_corruption(cfg: DictConfig, settings: SampleSettings) -> dict:
-    """The chain's corruption as its config: the run's own, or gaussian noise of sample.noise."""
-    if settings.noise is None:
-        return OmegaConf.to_container(cfg.corruption, resolve=True)
-    return {"name": "gaussian", "noise_factor": settings.noise}
+    """The chain's corruption as its config: the run's own, or gaussian noise of sample.noise. Langevin
+    steps need a gaussian sigma: it scales the score estimate."""
+    if settings.noise is not None:
+        return {"name": "gaussian", "noise_factor": settings.noise}
+    corruption = OmegaConf.to_container(cfg.corruption, resolve=True)
+    if settings.method == "langevin" and corruption["name"] != "gaussian":
+        raise ConfigError(f"sample.method=langevin needs the gaussian sigma of the score estimate (f(x) - x) / "
+                          f"sigma^2, and this run trained with corruption={corruption['name']}; give one, "
+                          f"e.g. sample.noise=0.3", "sample.noise")
+    return corruption
+
+
+def formula(settings: SampleSettings, corruption: dict) -> str:
+    """One chain step, in words, for the picture's title and the notes."""
+    if settings.method == "langevin":
+        a = settings.step_size
+        return f"Langevin x <- x + {a:g}/2 (f(x) - x) + sqrt({a:g}) {corruption['noise_factor']:g} z, showing f(x)"
+    described = " ".join(f"{k}={v}" for k, v in corruption.items() if k != "name")
+    return f"x <- f(C(x)), C = {corruption['name']} {described}".rstrip()
 
 
 def sample_run(run_dir: Path, overrides: list[str]) -> dict:
     """`aelab sample`: reload a run's model, run the chains, print the measures, write NAME.json and NAME.png."""
     cfg = run_config(run_dir, overrides, allowed=("sample.", "device."), example="sample.steps=200")
     parts = build(cfg)
-    checkpoint.load(parts, run_dir, "RUN_DIR", "sample another run, or train this one again", model_only=True)
     corruption = chain_corruption(cfg, parts.sampling)  # decided once: the record, the title and the chain
+    checkpoint.load(parts, run_dir, "RUN_DIR", "sample another run, or train this one again", model_only=True)
     if corruption["name"] == "none" or corruption.get("noise_factor") == 0:
-        console.console.print("the chain corrupts nothing: each step is x <- f(x), which runs to a fixed point of "
-                              "the model; for a stochastic chain give it noise, e.g. sample.noise=0.3",
+        console.console.print(f"the chain adds no noise ({formula(parts.sampling, corruption)}): it runs to a fixed "
+                              "point of the model; for a stochastic chain give it noise, e.g. sample.noise=0.3",
                               markup=False, highlight=False, soft_wrap=True)
-    rows, yardstick, states = sample(parts, build_part("corruption", CORRUPTIONS, corruption,
-                                                       image_shape=parts.data.image_shape))
+    rows, yardstick, states = sample(parts, corruption)
     name = output_name("sample", overrides)
-    described = " ".join(f"{k}={v}" for k, v in corruption.items() if k != "name")
-    title = (f"{run_dir.name}: x <- f(C(x)), C = {corruption['name']} {described}".rstrip()
-             + f", from {parts.sampling.start}")
+    title = f"{run_dir.name}: {formula(parts.sampling, corruption)}, from {parts.sampling.start}"
     picture(states, parts.data.image_shape, run_dir / f"{name}.png", title)
     record = {"overrides": overrides, "sample": OmegaConf.to_container(cfg.sample, resolve=True),
               "corruption": corruption, "chain": rows, "test_images": yardstick}

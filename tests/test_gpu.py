@@ -1,5 +1,6 @@
 """CUDA checks (skipped without a GPU): the same math on the device, data resident there, and the
 training step captured as a real CUDA graph for every part."""
+import dataclasses
 import json
 
 import pytest
@@ -156,7 +157,7 @@ def test_split_adam_is_torch_fused_adam_on_cuda(decoupled):
 def test_sample_chains_on_cuda_match_the_cpu(make_cfg):
     """aelab sample's chain and measures on the device: x <- f(x) from the same start gives the CPU's states."""
     from aelab.corruptions import CORRUPTIONS
-    from aelab.sample import chain, measure, sample
+    from aelab.sample import chain, langevin, measure, sample
 
     overrides = ["corruption=gaussian", "corruption.noise_factor=0.3"]
     cpu, gpu = build(make_cfg("device=cpu", *overrides)), build(make_cfg("device=cuda", *overrides))
@@ -166,6 +167,12 @@ def test_sample_chains_on_cuda_match_the_cpu(make_cfg):
     b, _ = chain(gpu.model, none, start.to(gpu.device), 5, [5], torch.Generator(gpu.device).manual_seed(0))
     torch.testing.assert_close(b[5].cpu(), a[5], rtol=1e-4, atol=1e-5)
     assert measure(b[5], gpu)["nearest_mse"] == pytest.approx(measure(a[5], cpu)["nearest_mse"], rel=1e-4)
-    rows, yardstick, states = sample(gpu, gpu.corruption)  # the run's own gaussian noise, on the device
+    a, _ = langevin(cpu.model, 0.0, 0.5, start, 5, [5], torch.Generator("cpu").manual_seed(0))
+    b, _ = langevin(gpu.model, 0.0, 0.5, start.to(gpu.device), 5, [5], torch.Generator(gpu.device).manual_seed(0))
+    torch.testing.assert_close(b[5].cpu(), a[5], rtol=1e-4, atol=1e-5)
+    rows, yardstick, states = sample(gpu, {"name": "gaussian", "noise_factor": 0.3})  # on the device
     assert states[50].device == gpu.device and [row["step"] for row in rows] == [0, 1, 2, 5, 10, 20, 50]
     assert all(0 <= row["nearest_mse"] < 1 for row in rows) and yardstick["classes"] >= 1
+    gpu.sampling = dataclasses.replace(gpu.sampling, method="langevin")  # its noise drawn on the device too
+    rows, _, states = sample(gpu, {"name": "gaussian", "noise_factor": 0.3})
+    assert states[50].device == gpu.device and all(0 <= row["nearest_mse"] < 1 for row in rows)

@@ -7,7 +7,7 @@ import torch
 
 from aelab.build import build
 from aelab.corruptions import CORRUPTIONS
-from aelab.sample import chain, measure, nearest, recorded_steps
+from aelab.sample import chain, langevin, measure, nearest, recorded_steps
 from conftest import run_cli
 
 
@@ -46,6 +46,56 @@ def test_chain_noise_follows_the_seed():
     runs = [chain(Halve(0.9), noisy, torch.full((4, 9), 0.5), 4, [4], torch.Generator().manual_seed(seed))[0][4]
             for seed in (1, 1, 2)]
     assert torch.equal(runs[0], runs[1]) and not torch.equal(runs[0], runs[2])
+
+
+class GaussianDenoiser(torch.nn.Module):
+    """The best denoiser of data N(mu, tau² I) under gaussian noise sigma: f(x) = mu + c (x - mu),
+    c = tau² / (tau² + sigma²), whose score estimate (f(x) - x) / sigma² = -(x - mu) / (tau² + sigma²) is
+    the noised density's exactly."""
+
+    def __init__(self, mu: float, tau: float, sigma: float):
+        super().__init__()
+        self.mu, self.c = mu, tau ** 2 / (tau ** 2 + sigma ** 2)
+
+    def forward(self, x):
+        return SimpleNamespace(recon=self.mu + self.c * (x - self.mu))
+
+
+@pytest.mark.parametrize("step_size", [0.2, 1.0, 2.0])
+def test_langevin_samples_the_noised_density_the_score_describes(step_size):
+    """On N(mu, tau²) data with the best denoiser, Langevin's state x is an AR(1) process around mu whose
+    stationary variance is v / (1 - a sigma² / (4 v)), v = tau² + sigma² (-> v, the noised density's, as
+    the step a -> 0); what it shows, f(x), has c² times that. Mean mu either way."""
+    mu, tau, sigma = 0.5, 0.05, 0.1
+    model, v = GaussianDenoiser(mu, tau, sigma), tau ** 2 + sigma ** 2
+    start = torch.full((4096, 16), mu)
+    states, change = langevin(model, sigma, step_size, start, 80, [0, 80], torch.Generator().manual_seed(0))
+    shown = states[80]
+    stationary = v / (1 - step_size * sigma ** 2 / (4 * v))
+    assert shown.mean().item() == pytest.approx(mu, abs=1e-3)
+    assert shown.var().item() == pytest.approx(model.c ** 2 * stationary, rel=0.03)
+    assert change[80] == pytest.approx(2 * model.c ** 2 * stationary * (1 - (1 - step_size * sigma ** 2 / (2 * v))),
+                                       rel=0.05)  # E(f(x') - f(x))² = 2 c² V (1 - rho), rho the AR coefficient
+
+
+def test_the_corrupt_and_denoise_chain_has_another_stationary_law():
+    """The same denoiser in x <- f(x + sigma z): variance c² sigma² / (1 - c²), not the noised density's."""
+    mu, tau, sigma = 0.5, 0.05, 0.1
+    model = GaussianDenoiser(mu, tau, sigma)
+    states, _ = chain(model, CORRUPTIONS.get("gaussian")(noise_factor=sigma), torch.full((4096, 16), mu), 40, [40],
+                      torch.Generator().manual_seed(0))
+    assert states[40].var().item() == pytest.approx(model.c ** 2 * sigma ** 2 / (1 - model.c ** 2), rel=0.03)
+
+
+def test_langevin_without_noise_relaxes_to_the_denoisers_fixed_point():
+    """sigma 0: x <- x + (a/2)(f(x) - x) converges geometrically (factor 1 - (a/2)(1 - c)) to f's fixed point."""
+    model = GaussianDenoiser(0.5, 0.05, 0.1)
+    states, change = langevin(model, 0.0, 1.0, torch.ones(3, 4), 5, [0, 1, 5], torch.Generator().manual_seed(0))
+    rho = 1 - 0.5 * (1 - model.c)
+    x5 = 0.5 + 0.5 * rho ** 5  # the state after 5 steps; shown: f of it
+    assert torch.allclose(states[5], torch.full((3, 4), 0.5 + model.c * (x5 - 0.5)))
+    assert torch.equal(states[0], torch.ones(3, 4)) and change[0] is None
+    assert change[1] == pytest.approx((0.5 + model.c * 0.5 * rho - 1.0) ** 2)
 
 
 def test_nearest_finds_the_closest_reference_across_chunks():
@@ -117,12 +167,30 @@ def test_sample_settings_from_the_command_line(runs):
     assert record["corruption"] == {"name": "gaussian", "noise_factor": 0.1}
 
 
+def test_langevin_sample_command_draws_digits_of_every_kind(runs):
+    """Langevin steps along the DAE's score from random pixels: digit-like, many classes, still moving."""
+    run_dir = runs["dae"]
+    proc = run_cli("sample", str(run_dir), "sample.method=langevin", "sample.step_size=1", cwd=run_dir)
+    record = read(run_dir / "sample_sample.method=langevin_sample.step_size=1.json")
+    assert record["sample"]["method"] == "langevin" and record["sample"]["step_size"] == 1
+    assert record["corruption"] == {"name": "gaussian", "noise_factor": 0.3}  # sigma: the run's training noise
+    rows = {row["step"]: row for row in record["chain"]}
+    assert rows[50]["nearest_mse"] < 0.2 * rows[0]["nearest_mse"]
+    assert rows[50]["classes"] >= 7 and rows[50]["change"] > 1e-3
+    assert (run_dir / "sample_sample.method=langevin_sample.step_size=1.png").stat().st_size > 10_000
+    assert "test images" in proc.stdout
+
+
 def test_a_plain_autoencoder_chain_runs_to_a_fixed_point(runs):
     run_dir = runs["plain"]
     proc = run_cli("sample", str(run_dir), cwd=run_dir)
-    assert "corrupts nothing" in proc.stdout and "sample.noise=0.3" in proc.stdout
+    assert "adds no noise" in proc.stdout and "sample.noise=0.3" in proc.stdout
     rows = read(run_dir / "sample.json")["chain"]
     assert rows[-1]["change"] < 1e-3 * rows[1]["change"]
+    proc = run_cli("sample", str(run_dir), "sample.method=langevin", "sample.noise=0", "sample.steps=200", cwd=run_dir)
+    assert "adds no noise (Langevin x <- x + 0.5/2 (f(x) - x) + sqrt(0.5) 0 z, showing f(x))" in proc.stdout
+    rows = read(run_dir / "sample_sample.method=langevin_sample.noise=0_sample.steps=200.json")["chain"]
+    assert rows[-1]["change"] < 1e-2 * rows[2]["change"]  # quarter steps toward f: slower, still to a fixed point
 
 
 @pytest.mark.parametrize("args,message", [
@@ -132,6 +200,12 @@ def test_a_plain_autoencoder_chain_runs_to_a_fixed_point(runs):
     (["sample.seed=abc"], "sample.seed: must be an integer, got 'abc'"),
     (["sample.count=0"], "sample.count: must be >= 1, got 0"),
     (["sample.start=test", "sample.count=100000"], "sample.count: must be <= the 270 test images"),
+    (["sample.method=gibbs"], "sample.method: must be one of chain, langevin, got 'gibbs'"),
+    (["sample.step_size=0"], "sample.step_size: must be in (0, 2], got 0"),
+    (["sample.step_size=3"], "sample.step_size: must be in (0, 2], got 3"),
+    (["sample.method=langevin"], "sample.noise: sample.method=langevin needs the gaussian sigma of the score "
+                                 "estimate (f(x) - x) / sigma^2, and this run trained with corruption=none; give "
+                                 "one, e.g. sample.noise=0.3"),
     (["sample.stpes=3"], "sample.stpes: no such key (did you mean sample.steps?)"),
     (["eval.threshold=0.2"], "takes KEY=VALUE overrides under sample.* or device.*, e.g. sample.steps=200"),
 ])
