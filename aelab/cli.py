@@ -28,7 +28,8 @@ commands:
   eval     aelab eval RUN_DIR|SWEEP_DIR [eval.KEY=VALUE ...]: recompute the test metrics of a run
            (of each job of a sweep)
   sample   aelab sample RUN_DIR|SWEEP_DIR [sample.KEY=VALUE ...]: draw images from a trained model by
-           alternately corrupting and denoising (chains from random pixels), measured against the data
+           alternately corrupting and denoising (chains from random pixels), or by Langevin steps along
+           its score estimate (sample.method=langevin), measured against the data
   report   aelab report SWEEP_DIR: table, report.csv, report.md and plots of a sweep
 
   --version  aelab's version and those of torch, hydra-core and Python
@@ -204,7 +205,7 @@ def sample_command(args: list[str]) -> int:
     from .sample import sample_run
 
     return each_run(args, sample_run, "usage: aelab sample RUN_DIR|SWEEP_DIR [sample.KEY=VALUE ...]   "
-                                      "e.g. sample.steps=200 sample.noise=0.3 sample.start=test")
+                                      "e.g. sample.steps=200 sample.noise=0.3 sample.method=langevin")
 
 
 def report_command(args: list[str]) -> int:

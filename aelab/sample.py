@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 from omegaconf import DictConfig, OmegaConf
@@ -46,10 +46,11 @@ def recorded_steps(steps: int) -> list[int]:
     return sorted(kept)
 
 
-Walk = Callable[[object], tuple[object, Tensor]]
+Walk = Callable[[object], tuple[object, Tensor]]  # state -> (next state, the image it shows)
+Kept = tuple[dict[int, Tensor], dict[int, Optional[float]]]  # the images at the recorded steps, the change at each
 
 
-def walk(step: Walk, state, start: Tensor, steps: int, record: list[int]) -> tuple[dict[int, Tensor], dict[int, float | None]]:
+def walk(step: Walk, state, start: Tensor, steps: int, record: list[int]) -> Kept:
     """Run `step` (state -> next state, the image it shows) `steps` times: the images at the steps in
     `record` (0: the start) and, at each, the mean squared change its last step made (None at the start)."""
     states, change, shown = {0: start}, {0: None}, start
@@ -63,7 +64,7 @@ def walk(step: Walk, state, start: Tensor, steps: int, record: list[int]) -> tup
 
 @torch.no_grad()
 def chain(model: torch.nn.Module, corrupt: Corruption, start: Tensor, steps: int, record: list[int],
-          generator: torch.Generator) -> tuple[dict[int, Tensor], dict[int, float | None]]:
+          generator: torch.Generator) -> Kept:
     """x ← clamp(f(corrupt(x)), 0, 1), `steps` times from `start`; kept and measured as `walk` says."""
     def step(x: Tensor) -> tuple[Tensor, Tensor]:
         new = model(corrupt(x, generator)).recon.clamp(0, 1)
@@ -74,7 +75,7 @@ def chain(model: torch.nn.Module, corrupt: Corruption, start: Tensor, steps: int
 
 @torch.no_grad()
 def langevin(model: torch.nn.Module, sigma: float, step_size: float, start: Tensor, steps: int, record: list[int],
-             generator: torch.Generator) -> tuple[dict[int, Tensor], dict[int, float | None]]:
+             generator: torch.Generator) -> Kept:
     """Langevin dynamics on the noised data density whose score a denoising autoencoder trained at
     gaussian sigma estimates, s(x) = (f(x) - x) / sigma²: with a step of a·sigma²,
     x ← x + (a/2)·sigma²·s(x) + sqrt(a)·sigma·z, z ~ N(0, I). The state is a noisy image, unclamped;
@@ -136,7 +137,7 @@ def starts(parts: Parts, settings: SampleSettings, generator: torch.Generator) -
 
 
 def draw(parts: Parts, corruption: dict, start: Tensor, record: list[int],
-         generator: torch.Generator) -> tuple[dict[int, Tensor], dict[int, float | None]]:
+         generator: torch.Generator) -> Kept:
     """parts.sampling's chains from `start`: corrupt-and-denoise with `corruption`, or Langevin steps
     at its gaussian sigma."""
     settings = parts.sampling
