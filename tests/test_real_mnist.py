@@ -49,3 +49,7 @@ def test_denoising_chains_find_several_digits_where_plain_ones_collapse(real_mni
     assert last["dae"]["classes"] >= 4 and last["dae"]["top_share"] < 0.7
     assert last["plain"]["top_share"] >= 0.9
     assert last["dae"]["change"] > 100 * last["plain"]["change"]
+    run_cli("sample", str(tmp_path / "dae"), "sample.method=langevin", cwd=tmp_path)
+    langevin = json.loads((tmp_path / "dae" / "sample_sample.method=langevin.json").read_text())["chain"][-1]
+    assert langevin["classes"] >= 4  # Langevin along the score also finds several digits, but its states are
+    assert langevin["sharpness"] < 0.7 * last["dae"]["sharpness"]  # denoised noisy images: fainter than the chain's
