@@ -34,7 +34,7 @@ class Job:
     config: dict
     metrics: dict[str, float]  # the test metrics, plus val_total (and sample_*: its chains' last state)
     choices: dict[str, str] = field(default_factory=dict)  # config group → the option it ran with
-    sampled: str | None = None  # the `aelab sample` record its sample_* metrics come from
+    sampled: str | None = None  # the `aelab sample` record its sample_* metrics come from, and its method
 
     def value(self, key: str) -> str:
         """Its value for an override key: as typed where the job set it, else what it ran with (the
@@ -103,11 +103,13 @@ def load_jobs(sweep_dir: Path) -> tuple[list[Job], dict[Path, str]]:
         metrics = {**record["test"], "val_total": record["val"]["total"]}
         sampled = newest_sample(metrics_path.parent)
         if sampled:
-            metrics.update(sample_metrics(sampled))
+            measures, method = sample_metrics(sampled)
+            metrics.update(measures)
+            sampled = f"{sampled.name} ({method})"
         config = OmegaConf.to_container(OmegaConf.load(hydra_dir / "config.yaml"), resolve=False)
         ran = yaml.safe_load((hydra_dir / "hydra.yaml").read_text()) if (hydra_dir / "hydra.yaml").is_file() else {}
         choices = {k: str(v) for k, v in ran["hydra"]["runtime"]["choices"].items()} if ran else {}
-        jobs.append(Job(metrics_path.parent, overrides, config, metrics, choices, sampled and sampled.name))
+        jobs.append(Job(metrics_path.parent, overrides, config, metrics, choices, sampled))
     if not jobs:
         unfinished = unfinished_jobs(sweep_dir, unreadable)
         if unfinished:
@@ -124,12 +126,15 @@ def newest_sample(job_dir: Path) -> Path | None:
     return found[-1] if found else None
 
 
-def sample_metrics(path: Path) -> dict[str, float]:
-    """The measures of the chains' last recorded state, as sample_<measure>."""
+def sample_metrics(path: Path) -> tuple[dict[str, float], str]:
+    """The measures of the chains' last recorded state, as sample_<measure>, and the sampling method
+    (records written before sample.method existed are the chain's)."""
     fix = "remove it, or write it again with aelab sample"
     try:
-        last = read_json(path, fix)["chain"][-1]
-        return {f"sample_{name}": float(last[name]) for name in SAMPLE_MEASURES}
+        record = read_json(path, fix)
+        last = record["chain"][-1]
+        method = str(record.get("sample", {}).get("method", "chain"))
+        return {f"sample_{name}": float(last[name]) for name in SAMPLE_MEASURES}, method
     except (KeyError, IndexError, TypeError, ValueError):
         raise ConfigError(f"{path} is unreadable (not an aelab sample record); {fix}", path.name) from None
 
@@ -214,7 +219,7 @@ def print_table(rows: list[Row], keys: list[str], metrics: list[str], title: str
     for key in [k for k in keys if k != SEED_KEY] + ["runs"]:
         table.add_column(key, overflow="fold")
     for m in metrics:
-        table.add_column(SHORT.get(m, m.replace("mse_", "mse ").replace("sample_", "chain ")), justify="right",
+        table.add_column(SHORT.get(m, m.replace("mse_", "mse ").replace("sample_", "sample ")), justify="right",
                          overflow="fold")
     for row in rows:
         table.add_row(*map(escape, row.shown.values()), str(len(row.jobs)),
@@ -253,7 +258,7 @@ def report(sweep_dir: Path) -> dict:
                       soft_wrap=True)
     sampled = sorted({job.sampled for job in jobs if job.sampled})
     if sampled:  # which chains the sample_* columns measure: the same file name is the same settings
-        console.print(f"sample_* (chain) columns: the last state of {' / '.join(sampled)} in "
+        console.print(f"sample_* columns: the last state of {' / '.join(sampled)} in "
                       f"{sum(1 for job in jobs if job.sampled)} of {len(jobs)} runs", markup=False, highlight=False,
                       soft_wrap=True)
     csv_path, md_path = write_tables(rows, keys, metrics, failed, sweep_dir)
