@@ -1,16 +1,18 @@
 """What a run leaves to look at: TensorBoard scalars, images, histograms, HParams, and PNG files."""
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor
 from torch.utils.tensorboard import SummaryWriter
 from torch.utils.tensorboard.summary import hparams
-from torchvision.utils import save_image
+from torchvision.utils import make_grid, save_image
 
 from .build import GROUPS, EvalSettings, Parts
 from .metrics import feature_grid, image_grid
+from .runs import SAMPLE_MEASURES
 
 HPARAM_GROUPS = (*GROUPS, "trainer")
 
@@ -95,3 +97,29 @@ def config_text(cfg: DictConfig) -> str:
     return "    " + OmegaConf.to_yaml(cfg, resolve=True).replace("\n", "\n    ")
 
 
+
+
+def log_sample(folder: Path, rows: list[dict], yardstick: dict, states: dict[int, Tensor],
+               shape: tuple[int, int, int], title: str) -> None:
+    """`aelab sample`'s chains as a TensorBoard run of their own, in a folder of the trained run: each
+    measure against the chain's step (`sample/*`; the test images' as a flat line, `test_images/*`),
+    every chain's state at each recorded step as one image (`sample/chains`), the step's formula as
+    text. The same settings draw the same chains (a fixed seed), so a rerun replaces the folder's
+    earlier events: the new ones are written whole first, the earlier removed after."""
+    earlier = list(folder.glob("events.out.tfevents.*"))
+    writer = SummaryWriter(str(folder))
+    writer.add_text("sample/settings", title, 0)
+    for row in rows:
+        for name in SAMPLE_MEASURES:
+            if row.get(name) is not None:
+                writer.add_scalar(f"sample/{name}", row[name], row["step"])
+    for step in (rows[0]["step"], rows[-1]["step"]):
+        for name in SAMPLE_MEASURES:
+            if name in yardstick:
+                writer.add_scalar(f"test_images/{name}", yardstick[name], step)
+    for step, images in states.items():
+        writer.add_image("sample/chains", make_grid(images.view(-1, *shape).cpu(), nrow=math.ceil(math.sqrt(len(images))),
+                                                    pad_value=1.0), step)
+    writer.close()
+    for path in earlier:
+        path.unlink()

@@ -27,7 +27,7 @@ from torchvision.utils import make_grid
 from . import checkpoint, console
 from .build import Parts, SampleSettings, build, build_part, run_config
 from .corruptions import CORRUPTIONS, Corruption
-from .logs import pyplot
+from .logs import log_sample, pyplot
 from .metrics import gradient_energy
 from .objective import eval_mode
 from .registry import ConfigError
@@ -223,7 +223,8 @@ def formula(settings: SampleSettings, corruption: dict) -> str:
 
 
 def sample_run(run_dir: Path, overrides: list[str]) -> dict:
-    """`aelab sample`: reload a run's model, run the chains, print the measures, write NAME.json and NAME.png."""
+    """`aelab sample`: reload a run's model, run the chains, print the measures, write NAME.json, NAME.png
+    and the TensorBoard run NAME/."""
     cfg = run_config(run_dir, overrides, allowed=("sample.", "device."), example="sample.steps=200")
     parts = build(cfg)
     corruption = chain_corruption(cfg, parts.sampling)  # decided once: the record, the title and the chain
@@ -239,5 +240,7 @@ def sample_run(run_dir: Path, overrides: list[str]) -> dict:
     record = {"overrides": overrides, "sample": OmegaConf.to_container(cfg.sample, resolve=True),
               "corruption": corruption, "chain": rows, "test_images": yardstick}
     write_json(run_dir / f"{name}.json", record)
-    table(rows, yardstick, f"aelab sample: {run_dir} ({len(states[0])} chains; picture: {name}.png)")
+    log_sample(run_dir / name, rows, yardstick, states, parts.data.image_shape, title)
+    table(rows, yardstick, f"aelab sample: {run_dir} ({len(states[0])} chains; picture: {name}.png; "
+                           f"TensorBoard: {name}/)")
     return record

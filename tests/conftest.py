@@ -36,6 +36,15 @@ def run_cli(*args: str, cwd: Path, check: bool = True, timeout: float = 600) -> 
     return proc
 
 
+def events(run_dir: Path):
+    """The TensorBoard entries of one run's folder (its own event files, not its subfolders')."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(run_dir), size_guidance={"scalars": 0, "images": 0})
+    acc.Reload()
+    return acc
+
+
 def write_idx(path: Path, array: np.ndarray) -> None:
     """IDX file (MNIST's format): magic 0x0803 / 0x0801 for uint8 images / labels, then big-endian dims."""
     header = struct.pack(">HBB", 0, 0x08, array.ndim) + struct.pack(f">{array.ndim}I", *array.shape)

@@ -3,19 +3,11 @@ import json
 from pathlib import Path
 
 import pytest
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
 from aelab.build import GROUPS
-from conftest import FAST, run_cli
+from conftest import FAST, events, run_cli
 
 SIX_TAGS = {f"{split}/{term}" for split in ("train", "val") for term in ("total", "recon", "reg")}
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def events(run_dir: Path) -> EventAccumulator:
-    acc = EventAccumulator(str(run_dir), size_guidance={"scalars": 0, "images": 0})
-    acc.Reload()
-    return acc
 
 
 def option_names(group: str) -> list[str]:

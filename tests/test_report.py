@@ -14,6 +14,7 @@ from hydra import compose, initialize_config_module
 from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from aelab.runs import output_name
 from conftest import run_cli
 
 EXPERIMENTS = sorted(p.stem for p in (Path(__file__).resolve().parents[1] / "configs" / "experiment").glob("*.yaml"))
@@ -299,8 +300,8 @@ def test_sample_draws_from_each_job_of_a_sweep(sweep):
     assert all(path.with_suffix(".png").is_file() for path in written)
     assert all([row["step"] for row in json.loads(path.read_text())["chain"]] == [0, 1, 2, 3] for path in written)
     report = run_cli("report", str(sweep), cwd=sweep)  # the chains' last state, folded over seeds like the rest
-    assert "sample_* (chain) columns: the last state of sample_sample.steps=3_sample.count=5.json in 4 of 4 runs" \
-        in report.stdout and "chain classes" in report.stdout
+    assert "sample_* columns: the last state of sample_sample.steps=3_sample.count=5.json (chain) in 4 of 4 runs" \
+        in report.stdout and "sample classes" in report.stdout
     with (sweep / "report.csv").open() as f:
         rows = list(csv.DictReader(f))
     for row in rows:
@@ -309,6 +310,10 @@ def test_sample_draws_from_each_job_of_a_sweep(sweep):
         assert len(jobs) == 2 and float(row["sample_nearest_mse_mean"]) == pytest.approx(
             sum(state["nearest_mse"] for state in last) / 2)
         assert float(row["sample_classes_mean"]) == pytest.approx(sum(state["classes"] for state in last) / 2)
+    langevin = ["sample.method=langevin", "sample.noise=0.3", "sample.steps=2", "sample.count=5"]
+    run_cli("sample", str(sweep), *langevin, cwd=sweep)  # the newest record is the one reported, with its method
+    report = run_cli("report", str(sweep), cwd=sweep)
+    assert f"the last state of {output_name('sample', langevin)}.json (langevin) in 4 of 4 runs" in report.stdout
 
 
 def test_report_names_a_damaged_sample_record(sweep, tmp_path):
@@ -358,7 +363,8 @@ def test_eval_recomputes_metrics_with_other_noise_levels(sweep):
 
 def test_hparams_live_in_the_run_dir_not_a_sub_run(sweep):
     job = sorted(p.parent for p in sweep.glob("*/metrics.json"))[0]
-    assert not [p for p in job.iterdir() if p.is_dir() and p.name != ".hydra"]
+    # no sub-run of add_hparams' making; only aelab sample's own TensorBoard runs, if it sampled the sweep
+    assert not [p for p in job.iterdir() if p.is_dir() and p.name != ".hydra" and not p.name.startswith("sample")]
     acc = EventAccumulator(str(job))
     acc.Reload()
     assert {"_hparams_/experiment", "_hparams_/session_start_info", "_hparams_/session_end_info"} <= set(
@@ -381,23 +387,27 @@ def test_tensorboard_server_lists_scalars_and_images(sweep):
     port = free_port()
     server = subprocess.Popen([sys.executable, "-m", "tensorboard.main", "--logdir", str(sweep), "--port", str(port),
                                "--host", "127.0.0.1"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    on_disk = {p.parent.relative_to(sweep).as_posix() for p in sweep.glob("**/events.out.tfevents.*")}
+    sampled = {run for run in on_disk if "/" in run}  # aelab sample's runs inside the jobs, where it sampled them
     try:
         deadline, scalars = time.time() + 90, {}
         while time.time() < deadline:
             try:
                 with urllib.request.urlopen(f"http://127.0.0.1:{port}/data/plugin/scalars/tags", timeout=5) as r:
                     scalars = json.load(r)
-                if len(scalars) == 4:
+                if set(scalars) == on_disk:
                     break
             except OSError:
                 pass
             time.sleep(1)
-        assert len(scalars) == 4  # one TensorBoard run per job
-        for tags in scalars.values():
-            assert {"train/total", "train/recon", "train/reg", "val/total", "val/recon", "val/reg"} <= set(tags)
+        assert set(scalars) == on_disk and len(on_disk - sampled) == 4  # one TensorBoard run per job
+        for run, tags in scalars.items():
+            assert ({"sample/nearest_mse", "sample/classes", "test_images/nearest_mse"} if run in sampled else
+                    {"train/total", "train/recon", "train/reg", "val/total", "val/recon", "val/reg"}) <= set(tags)
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/data/plugin/images/tags", timeout=5) as r:
             images = json.load(r)
-        assert all("val/clean_corrupted_reconstructed" in tags for tags in images.values())
+        assert all(("sample/chains" if run in sampled else "val/clean_corrupted_reconstructed") in tags
+                   for run, tags in images.items())
     finally:
         server.terminate()
         server.wait(timeout=30)

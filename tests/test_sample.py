@@ -7,8 +7,9 @@ import torch
 
 from aelab.build import build
 from aelab.corruptions import CORRUPTIONS
+from aelab.runs import SAMPLE_MEASURES
 from aelab.sample import chain, langevin, measure, nearest, recorded_steps
-from conftest import run_cli
+from conftest import events, run_cli
 
 
 class Halve(torch.nn.Module):
@@ -149,9 +150,22 @@ def test_sample_command_draws_digits_from_random_pixels(runs):
     assert rows[50]["nearest_mse"] < 1.5 * record["test_images"]["nearest_mse"]
     assert rows[50]["classes"] >= 5 and rows[50]["change"] > 1e-3  # still moving among several digits
     assert record["test_images"]["sharpness"] == pytest.approx(1.0, abs=0.1)
-    assert "test images" in proc.stdout and "sample.png" in proc.stdout
+    assert "test images" in proc.stdout and "sample.png" in proc.stdout and "TensorBoard: sample/" in proc.stdout
+    board = events(run_dir / "sample")  # a TensorBoard run of its own, beside the training run's
+    for name in SAMPLE_MEASURES:
+        logged = {e.step: e.value for e in board.Scalars(f"sample/{name}")}
+        kept = {step: row[name] for step, row in rows.items() if row[name] is not None}
+        assert list(logged) == list(kept) and list(logged.values()) == pytest.approx(list(kept.values()))
+    assert [e.step for e in board.Scalars("sample/change")] == [1, 2, 5, 10, 20, 50]
+    yardstick = board.Scalars("test_images/nearest_mse")
+    assert [e.step for e in yardstick] == [0, 50]
+    assert [e.value for e in yardstick] == pytest.approx([record["test_images"]["nearest_mse"]] * 2)
+    assert [e.step for e in board.Images("sample/chains")] == list(rows)
+    assert "sample/nearest_mse" not in events(run_dir).Tags()["scalars"]  # the training run's own: untouched
     run_cli("sample", str(run_dir), cwd=run_dir)
     assert read(run_dir / "sample.json") == record  # the same seed, the same chains
+    assert len(list((run_dir / "sample").glob("events.out.tfevents.*"))) == 1  # replaced, not written twice
+    assert len(events(run_dir / "sample").Scalars("sample/classes")) == len(rows)
     run_cli("sample", str(run_dir), "sample.seed=1", cwd=run_dir)
     assert read(run_dir / "sample_sample.seed=1.json")["chain"][-1] != record["chain"][-1]
     assert read(run_dir / "sample.json") == record  # kept: each setting writes its own file
