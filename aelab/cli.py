@@ -30,7 +30,8 @@ commands:
   sample   aelab sample RUN_DIR|SWEEP_DIR [sample.KEY=VALUE ...]: draw images from a trained model by
            alternately corrupting and denoising (chains from random pixels), or by Langevin steps along
            its score estimate (sample.method=langevin), measured against the data
-  report   aelab report SWEEP_DIR: table, report.csv, report.md and plots of a sweep
+  report   aelab report SWEEP_DIR [eval.KEY=VALUE ...]: table, report.csv, report.md and plots of a
+           sweep (with eval overrides: of the test metrics `aelab eval SWEEP_DIR` recomputed with them)
 
   --version  aelab's version and those of torch, hydra-core and Python
 
@@ -211,10 +212,11 @@ def sample_command(args: list[str]) -> int:
 def report_command(args: list[str]) -> int:
     from .report import report
 
-    if len(args) != 1 or args[0].startswith("-"):
-        print("usage: aelab report SWEEP_DIR   (the folder of an `aelab train -m` sweep)")
+    if not args or args[0].startswith("-"):
+        print("usage: aelab report SWEEP_DIR [eval.KEY=VALUE ...]   (the folder of an `aelab train -m` sweep; "
+              "with the overrides an `aelab eval SWEEP_DIR` was given, the test metrics it recomputed)")
         return 0 if args and args[0] in ("-h", "--help") else 2
-    return guarded(lambda: report(Path(args[0])))
+    return guarded(lambda: report(Path(args[0]), args[1:]))
 
 
 def config_error(error: Exception) -> ConfigError:

@@ -1,5 +1,6 @@
-"""`aelab report SWEEP_DIR`: one row per setting of a sweep (seeds folded to mean ± std), CSV,
-Markdown and the plots that fit what was swept."""
+"""`aelab report SWEEP_DIR [eval.KEY=VALUE ...]`: one row per setting of a sweep (seeds folded to
+mean ± std), CSV, Markdown and the plots that fit what was swept; with eval overrides, of the test
+metrics `aelab eval` recomputed with them instead of those measured at the end of training."""
 from __future__ import annotations
 
 import csv
@@ -11,7 +12,7 @@ from pathlib import Path
 import yaml
 from omegaconf import OmegaConf
 
-from .runs import FAILED, SAMPLE_MEASURES, override_values, read_json, read_results
+from .runs import FAILED, SAMPLE_MEASURES, output_name, override_values, read_json, read_results
 from .registry import ConfigError
 
 SEED_KEY = "trainer.seed"
@@ -86,21 +87,50 @@ def short(value: str) -> str:
     return f"{number:.4g}" if len(value) > 8 and "." in value and math.isfinite(number) else value
 
 
-def load_jobs(sweep_dir: Path) -> tuple[list[Job], dict[Path, str]]:
+def eval_overrides(args: list[str]) -> list[str]:
+    """The `eval.KEY=VALUE` overrides that name the `aelab eval` records to report (as given to aelab eval)."""
+    for arg in args:
+        if not arg.startswith("eval.") or "=" not in arg:
+            raise ConfigError("aelab report takes eval.KEY=VALUE overrides, the ones an `aelab eval SWEEP_DIR` "
+                              "was given, to report the test metrics it recomputed; e.g. eval.threshold=0.2", arg)
+    return args
+
+
+def evaluated(job_dir: Path, record_name: str | None, sweep_dir: Path, overrides: list[str]) -> dict:
+    """A job's test metrics: from its metrics.json's record, or, given record_name, from that `aelab
+    eval` record, which a job without one cannot be reported by (a ConfigError that says how to write it)."""
+    if record_name is None:
+        return read_results(job_dir)["test"]
+    path = job_dir / record_name
+    if not path.is_file():
+        held = sorted(p.name for p in job_dir.glob("eval*.json"))
+        raise ConfigError(f"no {record_name} (aelab eval records here: {', '.join(held) or 'none'}); write it: "
+                          f"aelab eval {shlex.join([str(sweep_dir), *overrides])}", record_name)
+    record = read_json(path, f"remove it, and aelab eval {shlex.join([str(job_dir), *overrides])} writes it again")
+    if not isinstance(record.get("test"), dict):
+        raise ConfigError(f"{path} is unreadable (not an aelab eval record); remove it, and aelab eval "
+                          f"{shlex.join([str(job_dir), *overrides])} writes it again", record_name)
+    return record["test"]
+
+
+def load_jobs(sweep_dir: Path, overrides: list[str] = ()) -> tuple[list[Job], dict[Path, str]]:
     """Every finished job below sweep_dir (a metrics.json beside Hydra's .hydra/ record), and each
-    metrics.json that cannot be read, with why: every file read once."""
+    metrics.json (or `aelab eval` record named by `overrides`) that cannot be read, with why: every
+    file read once."""
     jobs, unreadable = [], {}
+    record_name = f"{output_name('eval', list(overrides))}.json" if overrides else None
     for metrics_path in sorted(sweep_dir.glob("**/metrics.json")):
         hydra_dir = metrics_path.parent / ".hydra"
         try:
             record = read_results(metrics_path.parent)
+            test = evaluated(metrics_path.parent, record_name, sweep_dir, list(overrides))
         except ConfigError as e:  # listed by unfinished_jobs, under the table
             unreadable[metrics_path.parent] = e.message
             continue
         if not (hydra_dir / "overrides.yaml").is_file():
             continue
-        overrides = override_values(yaml.safe_load((hydra_dir / "overrides.yaml").read_text()) or [])
-        metrics = {**record["test"], "val_total": record["val"]["total"]}
+        overrides_typed = override_values(yaml.safe_load((hydra_dir / "overrides.yaml").read_text()) or [])
+        metrics = {**test, "val_total": record["val"]["total"]}
         sampled = newest_sample(metrics_path.parent)
         if sampled:
             measures, method = sample_metrics(sampled)
@@ -109,7 +139,12 @@ def load_jobs(sweep_dir: Path) -> tuple[list[Job], dict[Path, str]]:
         config = OmegaConf.to_container(OmegaConf.load(hydra_dir / "config.yaml"), resolve=False)
         ran = yaml.safe_load((hydra_dir / "hydra.yaml").read_text()) if (hydra_dir / "hydra.yaml").is_file() else {}
         choices = {k: str(v) for k, v in ran["hydra"]["runtime"]["choices"].items()} if ran else {}
-        jobs.append(Job(metrics_path.parent, overrides, config, metrics, choices, sampled))
+        jobs.append(Job(metrics_path.parent, overrides_typed, config, metrics, choices, sampled))
+    if not jobs and record_name:  # the records there say whether the overrides were typed in another order
+        held = sorted({path.name for path in sweep_dir.glob("**/eval*.json")})
+        raise ConfigError(f"no finished job under {sweep_dir} holds {record_name} (aelab eval records there: "
+                          f"{', '.join(held) or 'none'}); write them: aelab eval "
+                          f"{shlex.join([str(sweep_dir), *overrides])}", record_name)
     if not jobs:
         unfinished = unfinished_jobs(sweep_dir, unreadable)
         if unfinished:
@@ -240,11 +275,15 @@ def shown_metrics(keys: list[str]) -> list[str]:
             *(f"sample_{name}" for name in SAMPLE_MEASURES)]
 
 
-def report(sweep_dir: Path) -> dict:
-    """Load, fold, print, and write report.csv, report.md and the plots into sweep_dir."""
+def report(sweep_dir: Path, overrides: list[str] = ()) -> dict:
+    """Load, fold, print, and write report.csv, report.md and the plots into sweep_dir; with eval
+    overrides, of the `aelab eval` records they name, into its folder report_<overrides>/ (the
+    training-time report stays as it is)."""
     from .plots import make_plots
 
-    jobs, unreadable = load_jobs(sweep_dir)
+    jobs, unreadable = load_jobs(sweep_dir, eval_overrides(list(overrides)))
+    out = sweep_dir / output_name("report", list(overrides)) if overrides else sweep_dir
+    out.mkdir(exist_ok=True)
     keys = swept_keys(jobs)
     rows = fold(jobs, keys)
     metrics = metric_names(jobs)
@@ -253,6 +292,10 @@ def report(sweep_dir: Path) -> dict:
     print_table(rows, keys, shown, title=f"aelab report: {sweep_dir} ({len(jobs)} runs)")
     failed = [f"- {name}: {why}" for name, why in unfinished_jobs(sweep_dir, unreadable)]  # said, not dropped
     from .console import console
+    if overrides:
+        console.print(f"test metrics: those aelab eval {' '.join(overrides)} recomputed "
+                      f"({output_name('eval', list(overrides))}.json), not the end of training's", markup=False,
+                      highlight=False, soft_wrap=True)
     if failed:
         console.print(f"{len(failed)} job(s) without results:\n" + "\n".join(failed), markup=False, highlight=False,
                       soft_wrap=True)
@@ -261,8 +304,8 @@ def report(sweep_dir: Path) -> dict:
         console.print(f"sample_* columns: the last state of {' / '.join(sampled)} in "
                       f"{sum(1 for job in jobs if job.sampled)} of {len(jobs)} runs", markup=False, highlight=False,
                       soft_wrap=True)
-    csv_path, md_path = write_tables(rows, keys, metrics, failed, sweep_dir)
-    plots = make_plots(rows, jobs, [k for k in keys if k != SEED_KEY], sweep_dir)
-    console.print(f"wrote {', '.join(p.name for p in [csv_path, md_path, *plots])} in {sweep_dir}", markup=False,
+    csv_path, md_path = write_tables(rows, keys, metrics, failed, out)
+    plots = make_plots(rows, jobs, [k for k in keys if k != SEED_KEY], out)
+    console.print(f"wrote {', '.join(p.name for p in [csv_path, md_path, *plots])} in {out}", markup=False,
                   highlight=False, soft_wrap=True)
     return {"jobs": len(jobs), "rows": len(rows), "swept": keys, "files": [csv_path, md_path, *plots]}

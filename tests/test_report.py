@@ -361,6 +361,53 @@ def test_eval_recomputes_metrics_with_other_noise_levels(sweep):
         assert higher["mse"] == pytest.approx(stored["mse"])
 
 
+def test_report_of_the_metrics_aelab_eval_recomputed(sweep, tmp_path):
+    """aelab report SWEEP_DIR eval.KEY=VALUE ...: the test metrics of the aelab eval records those
+    overrides name, in their own folder; the training-time report is left as it was."""
+    copy = tmp_path / "sweep"
+    shutil.copytree(sweep, copy)
+    run_cli("report", str(copy), cwd=tmp_path)
+    before = {name: (copy / name).read_bytes() for name in ("report.csv", "report.md")}
+    overrides = ["eval.threshold=0.6", "eval.probe=false"]
+    missing = run_cli("report", str(copy), *overrides, cwd=tmp_path, check=False)  # not evaluated yet
+    assert missing.returncode == 2 and len(missing.stderr.strip().splitlines()) == 1
+    assert f"no finished job under {copy} holds eval_eval.threshold=0.6_eval.probe=false.json (aelab eval records " \
+           f"there: " in missing.stderr and missing.stderr.strip().endswith(
+               f"; write them: aelab eval {copy} eval.threshold=0.6 eval.probe=false")
+    assert not list(copy.glob("report_*"))  # nothing written
+    run_cli("eval", str(copy), *overrides, cwd=tmp_path)
+    proc = run_cli("report", str(copy), *overrides, cwd=tmp_path)
+    out = copy / "report_eval.threshold=0.6_eval.probe=false"
+    assert "test metrics: those aelab eval eval.threshold=0.6 eval.probe=false recomputed " \
+           "(eval_eval.threshold=0.6_eval.probe=false.json), not the end of training's" in proc.stdout
+    assert proc.stdout.strip().splitlines()[-1].endswith(f" in {out}")
+    assert {name: (copy / name).read_bytes() for name in before} == before  # the training-time report: kept
+    with (out / "report.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    for row in rows:
+        jobs = [p for p in copy.glob(f"*reg.weight={row['reg.weight']},*")]
+        recomputed = [json.loads((job / "eval_eval.threshold=0.6_eval.probe=false.json").read_text())["test"]
+                      for job in jobs]
+        trained = [json.loads((job / "metrics.json").read_text())["test"] for job in jobs]
+        assert len(jobs) == 2 and float(row["population_sparsity_mean"]) == pytest.approx(
+            sum(t["population_sparsity"] for t in recomputed) / 2)  # at the new threshold
+        assert sum(t["population_sparsity"] for t in recomputed) < sum(t["population_sparsity"] for t in trained)
+        assert float(row["mse_mean"]) == pytest.approx(sum(t["mse"] for t in trained) / 2)  # the same model
+    assert (out / "metrics_vs_reg.weight.png").stat().st_size > 10_000
+    dropped = sorted(copy.glob("*/eval_eval.threshold=0.6_eval.probe=false.json"))[0]
+    dropped.unlink()  # a job without the record: said under the table, with how to write it; the rest reported
+    proc = run_cli("report", str(copy), *overrides, cwd=tmp_path)
+    assert "1 job(s) without results" in proc.stdout and "3 runs" in proc.stdout
+    line = next(line for line in proc.stdout.splitlines() if line.startswith(f"- {dropped.parent.name}: "))
+    assert f"{dropped.parent.name}: no eval_eval.threshold=0.6_eval.probe=false.json (aelab eval records here: " \
+           in line and line.endswith(f"; write it: aelab eval {copy} eval.threshold=0.6 eval.probe=false")
+    bad = run_cli("report", str(copy), "reg.weight=3", cwd=tmp_path, check=False)
+    assert bad.returncode == 2 and "reg.weight=3: aelab report takes eval.KEY=VALUE overrides" in bad.stderr
+    assert "Traceback" not in bad.stderr + missing.stderr and not list(copy.glob("report_reg*"))
+    usage = run_cli("report", cwd=tmp_path, check=False)
+    assert usage.returncode == 2 and "usage: aelab report SWEEP_DIR [eval.KEY=VALUE ...]" in usage.stdout
+
+
 def test_hparams_live_in_the_run_dir_not_a_sub_run(sweep):
     job = sorted(p.parent for p in sweep.glob("*/metrics.json"))[0]
     # no sub-run of add_hparams' making; only aelab sample's own TensorBoard runs, if it sampled the sweep
