@@ -97,8 +97,6 @@ def config_text(cfg: DictConfig) -> str:
     return "    " + OmegaConf.to_yaml(cfg, resolve=True).replace("\n", "\n    ")
 
 
-
-
 def log_sample(folder: Path, rows: list[dict], yardstick: dict, states: dict[int, Tensor],
                shape: tuple[int, int, int], title: str) -> None:
     """`aelab sample`'s chains as a TensorBoard run of their own, in a folder of the trained run: each
@@ -117,9 +115,9 @@ def log_sample(folder: Path, rows: list[dict], yardstick: dict, states: dict[int
         for name in SAMPLE_MEASURES:
             if name in yardstick:
                 writer.add_scalar(f"test_images/{name}", yardstick[name], step)
+    side = math.ceil(math.sqrt(len(states[0])))  # every chain (step 0: the start), in a square
     for step, images in states.items():
-        writer.add_image("sample/chains", make_grid(images.view(-1, *shape).cpu(), nrow=math.ceil(math.sqrt(len(images))),
-                                                    pad_value=1.0), step)
+        writer.add_image("sample/chains", make_grid(images.view(-1, *shape).cpu(), nrow=side, pad_value=1.0), step)
     writer.close()
     for path in earlier:
         path.unlink()

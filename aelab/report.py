@@ -96,11 +96,11 @@ def eval_overrides(args: list[str]) -> list[str]:
     return args
 
 
-def evaluated(job_dir: Path, record_name: str | None, sweep_dir: Path, overrides: list[str]) -> dict:
-    """A job's test metrics: from its metrics.json's record, or, given record_name, from that `aelab
-    eval` record, which a job without one cannot be reported by (a ConfigError that says how to write it)."""
+def evaluated(results: dict, job_dir: Path, record_name: str | None, sweep_dir: Path, overrides: list[str]) -> dict:
+    """A job's test metrics: its metrics.json's (`results`), or, given record_name, that `aelab eval`
+    record's, which a job without one cannot be reported by (a ConfigError that says how to write it)."""
     if record_name is None:
-        return read_results(job_dir)["test"]
+        return results["test"]
     path = job_dir / record_name
     if not path.is_file():
         held = sorted(p.name for p in job_dir.glob("eval*.json"))
@@ -123,7 +123,7 @@ def load_jobs(sweep_dir: Path, overrides: list[str] = ()) -> tuple[list[Job], di
         hydra_dir = metrics_path.parent / ".hydra"
         try:
             record = read_results(metrics_path.parent)
-            test = evaluated(metrics_path.parent, record_name, sweep_dir, list(overrides))
+            test = evaluated(record, metrics_path.parent, record_name, sweep_dir, list(overrides))
         except ConfigError as e:  # listed by unfinished_jobs, under the table
             unreadable[metrics_path.parent] = e.message
             continue

@@ -340,7 +340,7 @@ def test_ctrl_c_outside_a_training_loop_is_one_line(tmp_path, capfd, monkeypatch
     """aelab eval or report interrupted: exit 130 and one line, not a KeyboardInterrupt traceback."""
     import aelab.report
 
-    def interrupted(sweep_dir):
+    def interrupted(sweep_dir, overrides):
         raise KeyboardInterrupt
     monkeypatch.setattr(aelab.report, "report", interrupted)
     code, out, err = cli(capfd, "report", str(tmp_path))
