@@ -17,6 +17,7 @@ from .losses import LOSSES, ReconstructionLoss
 from .models import MODELS, Autoencoder
 from .optim import OPTIMIZERS
 from .registry import ConfigError, Registry, choice, flag, number
+from .runs import EVAL_OVERRIDES, check_overrides
 from .regularizers import REGULARIZERS, Penalty
 
 GROUPS = {"data": DATASETS, "model": MODELS, "loss": LOSSES, "reg": REGULARIZERS,
@@ -286,7 +287,7 @@ def current_defaults() -> DictConfig:
     return OmegaConf.create(files("aelab.configs").joinpath("train.yaml").read_text())
 
 
-def run_config(run_dir: Path, overrides: list[str], allowed: tuple[str, ...] = ("eval.", "device."),
+def run_config(run_dir: Path, overrides: list[str], allowed: tuple[str, ...] = EVAL_OVERRIDES,
                example: str = "eval.noise.gaussian.noise_factor=0.5") -> DictConfig:
     """A finished run's composed config (.hydra/config.yaml) with overrides of the keys under `allowed`
     (`aelab eval`: eval.* and device.*)."""
@@ -300,11 +301,9 @@ def run_config(run_dir: Path, overrides: list[str], allowed: tuple[str, ...] = (
             if key not in cfg.setdefault(section, {}):
                 cfg[section][key] = value
     OmegaConf.set_struct(cfg, True)
+    check_overrides(overrides, allowed, example)
     for override in overrides:
-        key, sep, value = override.partition("=")
-        if not sep or not key.startswith(allowed):
-            raise ConfigError(f"takes KEY=VALUE overrides under {' or '.join(a + '*' for a in allowed)}, "
-                              f"e.g. {example}; got '{override}'", "override")
+        key = override.partition("=")[0]
         try:
             cfg.merge_with(OmegaConf.from_dotlist([override]))
         except OmegaConfBaseException as e:

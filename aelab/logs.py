@@ -97,6 +97,11 @@ def config_text(cfg: DictConfig) -> str:
     return "    " + OmegaConf.to_yaml(cfg, resolve=True).replace("\n", "\n    ")
 
 
+def grid(images: Tensor, shape: tuple[int, int, int], columns: int | None = None) -> Tensor:
+    """Flat images as one picture, `columns` across (default: a square), white between them."""
+    return make_grid(images.view(-1, *shape).cpu(), nrow=columns or math.ceil(math.sqrt(len(images))), pad_value=1.0)
+
+
 def log_sample(folder: Path, rows: list[dict], yardstick: dict, states: dict[int, Tensor],
                shape: tuple[int, int, int], title: str) -> None:
     """`aelab sample`'s chains as a TensorBoard run of their own, in a folder of the trained run: each
@@ -115,9 +120,8 @@ def log_sample(folder: Path, rows: list[dict], yardstick: dict, states: dict[int
         for name in SAMPLE_MEASURES:
             if name in yardstick:
                 writer.add_scalar(f"test_images/{name}", yardstick[name], step)
-    side = math.ceil(math.sqrt(len(states[0])))  # every chain (step 0: the start), in a square
     for step, images in states.items():
-        writer.add_image("sample/chains", make_grid(images.view(-1, *shape).cpu(), nrow=side, pad_value=1.0), step)
+        writer.add_image("sample/chains", grid(images, shape), step)
     writer.close()
     for path in earlier:
         path.unlink()

@@ -12,7 +12,8 @@ from pathlib import Path
 import yaml
 from omegaconf import OmegaConf
 
-from .runs import FAILED, SAMPLE_MEASURES, output_name, override_values, read_json, read_results
+from .runs import (EVAL_OVERRIDES, FAILED, SAMPLE_MEASURES, check_overrides, output_name, override_values, read_json,
+                   read_results)
 from .registry import ConfigError
 
 SEED_KEY = "trainer.seed"
@@ -87,15 +88,6 @@ def short(value: str) -> str:
     return f"{number:.4g}" if len(value) > 8 and "." in value and math.isfinite(number) else value
 
 
-def eval_overrides(args: list[str]) -> list[str]:
-    """The `eval.KEY=VALUE` overrides that name the `aelab eval` records to report (as given to aelab eval)."""
-    for arg in args:
-        if not arg.startswith("eval.") or "=" not in arg:
-            raise ConfigError("aelab report takes eval.KEY=VALUE overrides, the ones an `aelab eval SWEEP_DIR` "
-                              "was given, to report the test metrics it recomputed; e.g. eval.threshold=0.2", arg)
-    return args
-
-
 def evaluated(results: dict, job_dir: Path, record_name: str | None, sweep_dir: Path, overrides: list[str]) -> dict:
     """A job's test metrics: its metrics.json's (`results`), or, given record_name, that `aelab eval`
     record's, which a job without one cannot be reported by (a ConfigError that says how to write it)."""
@@ -106,10 +98,10 @@ def evaluated(results: dict, job_dir: Path, record_name: str | None, sweep_dir: 
         held = sorted(p.name for p in job_dir.glob("eval*.json"))
         raise ConfigError(f"no {record_name} (aelab eval records here: {', '.join(held) or 'none'}); write it: "
                           f"aelab eval {shlex.join([str(sweep_dir), *overrides])}", record_name)
-    record = read_json(path, f"remove it, and aelab eval {shlex.join([str(job_dir), *overrides])} writes it again")
+    fix = f"remove it, and aelab eval {shlex.join([str(job_dir), *overrides])} writes it again"
+    record = read_json(path, fix)
     if not isinstance(record.get("test"), dict):
-        raise ConfigError(f"{path} is unreadable (not an aelab eval record); remove it, and aelab eval "
-                          f"{shlex.join([str(job_dir), *overrides])} writes it again", record_name)
+        raise ConfigError(f"{path} is unreadable (not an aelab eval record); {fix}", record_name)
     return record["test"]
 
 
@@ -281,7 +273,8 @@ def report(sweep_dir: Path, overrides: list[str] = ()) -> dict:
     training-time report stays as it is)."""
     from .plots import make_plots
 
-    jobs, unreadable = load_jobs(sweep_dir, eval_overrides(list(overrides)))
+    check_overrides(list(overrides), EVAL_OVERRIDES, "eval.threshold=0.2, as given to aelab eval SWEEP_DIR")
+    jobs, unreadable = load_jobs(sweep_dir, overrides)
     out = sweep_dir / output_name("report", list(overrides)) if overrides else sweep_dir
     out.mkdir(exist_ok=True)
     keys = swept_keys(jobs)

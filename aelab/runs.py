@@ -18,6 +18,7 @@ from .registry import ConfigError
 RESULTS = ("checkpoint.pt", "metrics.json")  # what makes a directory an aelab run
 FAILED = "failed.json"  # what a sweep's diverged job leaves instead of metrics.json
 SAMPLE_MEASURES = ("nearest_mse", "classes", "top_share", "sharpness", "change")  # per chain state, in sample*.json
+EVAL_OVERRIDES = ("eval.", "device.")  # what `aelab eval` may override, and so what names its records
 HYDRA_ONLY = {".hydra", "train.log"}  # what a run dir holds before its job has written anything
 # how long and where a resumed run goes on, and how it is measured: not what it trains
 RESUME_MAY_CHANGE = ("trainer.epochs", "trainer.log_every", "trainer.cuda_graph", "trainer.compile", "trainer.tf32",
@@ -46,6 +47,15 @@ def output_name(stem: str, overrides: list[str]) -> str:
     """What a command run on a finished run writes, named by its overrides (`eval_eval.threshold=0.2`),
     so that each setting keeps its own file."""
     return stem if not overrides else stem + "_" + "_".join(o.replace("/", "-") for o in overrides)
+
+
+def check_overrides(overrides: list[str], allowed: tuple[str, ...], example: str) -> None:
+    """Each a KEY=VALUE override of a key under `allowed` (what aelab eval, sample and report take)."""
+    for override in overrides:
+        key, sep, _ = override.partition("=")
+        if not sep or not key.startswith(allowed):
+            raise ConfigError(f"takes KEY=VALUE overrides under {' or '.join(a + '*' for a in allowed)}, "
+                              f"e.g. {example}; got '{override}'", "override")
 
 
 def read_json(path: Path, fix: str) -> dict:

@@ -22,12 +22,11 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from rich.table import Table
 from torch import Tensor
-from torchvision.utils import make_grid
 
 from . import checkpoint, console
 from .build import Parts, SampleSettings, build, build_part, run_config
 from .corruptions import CORRUPTIONS, Corruption
-from .logs import log_sample, pyplot
+from .logs import grid, log_sample, pyplot
 from .metrics import gradient_energy
 from .objective import eval_mode
 from .registry import ConfigError
@@ -176,12 +175,10 @@ def picture(states: dict[int, Tensor], shape: tuple[int, int, int], path, title:
     plt = pyplot()
     steps = list(states)
     shown = min(SHOWN_CHAINS, len(states[0]))
-    strip = make_grid(torch.cat([states[s][:shown] for s in steps]).view(-1, *shape).cpu(), nrow=shown,
-                      pad_value=1.0)
+    strip = grid(torch.cat([states[s][:shown] for s in steps]), shape, columns=shown)
     last = states[steps[-1]]
-    side = math.ceil(math.sqrt(len(last)))
-    final = make_grid(last.view(-1, *shape).cpu(), nrow=side, pad_value=1.0)
-    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 5.5), width_ratios=[shown, side])
+    final = grid(last, shape)  # every chain, in a square
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 5.5), width_ratios=[strip.shape[-1], final.shape[-1]])
     left.imshow(strip.permute(1, 2, 0).numpy(), interpolation="nearest")
     cell = (strip.shape[1] - 2) / len(steps)
     left.set_yticks([2 + cell * i + (cell - 2) / 2 for i in range(len(steps))], [f"step {s}" for s in steps],

@@ -402,8 +402,13 @@ def test_report_of_the_metrics_aelab_eval_recomputed(sweep, tmp_path):
     assert f"{dropped.parent.name}: no eval_eval.threshold=0.6_eval.probe=false.json (aelab eval records here: " \
            in line and line.endswith(f"; write it: aelab eval {copy} eval.threshold=0.6 eval.probe=false")
     bad = run_cli("report", str(copy), "reg.weight=3", cwd=tmp_path, check=False)
-    assert bad.returncode == 2 and "reg.weight=3: aelab report takes eval.KEY=VALUE overrides" in bad.stderr
+    assert bad.returncode == 2 and bad.stderr == "error: override: takes KEY=VALUE overrides under eval.* or " \
+        "device.*, e.g. eval.threshold=0.2, as given to aelab eval SWEEP_DIR; got 'reg.weight=3'\n"
     assert "Traceback" not in bad.stderr + missing.stderr and not list(copy.glob("report_reg*"))
+    on_cpu = ["eval.probe=false", "device.name=cpu"]  # aelab eval takes device.* too, and names its record by them
+    run_cli("eval", str(copy), *on_cpu, cwd=tmp_path)
+    assert run_cli("report", str(copy), *on_cpu, cwd=tmp_path).stdout.strip().endswith(
+        f" in {copy / 'report_eval.probe=false_device.name=cpu'}")
     usage = run_cli("report", cwd=tmp_path, check=False)
     assert usage.returncode == 2 and "usage: aelab report SWEEP_DIR [eval.KEY=VALUE ...]" in usage.stdout
 
