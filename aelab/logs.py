@@ -1,20 +1,21 @@
 """What a run leaves to look at: TensorBoard scalars, images, histograms, HParams, and PNG files."""
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
+import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor
 from torch.utils.tensorboard import SummaryWriter
 from torch.utils.tensorboard.summary import hparams
-from torchvision.utils import make_grid, save_image
+from PIL import Image
 
 from .build import GROUPS, EvalSettings, Parts
-from .metrics import feature_grid, image_grid
+from .metrics import feature_grid, grid, image_grid
 from .runs import SAMPLE_MEASURES
 
 HPARAM_GROUPS = (*GROUPS, "trainer")
+HISTOGRAMS = ("latent_activations", "lifetime_sparsity")  # the test arrays TensorBoard shows as histograms
 
 
 def log_terms(writer: SummaryWriter, prefix: str, terms: dict[str, float], step: int) -> None:
@@ -53,16 +54,26 @@ def pyplot():
 
 
 def histogram_png(arrays: dict[str, Tensor], path: Path, threshold: float) -> None:
+    """Latent activations, lifetime sparsity per unit and the encoder Jacobian's singular values."""
     plt = pyplot()
 
-    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    fig, (left, middle, right) = plt.subplots(1, 3, figsize=(15, 4))
     left.hist(arrays["latent_activations"].flatten().cpu().numpy(), bins=60, color="tab:blue")
     left.axvline(threshold, color="tab:red", linestyle="--", label=f"active threshold {threshold:g}")
     left.set(xlabel="latent activation", ylabel="count (test samples x units)", title="Latent activations")
     left.legend()
-    right.hist(arrays["lifetime_sparsity"].cpu().numpy(), bins=20, range=(0, 1), color="tab:green")
-    right.set(xlabel="fraction of test samples a unit is active on", ylabel="units",
-              title="Lifetime sparsity per unit")
+    middle.hist(arrays["lifetime_sparsity"].cpu().numpy(), bins=20, range=(0, 1), color="tab:green")
+    middle.set(xlabel="fraction of test samples a unit is active on", ylabel="units",
+               title="Lifetime sparsity per unit")
+    spectrum = arrays["jacobian_spectrum"].double().cpu()
+    index = range(1, spectrum.shape[1] + 1)
+    low, high = spectrum.quantile(0.1, dim=0).numpy(), spectrum.quantile(0.9, dim=0).numpy()
+    right.fill_between(index, low, high, color="tab:purple", alpha=0.25, label="10-90% of test images")
+    right.plot(index, spectrum.mean(0).numpy(), color="tab:purple", label="mean")
+    right.set_yscale("log")
+    right.set(xlabel="singular value, largest first", ylabel="singular value of J_f(x)",
+              title="Encoder Jacobian spectrum")
+    right.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
@@ -71,8 +82,8 @@ def histogram_png(arrays: dict[str, Tensor], path: Path, threshold: float) -> No
 def save_pictures(parts: Parts, settings: EvalSettings, arrays: dict[str, Tensor], run_dir: Path) -> dict[str, Tensor]:
     """Reconstruction grid, decoded features and histograms as PNG files; the grids, for TensorBoard."""
     grids = {"reconstructions": image_grid(parts, parts.data.test.x), "features": feature_grid(parts, settings.features)}
-    for name, grid in grids.items():
-        save_image(grid, run_dir / f"{name}.png")
+    for name, picture in grids.items():
+        save_png(picture, run_dir / f"{name}.png")
     histogram_png(arrays, run_dir / "histograms.png", settings.threshold)
     return grids
 
@@ -83,10 +94,10 @@ def log_final(writer: SummaryWriter, cfg: DictConfig, metrics: dict[str, dict[st
     go after everything slow is done, so that a stop cannot leave some of them to be written twice."""
     for split, values in metrics.items():
         log_terms(writer, f"final_{split}", values, step)
-    for name, grid in grids.items():
-        writer.add_image(f"test/{name}", grid, step)
-    for name, values in arrays.items():
-        writer.add_histogram(f"test/{name}", values.float().cpu(), step)
+    for name, picture in grids.items():
+        writer.add_image(f"test/{name}", picture, step)
+    for name in HISTOGRAMS:
+        writer.add_histogram(f"test/{name}", arrays[name].float().cpu(), step)
     test = metrics["test"]
     log_hparams(writer, cfg, {"val_total": metrics["val"]["total"], **{f"test_{k}": v for k, v in test.items()}}, step)
     writer.close()
@@ -97,9 +108,10 @@ def config_text(cfg: DictConfig) -> str:
     return "    " + OmegaConf.to_yaml(cfg, resolve=True).replace("\n", "\n    ")
 
 
-def grid(images: Tensor, shape: tuple[int, int, int], columns: int | None = None) -> Tensor:
-    """Flat images as one picture, `columns` across (default: a square), white between them."""
-    return make_grid(images.view(-1, *shape).cpu(), nrow=columns or math.ceil(math.sqrt(len(images))), pad_value=1.0)
+def save_png(picture: Tensor, path: Path) -> None:
+    """A (3, H, W) picture in [0, 1] as an 8-bit PNG, rounded to the nearest level."""
+    pixels = picture.mul(255).add(0.5).clamp(0, 255).permute(1, 2, 0).to(torch.uint8).numpy()
+    Image.fromarray(pixels).save(path)
 
 
 def log_sample(folder: Path, rows: list[dict], yardstick: dict, states: dict[int, Tensor],

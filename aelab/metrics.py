@@ -7,16 +7,18 @@ back to the clean input) and linear-probe accuracy of the frozen codes next to r
 """
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import Tensor
-from torchvision.utils import make_grid
 
 from .build import EvalSettings, Parts
 from .corruptions import Corruption
 from .losses import LOSSES
 from .objective import batches, eval_mode
-from .regularizers import encoder_sensitivity
+from .regularizers import encoder_sensitivity, jacobian_rows
 
 RECON = ("mse", "bce", "mae")
 GRID_IMAGES = 8
@@ -103,6 +105,27 @@ def sensitivity(parts: Parts, x: Tensor) -> float:
     return total.item() / len(x)
 
 
+def jacobian_spectrum(parts: Parts, x: Tensor) -> Tensor:
+    """The singular values of the encoder's Jacobian J_f(x) at each x, largest first: (N, min(k, d))."""
+    values = []
+    with eval_mode(parts.model), torch.enable_grad():
+        for clean in batches(x, parts.trainer.batch_size, parts.device):
+            inputs = clean.clone().requires_grad_(True)
+            rows = jacobian_rows(parts.model.encode(inputs)[0], inputs, create_graph=False)
+            values.append(torch.linalg.svdvals(rows.flatten(2).transpose(0, 1)))
+    return torch.cat(values)
+
+
+def jacobian_rank(spectrum: Tensor) -> float:
+    """How many input directions the encoder responds to, mean over images: the participation ratio
+    (sum s^2)^2 / sum s^4 of each Jacobian's singular values s. 1 when one direction carries all of
+    ||J||_F^2, min(k, d) when every direction carries the same, 0 where the encoder is flat."""
+    energy = spectrum.double().pow(2)
+    total = energy.sum(1)
+    ratio = total.pow(2) / energy.pow(2).sum(1).where(total > 0, 1.0)
+    return ratio.mean().item()
+
+
 def linear_probe(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, test_y: np.ndarray,
                  max_samples: int, seed: int) -> float:
     """Test accuracy of a logistic regression fit on (at most max_samples of) the train features."""
@@ -119,13 +142,16 @@ def linear_probe(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, t
 
 
 def analyse(parts: Parts, settings: EvalSettings) -> tuple[dict, dict[str, Tensor]]:
-    """All test metrics (flat dict for metrics.json) and the arrays behind the histograms."""
+    """All test metrics (flat dict for metrics.json) and the arrays behind the pictures: the test codes,
+    each unit's lifetime sparsity and each test image's Jacobian spectrum."""
     test, seed = parts.data.test, parts.trainer.seed
     metrics = reconstruction(parts, test.x)
     latent = codes(parts, test.x)
     found, lifetime = sparsity(latent, settings.threshold)
     metrics.update(found)
     metrics["sensitivity"] = sensitivity(parts, test.x)
+    spectrum = jacobian_spectrum(parts, test.x)
+    metrics["jacobian_rank"] = jacobian_rank(spectrum)
     for label, corrupt in settings.noise.items():
         noisy = reconstruction(parts, test.x, corrupt, seed)
         metrics[f"mse_{label}"] = noisy["mse"]
@@ -138,7 +164,7 @@ def analyse(parts: Parts, settings: EvalSettings) -> tuple[dict, dict[str, Tenso
                                                as_np(test.labels), settings.probe_max_samples, seed)
         metrics["probe_pixels"] = linear_probe(as_np(train.x), as_np(train.labels), as_np(test.x),
                                                as_np(test.labels), settings.probe_max_samples, seed)
-    return metrics, {"latent_activations": latent, "lifetime_sparsity": lifetime}
+    return metrics, {"latent_activations": latent, "lifetime_sparsity": lifetime, "jacobian_spectrum": spectrum}
 
 
 @torch.no_grad()
@@ -148,8 +174,7 @@ def image_grid(parts: Parts, x: Tensor) -> Tensor:
     noisy = parts.corruption(clean, torch.Generator(parts.device).manual_seed(parts.trainer.seed))
     with eval_mode(parts.model):
         recon = parts.model(noisy).recon
-    images = torch.cat([clean, noisy, recon]).view(-1, *parts.data.image_shape).clamp(0, 1)
-    return make_grid(images.cpu(), nrow=len(clean), pad_value=1.0)
+    return grid(torch.cat([clean, noisy, recon]).clamp(0, 1), parts.data.image_shape, columns=len(clean))
 
 
 @torch.no_grad()
@@ -159,5 +184,24 @@ def feature_grid(parts: Parts, count: int) -> Tensor:
     one_hot = torch.eye(k, parts.model.latent_dim, device=parts.device)
     with eval_mode(parts.model):
         images = parts.model.decode(one_hot)[0].view(k, *parts.data.image_shape).clamp(0, 1)
-    side = int(np.ceil(np.sqrt(k)))
-    return make_grid(images.cpu(), nrow=side, pad_value=1.0, normalize=True, scale_each=True)
+    return grid(images, parts.data.image_shape, stretch=True)
+
+
+def grid(images: Tensor, shape: tuple[int, int, int], columns: int | None = None, stretch: bool = False,
+         pad: int = 2) -> Tensor:
+    """Images (any layout of N x shape, values in [0, 1]) as one RGB picture on the CPU, `columns`
+    across (default: a square), `pad` white pixels around each; torchvision's make_grid layout.
+    `stretch` maps each image's own range onto [0, 1] first."""
+    images = images.detach().reshape(-1, *shape).float().cpu()
+    if stretch:
+        low, high = images.amin((1, 2, 3), keepdim=True), images.amax((1, 2, 3), keepdim=True)
+        images = (images - low) / (high - low).clamp_min(1e-5)
+    if images.shape[1] == 1:
+        images = images.expand(-1, 3, -1, -1)
+    count, channels, height, width = images.shape
+    columns = min(columns or math.ceil(math.sqrt(count)), count)
+    rows = math.ceil(count / columns)
+    cells = torch.ones(rows * columns, channels, height + pad, width + pad)  # each image with its top-left margin
+    cells[:count, :, pad:, pad:] = images
+    picture = cells.view(rows, columns, channels, height + pad, width + pad).permute(2, 0, 3, 1, 4)
+    return F.pad(picture.reshape(channels, rows * (height + pad), columns * (width + pad)), (0, pad, 0, pad), value=1.0)

@@ -40,12 +40,17 @@ def kl_term(latent: Tensor, rho: float) -> Tensor:
     return (rho * torch.log(rho / rho_hat) + (1 - rho) * torch.log((1 - rho) / (1 - rho_hat))).sum()
 
 
-def jacobian_sq_norm_autograd(latent: Tensor, inputs: Tensor) -> Tensor:
-    """Per-sample ||dz/dx||_F^2 for any encoder: all k rows in one batched backward pass."""
+def jacobian_rows(latent: Tensor, inputs: Tensor, create_graph: bool = True) -> Tensor:
+    """dz/dx for any encoder, (k, N, *input shape): all k rows in one batched backward pass."""
     k = latent.shape[1]
     probes = torch.eye(k, dtype=latent.dtype, device=latent.device).unsqueeze(1).expand(k, *latent.shape)
-    (rows,) = torch.autograd.grad(latent, inputs, probes, create_graph=True, is_grads_batched=True)
-    return rows.pow(2).flatten(2).sum((0, 2))
+    (rows,) = torch.autograd.grad(latent, inputs, probes, create_graph=create_graph, is_grads_batched=True)
+    return rows
+
+
+def jacobian_sq_norm_autograd(latent: Tensor, inputs: Tensor) -> Tensor:
+    """Per-sample ||dz/dx||_F^2 for any encoder."""
+    return jacobian_rows(latent, inputs).pow(2).flatten(2).sum((0, 2))
 
 
 def hutchinson_sq_norm(latent: Tensor, inputs: Tensor, samples: int) -> Tensor:

@@ -26,8 +26,8 @@ from torch import Tensor
 from . import checkpoint, console
 from .build import Parts, SampleSettings, build, build_part, run_config
 from .corruptions import CORRUPTIONS, Corruption
-from .logs import grid, log_sample, pyplot
-from .metrics import gradient_energy
+from .logs import log_sample, pyplot
+from .metrics import gradient_energy, grid
 from .objective import eval_mode
 from .registry import ConfigError
 from .runs import SAMPLE_MEASURES, output_name, write_json
