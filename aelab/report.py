@@ -237,13 +237,14 @@ def write_tables(rows: list[Row], keys: list[str], metrics: list[str], failed: l
 
 
 def print_table(rows: list[Row], keys: list[str], metrics: list[str], title: str) -> None:
+    from rich.cells import cell_len
     from rich.console import Console
     from rich.markup import escape
     from rich.measure import Measurement
     from rich.table import Table
 
     from .console import console
-    table = Table(title=title)  # a narrow terminal folds cells onto more lines rather than cut them short
+    table = Table(title=escape(title))  # a narrow terminal folds cells onto more lines rather than cut them short
     for key in [k for k in keys if k != SEED_KEY] + ["runs"]:
         table.add_column(key, overflow="fold")
     for m in metrics:
@@ -254,7 +255,8 @@ def print_table(rows: list[Row], keys: list[str], metrics: list[str], title: str
                       *(fmt(*row.mean_std(m), len(row.values(m))) for m in metrics))
     if console.is_terminal:
         console.print(table)
-    else:  # piped into a file or a log, the table gets the width it needs: there is no screen to fit
+    else:  # piped into a file or a log, the table and its title get the width they need: there is no screen to fit
+        table.min_width = cell_len(title)  # the title (the sweep's path) on one line, not folded to the table's width
         needed = Measurement.get(console, console.options.update(max_width=10_000), table).maximum
         Console(file=console.file, width=max(console.width, needed)).print(table)
 

@@ -161,7 +161,9 @@ def test_terminal_text_is_printed_as_written(capsys, tmp_path):
     with console.progress(1) as bar:
         bar.log("cuda graph: capture failed ([bold]x[/])")
     job = Job(tmp_path, {"model.act": "[relu]"}, {}, {"mse": 0.5})
-    print_table([Row({"model.act": "[relu]"}, [job])], ["model.act"], ["mse"], "t")
+    title = f"aelab report: {tmp_path / ('a-long-sweep-folder-name-' * 4)}[1] (1 runs)"
+    print_table([Row({"model.act": "[relu]"}, [job])], ["model.act"], ["mse"], title)
     out, err = capsys.readouterr()
     assert "pip install 'aelab[sweep]'" in err
     assert "capture failed ([bold]x[/])" in out and "[relu]" in out
+    assert title in out.splitlines()[-6]  # piped, a title wider than the table stays whole on its line
