@@ -309,7 +309,7 @@ def side_by_side(rows: list[Row], name: str, out: Path) -> Path | None:
             pixels = np.asarray(image.convert("L"))
         ax.imshow(pixels, cmap="gray", vmin=0, vmax=255, interpolation="nearest")
         ax.set_title(title, fontsize=8)
-        if wide:  # make_grid's layout: 2 px padding around each image
+        if wide:  # metrics.grid's layout: 2 px padding around each image
             side = (pixels.shape[0] - 2) / 3 - 2
             ax.set_axis_on()
             ax.set_xticks([])
