@@ -18,7 +18,7 @@ from .build import EvalSettings, Parts
 from .corruptions import Corruption
 from .losses import LOSSES
 from .objective import batches, eval_mode
-from .regularizers import encoder_sensitivity, jacobian_rows
+from .regularizers import jacobian_rows
 
 RECON = ("mse", "bce", "mae")
 GRID_IMAGES = 8
@@ -94,17 +94,6 @@ def activity(parts: Parts, x: Tensor) -> dict[str, float]:
     return {name: found[name] for name in ACTIVITY}
 
 
-def sensitivity(parts: Parts, x: Tensor) -> float:
-    """Mean over x of ||J_f(x)||_F^2, exact: the closed form for MLPs, batched autograd otherwise."""
-    autograd = not hasattr(parts.model, "jacobian_sq_norm")
-    total = torch.zeros((), device=parts.device)
-    with eval_mode(parts.model), torch.set_grad_enabled(autograd):
-        for clean in batches(x, parts.trainer.batch_size, parts.device):
-            inputs = clean.clone().requires_grad_(autograd)
-            total += encoder_sensitivity(parts.model(inputs, trace=True), parts.model).detach().sum()
-    return total.item() / len(x)
-
-
 def jacobian_spectrum(parts: Parts, x: Tensor) -> Tensor:
     """The singular values of the encoder's Jacobian J_f(x) at each x, largest first: (N, min(k, d))."""
     values = []
@@ -114,6 +103,11 @@ def jacobian_spectrum(parts: Parts, x: Tensor) -> Tensor:
             rows = jacobian_rows(parts.model.encode(inputs)[0], inputs, create_graph=False)
             values.append(torch.linalg.svdvals(rows.flatten(2).transpose(0, 1)))
     return torch.cat(values)
+
+
+def sensitivity(spectrum: Tensor) -> float:
+    """Mean ||J_f(x)||_F^2 over the images of a Jacobian spectrum: the sum of the squared singular values."""
+    return spectrum.double().pow(2).sum(1).mean().item()
 
 
 def jacobian_rank(spectrum: Tensor) -> float:
@@ -149,8 +143,8 @@ def analyse(parts: Parts, settings: EvalSettings) -> tuple[dict, dict[str, Tenso
     latent = codes(parts, test.x)
     found, lifetime = sparsity(latent, settings.threshold)
     metrics.update(found)
-    metrics["sensitivity"] = sensitivity(parts, test.x)
     spectrum = jacobian_spectrum(parts, test.x)
+    metrics["sensitivity"] = sensitivity(spectrum)
     metrics["jacobian_rank"] = jacobian_rank(spectrum)
     for label, corrupt in settings.noise.items():
         noisy = reconstruction(parts, test.x, corrupt, seed)
