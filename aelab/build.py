@@ -230,8 +230,10 @@ def build(cfg: DictConfig, job_num: int | None = None) -> Parts:
     trainer, sampling = trainer_settings(cfg.trainer), sample_settings(cfg.sample)
     device = build_part("device", DEVICES, cfg.device, job_num=job_num)
     torch.manual_seed(trainer.seed)
+    known_shape = IMAGE_SHAPES.get(cfg.data.get("name"))  # a bad model, loss or reg is refused before the
+    shaped = shaped_parts(cfg, known_shape) if known_shape else None  # data is read (seconds: scikit-learn)
     data = build_part("data", DATASETS, cfg.data)
-    model, loss, penalty, corruption, evaluation = shaped_parts(cfg, data.image_shape)
+    model, loss, penalty, corruption, evaluation = shaped or shaped_parts(cfg, data.image_shape)
     check_compatible(data, model, loss, penalty, trainer, device)
     set_matmul_precision(trainer.tf32)
     model = model.to(device)

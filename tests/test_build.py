@@ -63,6 +63,18 @@ def test_bad_config_names_key(make_cfg, overrides, key, text):
     assert err.value.key == key and text in str(err.value)
 
 
+def test_bad_parts_are_refused_before_the_data_is_read(make_cfg, tmp_path):
+    """A typo in the model, loss or reg costs no data read: with MNIST's files absent, the reg's error comes
+    first; fixed, the files' absence is what build() reports."""
+    no_files = ("data=mnist", f"data.root={tmp_path}")
+    with pytest.raises(ConfigError) as err:
+        build(make_cfg("device=cpu", *no_files, "reg=l1", "reg.weight=-1"))
+    assert err.value.key == "reg.weight"
+    with pytest.raises(ConfigError) as err:
+        build(make_cfg("device=cpu", *no_files, "reg=l1", "reg.weight=1e-3"))
+    assert err.value.key == "data.root"
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU error")
 def test_cuda_without_gpu_is_an_error(make_cfg):
     with pytest.raises(ConfigError, match="no CUDA GPU"):
