@@ -1,9 +1,10 @@
 """What a trained model learned, measured on the test split (the seed's metrics and exercises).
 
 Reconstruction (MSE, BCE, MAE, PSNR), sparsity (population, lifetime, dead units, mean activation),
-encoder sensitivity (mean ||J_f(x)||_F^2), denoising robustness (error against clean inputs under each
-test corruption, fixed seed; for gaussian noise also how well f(x̃) - x̃, the score estimate, points
-back to the clean input) and linear-probe accuracy of the frozen codes next to raw pixels.
+encoder sensitivity (mean ||J_f(x)||_F^2) and the Jacobian's rank, how much of the image each unit in
+use draws, denoising robustness (error against clean inputs under each test corruption, fixed seed; for
+gaussian noise also how well f(x̃) - x̃, the score estimate, points back to the clean input) and
+linear-probe accuracy of the frozen codes next to raw pixels.
 """
 from __future__ import annotations
 
@@ -120,6 +121,24 @@ def jacobian_rank(spectrum: Tensor) -> float:
     return ratio.mean().item()
 
 
+@torch.no_grad()
+def feature_spread(parts: Parts, lifetime: Tensor) -> float | None:
+    """How much of the image each latent unit in use draws (the tutorial's "localized patterns" of sparse
+    features, measured on what features.png shows). For each unit active on some test input, d is what
+    its one-hot code decodes to less what the zero code does; (sum d^2)^2 / (P sum d^4), the participation
+    ratio over the P pixels, is 1/P for a change of one pixel and 1 for the same change of every pixel.
+    The mean over those units; None where no unit is in use or none changes the picture."""
+    k = parts.model.latent_dim
+    with eval_mode(parts.model):
+        images = parts.model.decode(torch.cat([torch.zeros(1, k), torch.eye(k)]).to(parts.device))[0]
+    change = (images[1:] - images[:1]).flatten(1).double().pow(2)[lifetime > 0]
+    total = change.sum(1)
+    drawn = total > 0
+    if not drawn.any():
+        return None
+    return (total[drawn].pow(2) / change[drawn].pow(2).sum(1)).mean().item() / change.shape[1]
+
+
 def linear_probe(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, test_y: np.ndarray,
                  max_samples: int, seed: int) -> float:
     """Test accuracy of a logistic regression fit on (at most max_samples of) the train features."""
@@ -146,6 +165,9 @@ def analyse(parts: Parts, settings: EvalSettings) -> tuple[dict, dict[str, Tenso
     spectrum = jacobian_spectrum(parts, test.x)
     metrics["sensitivity"] = sensitivity(spectrum)
     metrics["jacobian_rank"] = jacobian_rank(spectrum)
+    spread = feature_spread(parts, lifetime)
+    if spread is not None:
+        metrics["feature_spread"] = spread
     for label, corrupt in settings.noise.items():
         noisy = reconstruction(parts, test.x, corrupt, seed)
         metrics[f"mse_{label}"] = noisy["mse"]

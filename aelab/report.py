@@ -18,16 +18,18 @@ from .registry import ConfigError
 
 SEED_KEY = "trainer.seed"
 PLUMBING = ("resume", "launcher", "paths.", "data.root", "data.download", "hydra")  # override keys (prefixes)
-SPARSITY = ("population_sparsity", "dead_fraction", "mean_activation", "sensitivity", "jacobian_rank")
+SPARSITY = ("population_sparsity", "dead_fraction", "mean_activation", "sensitivity", "jacobian_rank",
+            "feature_spread")
 SHORT = {"population_sparsity": "active", "dead_fraction": "dead", "mean_activation": "mean act",
-         "sensitivity": "||J||²", "jacobian_rank": "J rank", "probe_latent": "probe", "val_total": "val",
-         "sharpness": "sharp"}
+         "sensitivity": "||J||²", "jacobian_rank": "J rank", "feature_spread": "spread", "probe_latent": "probe",
+         "val_total": "val", "sharpness": "sharp"}
 LABELS = {"mse": "test MSE per element", "bce": "test BCE per element", "mae": "test MAE per element",
           "psnr": "test PSNR (dB)", "sharpness": "sharpness (gradient energy, output / input)",
           "population_sparsity": "population sparsity (fraction active)",
           "dead_fraction": "dead units (fraction)", "mean_activation": "mean latent activation",
           "sensitivity": "encoder sensitivity ||J||_F^2",
           "jacobian_rank": "directions the encoder responds to (Jacobian participation ratio)",
+          "feature_spread": "share of the image a unit in use draws",
           "probe_latent": "linear-probe accuracy (codes)", "probe_pixels": "linear-probe accuracy (pixels)",
           "val_total": "validation loss (total)"}
 

@@ -7,8 +7,8 @@ import torch
 
 from aelab.build import build
 from aelab.regularizers import encoder_sensitivity
-from aelab.metrics import (feature_grid, gradient_energy, grid, jacobian_rank, jacobian_spectrum, linear_probe,
-                           reconstruction, sensitivity, sparsity)
+from aelab.metrics import (feature_grid, feature_spread, gradient_energy, grid, jacobian_rank, jacobian_spectrum,
+                           linear_probe, reconstruction, sensitivity, sparsity)
 
 
 def test_sparsity_of_a_known_code():
@@ -79,6 +79,37 @@ def test_contractive_penalty_leaves_the_encoder_fewer_directions(make_cfg):
     assert found["1e-3"]["sensitivity"] < 0.1 * found["0.0"]["sensitivity"]
     assert found["1e-3"]["jacobian_rank"] < 0.85 * found["0.0"]["jacobian_rank"]
     assert found["1e-3"]["mse"] < 0.06
+
+
+def test_feature_spread_is_the_share_of_pixels_a_unit_draws_on(make_cfg):
+    """A linear decoder (one layer, identity output) whose columns are the units' drawings: on one pixel,
+    on all 64 alike, on four alike with one larger; a unit no input uses and one that draws nothing are
+    left out of the mean."""
+    parts = build(make_cfg("device=cpu", "model.hidden=[]", "model.latent_dim=5", "model.output_activation=identity",
+                           "loss=mse"))
+    (layer,) = parts.model.decoder
+    columns = torch.zeros(64, 5)
+    columns[10, 0] = 0.7  # one pixel: 1/64
+    columns[:, 1] = -0.2  # every pixel alike: 1
+    columns[[0, 1, 8, 9], 2] = torch.tensor([2.0, 1.0, 1.0, 1.0])  # (4 + 3)^2 / (16 + 3) of 64
+    columns[:, 3] = 1.0  # unused below
+    with torch.no_grad():
+        layer.weight.copy_(columns)
+        layer.bias.uniform_()  # the zero code's picture, which every unit's drawing is measured from
+    lifetime = torch.tensor([0.5, 0.1, 0.2, 0.0, 0.3])  # unit 3 never active; unit 4 active, draws nothing
+    assert feature_spread(parts, lifetime) == pytest.approx((1 / 64 + 1 + 49 / 19 / 64) / 3)
+    assert feature_spread(parts, torch.tensor([0.0, 0.0, 0.0, 0.0, 0.3])) is None
+
+
+def test_feature_spread_of_a_trained_model_is_in_its_run_metrics(make_cfg):
+    """analyse() measures the decoder as built (the tutorial's one-hot codes): for an MLP, between one
+    pixel's share and the whole image, the same as feature_spread from the lifetime it reports."""
+    from aelab.metrics import analyse
+
+    parts = build(make_cfg("device=cpu", "model=sparse_l1", "reg=l1", "eval.probe=false"))
+    found, arrays = analyse(parts, parts.evaluation)
+    assert 1 / 64 < found["feature_spread"] < 1
+    assert found["feature_spread"] == feature_spread(parts, arrays["lifetime_sparsity"])
 
 
 def test_reconstruction_metrics_and_psnr(make_cfg):
