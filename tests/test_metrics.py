@@ -59,23 +59,27 @@ def test_jacobian_rank_counts_the_directions_that_carry_the_jacobian():
     assert jacobian_rank(spectra) == pytest.approx((1 + 4 + 25 / 17 + 0) / 4)  # the mean over images
 
 
+def trained_metrics(make_cfg, epochs: int | None, *overrides: str) -> dict:
+    """The test metrics of a model trained `epochs` epochs (the config's own when None) on the digits."""
+    from aelab.metrics import analyse
+    from aelab.objective import batches
+    from aelab.steps import train_step
+
+    parts = build(make_cfg("device=cpu", "eval.probe=false", *overrides))
+    for epoch in range(epochs or parts.trainer.epochs):
+        order = torch.randperm(len(parts.data.train.x))
+        for clean in batches(parts.data.train.x[order], parts.trainer.batch_size, parts.device):
+            train_step(parts, clean)
+    return analyse(parts, parts.evaluation)[0]
+
+
 def test_contractive_penalty_leaves_the_encoder_fewer_directions(make_cfg):
     """Part 3's geometric reading, measured: trained with the penalty, the encoder stays sensitive to a
     few directions (the data's) and contracts the rest: ||J||_F^2 falls tenfold, the rank by more than
     the margin here (15 epochs: 3.6 directions without the penalty, 2.7 at 1e-3), while the encoder still
     tells inputs apart (test MSE 0.050; a flat one gives the mean image's 0.074)."""
-    from aelab.metrics import analyse
-    from aelab.objective import batches
-    from aelab.steps import train_step
-
-    found = {}
-    for weight in ("0.0", "1e-3"):
-        parts = build(make_cfg("device=cpu", "reg=contractive", f"reg.weight={weight}", "eval.probe=false"))
-        for epoch in range(15):
-            order = torch.randperm(len(parts.data.train.x))
-            for clean in batches(parts.data.train.x[order], parts.trainer.batch_size, parts.device):
-                train_step(parts, clean)
-        found[weight] = analyse(parts, parts.evaluation)[0]
+    found = {weight: trained_metrics(make_cfg, 15, "reg=contractive", f"reg.weight={weight}")
+             for weight in ("0.0", "1e-3")}
     assert found["1e-3"]["sensitivity"] < 0.1 * found["0.0"]["sensitivity"]
     assert found["1e-3"]["jacobian_rank"] < 0.85 * found["0.0"]["jacobian_rank"]
     assert found["1e-3"]["mse"] < 0.06
@@ -101,8 +105,8 @@ def test_feature_spread_is_the_share_of_pixels_a_unit_draws_on(make_cfg):
     assert feature_spread(parts, torch.tensor([0.0, 0.0, 0.0, 0.0, 0.3])) is None
 
 
-def test_feature_spread_of_a_trained_model_is_in_its_run_metrics(make_cfg):
-    """analyse() measures the decoder as built (the tutorial's one-hot codes): for an MLP, between one
+def test_analyse_reports_the_feature_spread_of_the_units_in_use(make_cfg):
+    """analyse() measures the decoder as built (the tutorial's one-hot codes; untrained here): between one
     pixel's share and the whole image, the same as feature_spread from the lifetime it reports."""
     from aelab.metrics import analyse
 
@@ -116,18 +120,8 @@ def test_a_stronger_l1_penalty_spreads_each_units_drawing(make_cfg):
     """The README's answer to Exercise 2's "more interpretable features?" on the digits: the units an L1
     penalty leaves in use each draw more of the image, not less (30 epochs: 0.42, 0.47, 0.51 at lambda
     1e-4, 1e-2, 0.1), while most units die at 0.1."""
-    from aelab.metrics import analyse
-    from aelab.objective import batches
-    from aelab.steps import train_step
-
-    found = {}
-    for weight in ("1e-4", "1e-2", "1e-1"):
-        parts = build(make_cfg("device=cpu", "model=sparse_l1", "reg=l1", f"reg.weight={weight}", "eval.probe=false"))
-        for epoch in range(parts.trainer.epochs):
-            order = torch.randperm(len(parts.data.train.x))
-            for clean in batches(parts.data.train.x[order], parts.trainer.batch_size, parts.device):
-                train_step(parts, clean)
-        found[weight] = analyse(parts, parts.evaluation)[0]
+    found = {weight: trained_metrics(make_cfg, None, "model=sparse_l1", "reg=l1", f"reg.weight={weight}")
+             for weight in ("1e-4", "1e-2", "1e-1")}
     spread = [found[w]["feature_spread"] for w in ("1e-4", "1e-2", "1e-1")]
     assert spread[0] < spread[1] < spread[2] and spread[2] > 1.1 * spread[0]
     assert found["1e-1"]["dead_fraction"] > 0.8 > found["1e-2"]["dead_fraction"]
