@@ -249,11 +249,12 @@ def check(cfg: DictConfig, loaded: dict[str, Splits | None]) -> None:
     data.IMAGE_SHAPES stands in for it. The device is left to the job as well."""
     trainer = trainer_settings(cfg.trainer)
     sample_settings(cfg.sample)
+    known_shape = IMAGE_SHAPES.get(cfg.data.get("name"))  # as build(): the parts are refused before the data
+    shaped = shaped_parts(cfg, known_shape) if known_shape else None  # is read
     data = readable_data(cfg.data, loaded)
-    image_shape = data.image_shape if data else IMAGE_SHAPES.get(cfg.data.get("name"))
-    if image_shape is None:  # a data set of unknown shape, not readable here: its job checks its parts
+    if shaped is None and data is None:  # a data set of unknown shape, not readable here: its job checks its parts
         return
-    model, loss, penalty, _, _ = shaped_parts(cfg, image_shape)
+    model, loss, penalty, _, _ = shaped or shaped_parts(cfg, data.image_shape)
     check_contracts(model, loss, penalty)
     if data:
         check_data(data, loss, trainer)

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from aelab.build import build
+from aelab.build import build, check
 from aelab.registry import ConfigError
 from aelab.objective import evaluate, loss_terms
 from aelab.steps import train_step
@@ -73,6 +73,18 @@ def test_bad_parts_are_refused_before_the_data_is_read(make_cfg, tmp_path):
     with pytest.raises(ConfigError) as err:
         build(make_cfg("device=cpu", *no_files, "reg=l1", "reg.weight=1e-3"))
     assert err.value.key == "data.root"
+
+
+def test_the_sweep_check_refuses_bad_parts_before_the_data_is_read(make_cfg):
+    """check(), every sweep job's pre-check, in build()'s order: a bad reg is named before a bad split,
+    and no data set is read for it."""
+    loaded = {}
+    with pytest.raises(ConfigError) as err:
+        check(make_cfg("reg=l1", "reg.weight=-1", "data.val_fraction=1.5"), loaded)
+    assert err.value.key == "reg.weight" and loaded == {}
+    with pytest.raises(ConfigError) as err:
+        check(make_cfg("reg=l1", "reg.weight=1e-3", "data.val_fraction=1.5"), loaded)
+    assert err.value.key == "data.val_fraction"
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU error")
