@@ -38,7 +38,8 @@ class Trainer:
 @dataclass(frozen=True)
 class EvalSettings:
     threshold: float  # a unit is active on a sample when its activation > threshold (the seed's 0.1)
-    noise: dict[str, Corruption]  # test corruptions for the robustness metrics, by name
+    noise: dict[str, Corruption]  # test corruptions for the robustness metrics, by label (mse_<label>)
+    noise_settings: dict[str, str]  # each label's corruption as set: "gaussian noise_factor=0.3"
     probe: bool  # linear probes on codes and on pixels
     probe_max_samples: int
     features: int  # decoded one-hot codes to draw
@@ -136,9 +137,13 @@ def set_matmul_precision(tf32: bool) -> None:
 def eval_settings(node, image_shape: tuple[int, int, int]) -> EvalSettings:
     try:
         known_keys(node, EvalSettings, "eval")
+        entries = {label: (name, options) for name, params in (node.noise or {}).items()  # null: none
+                   for label, options in noise_entries(name, params)}
         noise = {label: build_part(f"noise.{name}", CORRUPTIONS, {"name": name, **options}, image_shape=image_shape)
-                 for name, params in node.noise.items() for label, options in noise_entries(name, params)}
-        return EvalSettings(threshold=number(node.threshold, "threshold"), noise=noise,
+                 for label, (name, options) in entries.items()}
+        settings = {label: " ".join([name, *(f"{key}={value}" for key, value in options.items())])
+                    for label, (name, options) in entries.items()}
+        return EvalSettings(threshold=number(node.threshold, "threshold"), noise=noise, noise_settings=settings,
                             probe=flag(node.probe, "probe"),
                             probe_max_samples=number(node.probe_max_samples, "probe_max_samples", low=10,
                                                      integer=True),
@@ -305,13 +310,15 @@ def run_config(run_dir: Path, overrides: list[str], allowed: tuple[str, ...] = E
                 cfg[section][key] = value
     OmegaConf.set_struct(cfg, True)
     check_overrides(overrides, allowed, example)
+    from .overrides import empty_merge, similar_key  # the command line's own rules
     for override in overrides:
         key = override.partition("=")[0]
         try:
-            cfg.merge_with(OmegaConf.from_dotlist([override]))
+            update = OmegaConf.from_dotlist([override])
+            empty_merge(cfg, key, OmegaConf.select(update, key))
+            cfg.merge_with(update)
         except OmegaConfBaseException as e:
             if OmegaConf.select(cfg, key) is None:
-                from .overrides import similar_key  # the command line's own hint
                 near = similar_key(cfg, key)
                 raise ConfigError(f"no such key{f' (did you mean {near}?)' if near else ''}; "
                                   f"see {path} for the keys", key) from None

@@ -11,7 +11,7 @@ from torch.utils.tensorboard.summary import hparams
 from PIL import Image
 
 from .build import GROUPS, EvalSettings, Parts
-from .metrics import feature_grid, grid, image_grid
+from .metrics import GRID_PAD, denoised, feature_grid, grid, image_grid
 from .runs import SAMPLE_MEASURES
 
 HPARAM_GROUPS = (*GROUPS, "trainer")
@@ -79,9 +79,58 @@ def histogram_png(arrays: dict[str, Tensor], path: Path, threshold: float) -> No
     plt.close(fig)
 
 
-def save_pictures(parts: Parts, settings: EvalSettings, arrays: dict[str, Tensor], run_dir: Path) -> dict[str, Tensor]:
-    """Reconstruction grid, decoded features and histograms as PNG files; the grids, for TensorBoard."""
+def label_rows(ax, height: int, labels: list[str], fontsize: float) -> None:
+    """Name each row of images of a metrics.grid picture `height` pixels tall, shown on `ax`, at its
+    left; no frame, no other ticks."""
+    row = (height - GRID_PAD) / len(labels)  # a row's images and the margin above them
+    ax.set_yticks([i * row + GRID_PAD + (row - GRID_PAD) / 2 - 0.5 for i in range(len(labels))], labels,
+                  fontsize=fontsize)
+    ax.set_xticks([])
+    ax.tick_params(length=0)
+    for spine in ax.spines.values():
+        spine.set_visible(False)
+
+
+def labelled(picture: Tensor, labels: list[str]) -> Tensor:
+    """A metrics.grid picture of len(labels) rows of images, with each row's label to its left, drawn
+    at a readable size: (3, H, W) in [0, 1]."""
+    import numpy as np
+    plt = pyplot()
+    _, height, width = picture.shape
+    scale = max(1, round(480 / width))  # screen pixels per image pixel
+    margin = 7 * max(map(len, labels)) + 16  # the labels' width, in screen pixels (fontsize 9 at 100 dpi)
+    fig = plt.figure(figsize=((width * scale + margin) / 100, height * scale / 100), dpi=100)
+    ax = fig.add_axes((margin / (width * scale + margin), 0, width * scale / (width * scale + margin), 1))
+    ax.imshow(picture.permute(1, 2, 0).numpy(), interpolation="nearest")
+    label_rows(ax, height, labels, fontsize=9)
+    fig.canvas.draw()
+    pixels = np.asarray(fig.canvas.buffer_rgba())[..., :3].copy()
+    plt.close(fig)
+    return torch.from_numpy(pixels).permute(2, 0, 1).float() / 255
+
+
+def denoising_picture(parts: Parts, settings: EvalSettings, test: dict[str, float]) -> Tensor | None:
+    """The first clean test images; below, each eval.noise entry's corrupted versions of them (the inputs
+    its mse_<label> measured), each above the model's output, labelled with that test MSE. None without
+    eval.noise."""
+    if not settings.noise:
+        return None
+    clean, shown = denoised(parts, settings)
+    rows, labels = [clean], [f"clean (test MSE {test['mse']:.4f})"]
+    for label, (noisy, recon) in shown.items():
+        rows += [noisy, recon]
+        labels += [settings.noise_settings[label], f"output (test MSE {test[f'mse_{label}']:.4f})"]
+    return labelled(grid(torch.cat(rows).clamp(0, 1), parts.data.image_shape, columns=len(clean)), labels)
+
+
+def save_pictures(parts: Parts, settings: EvalSettings, test: dict[str, float], arrays: dict[str, Tensor],
+                  run_dir: Path) -> dict[str, Tensor]:
+    """Reconstruction grid, decoded features, each test noise's inputs and outputs and the histograms as
+    PNG files; the pictures, for TensorBoard."""
     grids = {"reconstructions": image_grid(parts, parts.data.test.x), "features": feature_grid(parts, settings.features)}
+    noisy = denoising_picture(parts, settings, test)
+    if noisy is not None:
+        grids["denoising"] = noisy
     for name, picture in grids.items():
         save_png(picture, run_dir / f"{name}.png")
     histogram_png(arrays, run_dir / "histograms.png", settings.threshold)

@@ -23,6 +23,7 @@ from .regularizers import jacobian_rows
 
 RECON = ("mse", "bce", "mae")
 GRID_IMAGES = 8
+GRID_PAD = 2  # white pixels around each image of a grid picture
 ACTIVITY = ("population_sparsity", "dead_fraction", "mean_activation")
 
 
@@ -194,6 +195,19 @@ def image_grid(parts: Parts, x: Tensor) -> Tensor:
 
 
 @torch.no_grad()
+def denoised(parts: Parts, settings: EvalSettings) -> tuple[Tensor, dict[str, tuple[Tensor, Tensor]]]:
+    """The first test images, clean; for each eval.noise entry, the same images as its mse_<label> measured
+    them (the first test batch, corrupted from the same seed) and their reconstructions."""
+    first = next(batches(parts.data.test.x, parts.trainer.batch_size, parts.device))
+    shown = {}
+    with eval_mode(parts.model):
+        for label, corrupt in settings.noise.items():
+            noisy = corrupt(first, torch.Generator(parts.device).manual_seed(parts.trainer.seed))[:GRID_IMAGES]
+            shown[label] = noisy, parts.model(noisy).recon
+    return first[:GRID_IMAGES], shown
+
+
+@torch.no_grad()
 def feature_grid(parts: Parts, count: int) -> Tensor:
     """Decoded one-hot codes: what each of the first `count` latent units draws (the decoder basis)."""
     k = min(count, parts.model.latent_dim)
@@ -204,7 +218,7 @@ def feature_grid(parts: Parts, count: int) -> Tensor:
 
 
 def grid(images: Tensor, shape: tuple[int, int, int], columns: int | None = None, stretch: bool = False,
-         pad: int = 2) -> Tensor:
+         pad: int = GRID_PAD) -> Tensor:
     """Images (any layout of N x shape, values in [0, 1]) as one RGB picture on the CPU, `columns`
     across (default: a square), `pad` white pixels around each; torchvision's make_grid layout.
     `stretch` maps each image's own range onto [0, 1] first."""

@@ -59,6 +59,10 @@ def check(args: list[str]) -> None:
             base = compose("train") if top else {}  # what those top-level keys were
         except (HydraException, OmegaConfBaseException, ValueError) as e:
             raise composition_error(e, chosen) from None
+        for text, key in zip(chosen, keys):
+            override = parser.parse_override(text)
+            if not override.is_delete():
+                empty_merge(cfg, key, override.value())
         for section in top:  # a whole section of settings taken away
             if isinstance(base.get(section), DictConfig) and not isinstance(cfg.get(section), DictConfig):
                 node, options = base[section], group_options(section)
@@ -129,6 +133,17 @@ def sweep_values(override: Override, ends: bool = False) -> list[str]:
         interval = override.value()
         return [str(interval.start), str(interval.end)] if ends else [str(interval.start)]
     return [] if override.value() is None else [override.get_value_element_as_str()]
+
+
+def empty_merge(cfg: DictConfig, key: str, value) -> None:
+    """`eval.noise={}` would change nothing: an empty dict merges into a dict and drops none of its
+    entries. Said, with the way to drop them, instead of run as if nothing was typed."""
+    node = OmegaConf.select(cfg, key)
+    if isinstance(value, (dict, DictConfig)) and not value and isinstance(node, DictConfig) and node:
+        first = next(iter(node))
+        every = ", or every one with eval.noise=null" if key == "eval.noise" else ""
+        raise ConfigError(f"{{}} drops nothing: a dict merges into the entries there ({', '.join(map(str, node))}); "
+                          f"drop one with ~{key}.{first}{every}", key)
 
 
 def composition_error(error: BaseException, chosen: list[str]) -> ConfigError:

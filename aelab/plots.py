@@ -6,7 +6,7 @@ import textwrap
 from collections import defaultdict
 from pathlib import Path
 
-from .logs import pyplot
+from .logs import label_rows, pyplot
 from .report import LABELS, SEED_KEY as SEED, Job, Row
 
 PANELS = ("mse", "population_sparsity", "sensitivity", "probe_latent")
@@ -279,24 +279,26 @@ def loss_curves(jobs: list[Job], labels: dict[Path, str], out: Path) -> Path | N
     return save(fig, out / "loss_curves.png")
 
 
-def side_by_side(rows: list[Row], name: str, out: Path) -> Path | None:
-    """Each setting's picture of one of its runs (`reconstructions.png`, `features.png`) in one figure,
-    labelled: the tutorial's visual comparisons (which loss is sharpest, which penalty's features are
-    cleanest). The pictures are the runs' own files, so none is recomputed."""
+def side_by_side(rows: list[Row], name: str, out: Path, source: str | None = None) -> Path | None:
+    """Each setting's picture of one of its runs (`reconstructions.png`, `features.png`, `denoising.png`,
+    or the `source` file instead: an `aelab eval` record's) in one figure, labelled: the tutorial's visual
+    comparisons (which loss is sharpest, which penalty's features are cleanest, which training noise
+    removes which test noise). The pictures are the runs' own files, so none is recomputed."""
     import numpy as np
     from PIL import Image
 
-    found = [(row, row.jobs[0].path / f"{name}.png") for row in rows]
+    found = [(row, row.jobs[0].path / f"{source or name}.png") for row in rows]
     found = [(row, path) for row, path in found if path.is_file()]
     if len(found) < 2:
         return None
     plt = pyplot()
     wide = name == "reconstructions"  # a strip of three rows: clean, corrupted, reconstructed
-    cols = (1 if len(found) <= 8 else 2 if len(found) <= 16 else 3) if wide else min(len(found), 5)
+    labelled = name == "denoising"  # rows labelled in the picture itself: wider panels, to read them
+    cols = (1 if len(found) <= 8 else 2 if len(found) <= 16 else 3) if wide else min(len(found), 3 if labelled else 5)
     lines = -(-len(found) // cols)
     with Image.open(found[0][1]) as first:
         aspect = first.height / first.width
-    width = 6.0 if wide else 2.6
+    width = 6.0 if wide else 4.5 if labelled else 2.6
     titles = [textwrap.fill(row.label + (f" ({len(row.jobs)} seeds: the first)" if len(row.jobs) > 1 else ""),
                             int(width * 15)) for row, _ in found]  # about the characters a panel's width holds
     title_height = 0.25 + 0.14 * max(title.count("\n") + 1 for title in titles)
@@ -309,20 +311,18 @@ def side_by_side(rows: list[Row], name: str, out: Path) -> Path | None:
             pixels = np.asarray(image.convert("L"))
         ax.imshow(pixels, cmap="gray", vmin=0, vmax=255, interpolation="nearest")
         ax.set_title(title, fontsize=8)
-        if wide:  # metrics.grid's layout: 2 px padding around each image
-            side = (pixels.shape[0] - 2) / 3 - 2
+        if wide:  # metrics.image_grid's three rows
             ax.set_axis_on()
-            ax.set_xticks([])
-            ax.set_yticks([2 + (side + 2) * i + side / 2 for i in range(3)], ["clean", "input", "output"], fontsize=7)
-            ax.tick_params(length=0)
-            for spine in ax.spines.values():
-                spine.set_visible(False)
-    what = "test reconstructions" if wide else "decoded one-hot codes (learned features)"
+            label_rows(ax, pixels.shape[0], ["clean", "input", "output"], fontsize=7)
+    what = ("test reconstructions" if wide else "each test noise's inputs and outputs" if labelled
+            else "decoded one-hot codes (learned features)")
     fig.suptitle(f"{what}, one run per setting", fontsize=10)
     return save(fig, out / f"compare_{name}.png")
 
 
-def make_plots(rows: list[Row], jobs: list[Job], keys: list[str], out: Path) -> list[Path]:
+def make_plots(rows: list[Row], jobs: list[Job], keys: list[str], out: Path, record: str | None = None) -> list[Path]:
+    """The plots that fit what was swept; `record`: the `aelab eval` record the metrics come from (its
+    pictures are compared, not the end of training's)."""
     numeric = [k for k in keys if all(is_number(r.setting[k]) for r in rows)]
     panels = {k: GROUP_PANELS.get(k.split(".")[0], PANELS) for k in keys}
     paths = [metrics_vs(rows, k, out, panels[k]) for k in numeric]
@@ -334,11 +334,14 @@ def make_plots(rows: list[Row], jobs: list[Job], keys: list[str], out: Path) -> 
         paths.append(trade_off(rows, "sensitivity", "recon_vs_sensitivity", out))
     if "corruption.noise_factor" in numeric:
         paths.append(denoising_vs_noise(rows, out))
-    if "corruption" in keys or "corruption.noise_factor" in numeric:  # train noise x test noise
+    noise_sweep = "corruption" in keys or "corruption.noise_factor" in numeric
+    if noise_sweep:  # train noise x test noise
         paths.append(robustness_heatmap(rows, out))
     labels = {job.path: row.label + (f" seed={job.overrides[SEED]}" if SEED in job.overrides else "")
               for row in rows for job in row.jobs}
     drawn = [loss_curves(jobs, labels, out), side_by_side(rows, "reconstructions", out),
              side_by_side(rows, "features", out)]
+    if noise_sweep:
+        drawn.append(side_by_side(rows, "denoising", out, source=record and f"{record}_denoising"))
     return paths + [path for path in drawn if path]
 

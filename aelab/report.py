@@ -305,7 +305,8 @@ def report(sweep_dir: Path, overrides: list[str] = ()) -> dict:
                       f"{sum(1 for job in jobs if job.sampled)} of {len(jobs)} runs", markup=False, highlight=False,
                       soft_wrap=True)
     csv_path, md_path = write_tables(rows, keys, metrics, failed, out)
-    plots = make_plots(rows, jobs, [k for k in keys if k != SEED_KEY], out)
+    plots = make_plots(rows, jobs, [k for k in keys if k != SEED_KEY], out,
+                       record=output_name("eval", list(overrides)) if overrides else None)
     console.print(f"wrote {', '.join(p.name for p in [csv_path, md_path, *plots])} in {out}", markup=False,
                   highlight=False, soft_wrap=True)
     return {"jobs": len(jobs), "rows": len(rows), "swept": keys, "files": [csv_path, md_path, *plots]}

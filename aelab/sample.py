@@ -26,7 +26,7 @@ from torch import Tensor
 from . import checkpoint, console
 from .build import Parts, SampleSettings, build, build_part, run_config
 from .corruptions import CORRUPTIONS, Corruption
-from .logs import log_sample, pyplot
+from .logs import label_rows, log_sample, pyplot
 from .metrics import gradient_energy, grid
 from .objective import eval_mode
 from .registry import ConfigError
@@ -180,17 +180,11 @@ def picture(states: dict[int, Tensor], shape: tuple[int, int, int], path, title:
     final = grid(last, shape)  # every chain, in a square
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 5.5), width_ratios=[strip.shape[-1], final.shape[-1]])
     left.imshow(strip.permute(1, 2, 0).numpy(), interpolation="nearest")
-    cell = (strip.shape[1] - 2) / len(steps)
-    left.set_yticks([2 + cell * i + (cell - 2) / 2 for i in range(len(steps))], [f"step {s}" for s in steps],
-                    fontsize=8)
-    left.set_xticks([])
-    left.tick_params(length=0)
+    label_rows(left, strip.shape[1], [f"step {s}" for s in steps], fontsize=8)
     left.set_title(f"{shown} chains, step by step", fontsize=9)
     right.imshow(final.permute(1, 2, 0).numpy(), interpolation="nearest")
     right.set_axis_off()
     right.set_title(f"all {len(last)} chains after {steps[-1]} steps", fontsize=9)
-    for spine in left.spines.values():
-        spine.set_visible(False)
     fig.suptitle(title, fontsize=10)
     fig.tight_layout(rect=(0, 0, 1, 0.96))  # the panels' titles below the figure's
     fig.savefig(path, dpi=100)

@@ -14,7 +14,7 @@ from . import checkpoint, console
 from .build import Parts, build, run_config
 from .checkpoint import Position
 from .faults import FiniteWatch, StopNow, StopSignals, environment
-from .logs import config_text, log_final, log_terms, save_pictures
+from .logs import config_text, denoising_picture, log_final, log_terms, save_pictures, save_png
 from .metrics import activity, analyse, image_grid
 from .objective import TERMS, batches, evaluate
 from .runs import output_name, read_results, write_json
@@ -125,7 +125,7 @@ def finish(parts: Parts, run_dir: Path) -> tuple[dict, dict[str, Tensor], dict[s
     by split, picture grids, test arrays). The slow part of a run's end: it writes nothing to TensorBoard."""
     test, arrays = test_split(parts)
     metrics = {"train": evaluate(parts, parts.data.train.x), "val": evaluate(parts, parts.data.val.x), "test": test}
-    return metrics, save_pictures(parts, parts.evaluation, arrays, run_dir), arrays
+    return metrics, save_pictures(parts, parts.evaluation, test, arrays, run_dir), arrays
 
 
 def evaluate_run(run_dir: Path, overrides: list[str]) -> dict:
@@ -134,6 +134,14 @@ def evaluate_run(run_dir: Path, overrides: list[str]) -> dict:
     parts = build(cfg)
     checkpoint.load(parts, run_dir, "RUN_DIR", "evaluate another run, or train this one again", model_only=True)
     test, _ = test_split(parts)
-    write_json(run_dir / f"{output_name('eval', overrides)}.json", {"overrides": overrides, "test": test})
+    stem = output_name("eval", overrides)
+    written = [run_dir / f"{stem}.json"]
+    write_json(written[0], {"overrides": overrides, "test": test})
+    picture = denoising_picture(parts, parts.evaluation, test)
+    if picture is not None:
+        written.append(run_dir / f"{stem}_denoising.png")
+        save_png(picture, written[-1])
     console.metrics_table(test, title=f"aelab eval: {run_dir}")
+    console.console.print(f"wrote {', '.join(path.name for path in written)} in {run_dir}", markup=False,
+                          highlight=False, soft_wrap=True)
     return test

@@ -133,6 +133,8 @@ def test_two_job_multirun_makes_two_run_dirs(tmp_path):
     (["corruption=block", "corruption.size=20"], "corruption.size: must be <= the image side 8"),
     (["eval.noise.masking.prob=[0.1,1.5]"], "eval.noise.masking.prob: must be in [0, 1], got 1.5"),
     (["sample.steps=0"], "sample.steps: must be >= 1, got 0"),
+    (["eval.noise={}"], "eval.noise: {} drops nothing: a dict merges into the entries there (gaussian, salt_pepper, "
+                        "masking, block); drop one with ~eval.noise.gaussian, or every one with eval.noise=null"),
     (["-m", "reg.weight=1e-3,1e-2", "--cfg", "job"], "error: -m: -m and --cfg cannot be combined"),
 ])
 def test_bad_input_fails_with_a_clear_message(tmp_path, args, message):

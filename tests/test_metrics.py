@@ -198,6 +198,18 @@ def test_grid_lays_images_out_as_torchvision_does(count, shape, columns, tmp_pat
     assert np.array_equal(np.asarray(Image.open(tmp_path / "ours.png")), np.asarray(Image.open(tmp_path / "theirs.png")))
 
 
+def test_row_labels_sit_at_the_middle_of_each_row_of_a_grid():
+    """Three rows of 8x8 images: pixel rows 2-9, 12-19, 22-29 (2 px of padding), so the middles 5.5, 15.5,
+    25.5; the one rule behind the row names of denoising.png, compare_reconstructions.png and sample.png."""
+    from aelab.logs import label_rows, pyplot
+    picture = grid(torch.rand(6, 64), (1, 8, 8), columns=2)
+    fig, ax = pyplot().subplots()
+    label_rows(ax, picture.shape[1], ["a", "b", "c"], fontsize=7)
+    assert picture.shape[1] == 32 and list(ax.get_yticks()) == [5.5, 15.5, 25.5]
+    assert [t.get_text() for t in ax.get_yticklabels()] == ["a", "b", "c"] and not len(ax.get_xticks())
+    pyplot().close(fig)
+
+
 def test_robustness_is_the_same_noise_for_every_model(make_cfg):
     from aelab.metrics import analyse
     a = build(make_cfg("device=cpu", "eval.probe=false"))
@@ -221,6 +233,38 @@ def test_a_list_of_test_noise_levels_measures_each(make_cfg):
         one.model.load_state_dict(levels.model.state_dict())
         assert found[f"mse_gaussian_{level}"] == analyse(one, one.evaluation)[0]["mse_gaussian"]
     assert found["mse_gaussian_0.5"] > found["mse_gaussian_0.1"] > found["mse"]
+
+
+def test_denoising_picture_shows_the_inputs_each_test_noise_was_measured_on(make_cfg):
+    """denoising.png's rows are the first test images as each eval.noise entry's mse_<label> corrupted them
+    (the first batch, the same seed), above what the model made of them; labelled with the settings."""
+    from aelab.logs import denoising_picture
+    from aelab.metrics import GRID_IMAGES, analyse, denoised
+    parts = build(make_cfg("device=cpu", "eval.probe=false", "trainer.batch_size=32",
+                           "eval.noise.gaussian.noise_factor=[0.1,0.5]"))
+    settings = parts.evaluation
+    assert settings.noise_settings == {"gaussian_0.1": "gaussian noise_factor=0.1",
+                                       "gaussian_0.5": "gaussian noise_factor=0.5",
+                                       "salt_pepper": "salt_pepper prob=0.2", "masking": "masking prob=0.3",
+                                       "block": "block size=3 count=1"}
+    clean, shown = denoised(parts, settings)
+    assert list(shown) == list(settings.noise) and torch.equal(clean, parts.data.test.x[:GRID_IMAGES])
+    seen = []
+    hook = parts.model.register_forward_hook(lambda module, args, out: seen.append(args[0]))
+    for label, corrupt in settings.noise.items():
+        seen.clear()
+        reconstruction(parts, parts.data.test.x, corrupt, parts.trainer.seed)
+        noisy, recon = shown[label]
+        assert len(seen[0]) == 32 and torch.equal(noisy, seen[0][:GRID_IMAGES]) and not torch.equal(noisy, clean)
+        with torch.no_grad():
+            assert torch.equal(recon, parts.model(noisy).recon)
+    hook.remove()
+    test = {"mse": 0.02, **{f"mse_{label}": 0.03 for label in settings.noise}}
+    picture = denoising_picture(parts, settings, test)
+    assert picture.shape[0] == 3 and picture.shape[1] > 11 * 8 and 0 <= picture.min() and picture.max() <= 1
+    quiet = build(make_cfg("device=cpu", "eval.probe=false", "eval.noise=null"))  # no test noise
+    assert quiet.evaluation.noise == {} and denoising_picture(quiet, quiet.evaluation, {"mse": 0.02}) is None
+    assert not [name for name in analyse(quiet, quiet.evaluation)[0] if name.startswith(("mse_", "score_cos"))]
 
 
 def test_step_alignment_of_hand_made_steps():

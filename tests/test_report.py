@@ -48,6 +48,7 @@ def test_report_folds_seeds_and_writes_table_csv_markdown_plots(sweep):
     names = {p.name for p in pngs}
     assert {"metrics_vs_reg.weight.png", "recon_vs_sparsity.png", "loss_curves.png", "compare_reconstructions.png",
             "compare_features.png"} <= names
+    assert "compare_denoising.png" not in names  # a penalty sweep: each run's own denoising.png is enough
     for png in pngs:
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
         with Image.open(png) as image:
@@ -69,7 +70,7 @@ def test_side_by_side_shows_each_settings_own_pictures(sweep, tmp_path, monkeypa
     rows = fold(jobs, swept_keys(jobs))
     drawn = {}
     monkeypatch.setattr(plots, "save", lambda fig, path: drawn.setdefault(path.name, fig) and path)
-    for name in ("reconstructions", "features"):
+    for name in ("reconstructions", "features", "denoising"):
         assert plots.side_by_side(rows, name, tmp_path) == tmp_path / f"compare_{name}.png"
         panels = [ax for ax in drawn[f"compare_{name}.png"].axes if ax.images]
         assert [ax.get_title() for ax in panels] == [f"{row.label} (2 seeds: the first)" for row in rows]
@@ -79,6 +80,32 @@ def test_side_by_side_shows_each_settings_own_pictures(sweep, tmp_path, monkeypa
         assert plots.side_by_side(rows[:1], name, tmp_path) is None
     strip = next(ax for ax in drawn["compare_reconstructions.png"].axes if ax.images)
     assert [t.get_text() for t in strip.get_yticklabels()] == ["clean", "input", "output"]
+
+
+def test_a_noise_sweep_compares_each_models_denoising_pictures(tmp_path, monkeypatch):
+    """compare_denoising.png, for sweeps over the training noise: each setting's denoising.png, or with eval
+    overrides the picture its `aelab eval` record wrote beside it (the inputs those metrics measured)."""
+    from aelab import plots
+    from aelab.report import Job, Row
+
+    rows = []
+    for shift, level in enumerate(("0.1", "0.5")):
+        run = tmp_path / level
+        run.mkdir()
+        for name, shade in (("denoising", 50), ("eval_eval.probe=false_denoising", 200)):
+            Image.new("RGB", (40, 60), (shade + shift,) * 3).save(run / f"{name}.png")
+        setting = {"corruption.noise_factor": level}
+        rows.append(Row(setting, [Job(run, setting, {}, {"mse": 0.01, "mse_gaussian": 0.02})]))
+    drawn = {}
+    monkeypatch.setattr(plots, "save", lambda fig, path: drawn.setdefault(path.name, fig) and path)
+    for record, shade in ((None, 50), ("eval_eval.probe=false", 200)):
+        drawn.clear()
+        paths = plots.make_plots(rows, [row.jobs[0] for row in rows], ["corruption.noise_factor"], tmp_path,
+                                 record=record)
+        assert tmp_path / "compare_denoising.png" in paths
+        panels = [ax for ax in drawn["compare_denoising.png"].axes if ax.images]
+        assert [ax.get_title() for ax in panels] == [row.label for row in rows]
+        assert [int(ax.images[0].get_array()[0, 0]) for ax in panels] == [shade, shade + 1]
 
 
 def test_sampled_values_are_shown_short_and_kept_whole(tmp_path):
@@ -334,7 +361,8 @@ def test_report_of_a_folder_without_runs_is_a_clear_error(tmp_path):
 def test_eval_recomputes_metrics_with_other_noise_levels(sweep):
     job = sorted(p.parent for p in sweep.glob("*/metrics.json"))[0]
     stored = json.loads((job / "metrics.json").read_text())["test"]
-    run_cli("eval", str(job), cwd=job)
+    proc = run_cli("eval", str(job), cwd=job)
+    assert proc.stdout.strip().splitlines()[-1] == f"wrote eval.json, eval_denoising.png in {job}"
     again = json.loads((job / "eval.json").read_text())["test"]
     for key in ("mse", "psnr", "sharpness", "population_sparsity", "sensitivity", "mse_gaussian", "probe_latent"):
         assert again[key] == pytest.approx(stored[key], rel=1e-6)
@@ -346,8 +374,13 @@ def test_eval_recomputes_metrics_with_other_noise_levels(sweep):
     assert "mse_gaussian" not in levels  # a list: one metric per level, each the number that level alone gives
     assert levels["mse_gaussian_0.3"] == pytest.approx(stored["mse_gaussian"], rel=1e-6)
     assert levels["mse_gaussian_0.9"] == pytest.approx(louder["mse_gaussian"], rel=1e-6)
+    pictures = sorted(p.name for p in job.glob("eval*_denoising.png"))  # one per record, beside it
+    assert pictures == sorted(p.name[:-len(".json")] + "_denoising.png" for p in job.glob("eval*.json"))
+    assert len(pictures) == 3
     bad = run_cli("eval", str(job), "reg.weight=3", cwd=job, check=False)
     assert bad.returncode == 2 and "eval.* or device.*" in bad.stderr
+    bad = run_cli("eval", str(job), "eval.noise={}", cwd=job, check=False)  # all kept: said, not run
+    assert bad.returncode == 2 and "or every one with eval.noise=null" in bad.stderr and "Traceback" not in bad.stderr
     typo = run_cli("eval", str(job), "eval.treshold=0.2", cwd=job, check=False)
     assert typo.returncode == 2 and "eval.treshold: no such key (did you mean eval.threshold?)" in typo.stderr
     assert len(list(job.glob("eval*.json"))) == 3  # the failed calls wrote nothing
@@ -422,9 +455,9 @@ def test_hparams_live_in_the_run_dir_not_a_sub_run(sweep):
     assert {"_hparams_/experiment", "_hparams_/session_start_info", "_hparams_/session_end_info"} <= set(
         acc.PluginTagToContent("hparams"))
     assert "hparams/test_mse" in acc.Tags()["scalars"]
-    assert {"test/reconstructions", "test/features"} <= set(acc.Tags()["images"])
+    assert {"test/reconstructions", "test/features", "test/denoising"} <= set(acc.Tags()["images"])
     assert {"test/latent_activations", "test/lifetime_sparsity"} <= set(acc.Tags()["histograms"])
-    for name in ("reconstructions.png", "features.png", "histograms.png"):
+    for name in ("reconstructions.png", "features.png", "histograms.png", "denoising.png"):
         with Image.open(job / name) as image:
             assert image.width > 20
 
