@@ -93,7 +93,7 @@ def build_part(group: str, registry: Registry, node, **context):
         missing = [k for k, p in accepted.items()
                    if p.default is p.empty and k not in options and k not in context]
         if missing:
-            raise ConfigError(f"missing value; add {group}.{missing[0]}=... on the command line", missing[0])
+            raise ConfigError(f"missing value; add {missing[0]}=... on the command line", missing[0])
         return builder(**options, **{k: v for k, v in context.items() if k in accepted})
     except ConfigError as e:
         raise e.within(group) from None

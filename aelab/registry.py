@@ -16,8 +16,11 @@ class ConfigError(ValueError):
         return f"{self.key}: {self.message}" if self.key else self.message
 
     def within(self, group: str) -> "ConfigError":
-        """The same error with its key placed under a config group (`weight` → `reg.weight`)."""
-        return ConfigError(self.message, f"{group}.{self.key}" if self.key else group)
+        """The same error with its key placed under a config group (`weight` → `reg.weight`), in the fix
+        too where the fix names it (`add weight=...` → `add reg.weight=...`)."""
+        if not self.key:
+            return ConfigError(self.message, group)
+        return ConfigError(self.message.replace(f" {self.key}=", f" {group}.{self.key}="), f"{group}.{self.key}")
 
 
 class Registry:

@@ -105,6 +105,10 @@ def assert_clean_failure(proc, code, text):
     (["trainer.cuda_graph=sometimes"], "trainer.cuda_graph: must be one of auto, on, off, got 'sometimes'"),
     (["trainer.compile=1"], "trainer.compile: must be true or false, got 1"),
     (["eval.probe=yes"], "eval.probe: must be true or false, got 'yes'"),
+    (["eval.noise.gaussian=null"], "eval.noise.gaussian.noise_factor: missing value; add "
+                                   "eval.noise.gaussian.noise_factor=... on the command line"),  # the fix: the whole key
+    (["eval.noise={}"], "eval.noise: {} drops nothing"),
+    (["-m", "eval.noise={}", "trainer.epochs=1,2"], "eval.noise: {} drops nothing"),
 ])
 def test_bad_input_is_one_clear_line(tmp_path, capfd, args, text):
     """Through the console script's entry point, in process (test_cli.py runs a few as subprocesses)."""
