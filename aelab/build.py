@@ -137,6 +137,9 @@ def set_matmul_precision(tf32: bool) -> None:
 def eval_settings(node, image_shape: tuple[int, int, int]) -> EvalSettings:
     try:
         known_keys(node, EvalSettings, "eval")
+        if not isinstance(node.noise, (DictConfig, dict, type(None))):  # eval.noise=5
+            raise ConfigError(f"takes corruptions and their settings, e.g. eval.noise.gaussian.noise_factor=0.3, "
+                              f"or null for none; got {node.noise!r}", "noise")
         entries = {label: (name, options) for name, params in (node.noise or {}).items()  # null: none
                    for label, options in noise_entries(name, params)}
         noise = {label: build_part(f"noise.{name}", CORRUPTIONS, {"name": name, **options}, image_shape=image_shape)
@@ -173,7 +176,13 @@ def sample_settings(node) -> SampleSettings:
 def noise_entries(name: str, params) -> list[tuple[str, dict]]:
     """One `eval.noise` entry as (label, options) pairs: a list for one key measures each value, labelled
     by it (`eval.noise.gaussian.noise_factor=[0.1,0.5]` → mse_gaussian_0.1 and mse_gaussian_0.5)."""
-    options = OmegaConf.to_container(params, resolve=True) if isinstance(params, DictConfig) else dict(params or {})
+    if isinstance(params, DictConfig):
+        params = OmegaConf.to_container(params, resolve=True)
+    if not isinstance(params, (dict, type(None))):  # eval.noise.gaussian=5
+        keys = [k for k in inspect.signature(CORRUPTIONS.get(name)).parameters if k != "image_shape"]
+        example = f"eval.noise.{name}.{keys[0]}={params}" if keys else f"eval.noise.{name}=null"
+        raise ConfigError(f"takes its settings by key, e.g. {example}; got {params!r}", f"noise.{name}")
+    options = dict(params or {})
     listed = [key for key, value in options.items() if isinstance(value, (list, tuple))]
     if not listed:
         return [(name, options)]

@@ -108,6 +108,11 @@ def assert_clean_failure(proc, code, text):
     (["eval.noise.gaussian=null"], "eval.noise.gaussian.noise_factor: missing value; add "
                                    "eval.noise.gaussian.noise_factor=... on the command line"),  # the fix: the whole key
     (["eval.noise={}"], "eval.noise: {} drops nothing"),
+    (["eval.noise=5"], "eval.noise: takes corruptions and their settings, e.g. eval.noise.gaussian.noise_factor=0.3, "
+                       "or null for none; got 5"),
+    (["eval.noise.gaussian=5"], "eval.noise.gaussian: takes its settings by key, e.g. "
+                                "eval.noise.gaussian.noise_factor=5; got 5"),
+    (["+eval.noise.none=1"], "eval.noise.none: takes its settings by key, e.g. eval.noise.none=null; got 1"),
     (["-m", "eval.noise={}", "trainer.epochs=1,2"], "eval.noise: {} drops nothing"),
 ])
 def test_bad_input_is_one_clear_line(tmp_path, capfd, args, text):
