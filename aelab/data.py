@@ -80,7 +80,7 @@ def _torchvision(name: str, cls_name: str, root: str, download: bool, val_fracti
     import torchvision
 
     cls = getattr(torchvision.datasets, cls_name)
-    root_path = Path(root).expanduser()
+    root_path = Path(str(root)).expanduser()  # paths.data=5: the folder named 5
     try:
         sets = [cls(str(root_path), train=t, download=bool(download)) for t in (True, False)]
     except RuntimeError as e:

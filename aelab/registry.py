@@ -45,7 +45,7 @@ class Registry:
         return add
 
     def get(self, name: str) -> Callable:
-        if name not in self._entries:
+        if not isinstance(name, str) or name not in self._entries:  # a list, say: model.encoder_activation=[relu]
             raise ConfigError(f"unknown {self.kind} '{name}'; choose from: {', '.join(self.names())}")
         return self._entries[name]
 

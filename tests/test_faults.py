@@ -112,6 +112,8 @@ def assert_clean_failure(proc, code, text):
                        "or null for none; got 5"),
     (["eval.noise.gaussian=5"], "eval.noise.gaussian: takes its settings by key, e.g. "
                                 "eval.noise.gaussian.noise_factor=5; got 5"),
+    (["model.encoder_activation=[relu]"], "model.encoder_activation: unknown activation '['relu']'; choose from: "),
+    (["data=mnist", "paths.data=5"], "data.root: no MNIST files under 5/MNIST/raw"),  # a folder named 5
     (["+eval.noise.none=1"], "eval.noise.none: takes its settings by key, e.g. eval.noise.none=null; got 1"),
     (["-m", "eval.noise={}", "trainer.epochs=1,2"], "eval.noise: {} drops nothing"),
 ])

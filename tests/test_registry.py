@@ -27,6 +27,8 @@ def test_unknown_name_lists_choices():
         r.register(name)(lambda: None)
     with pytest.raises(ConfigError, match=r"unknown reg 'kll'; choose from: kl, l1"):
         r.get("kll")
+    with pytest.raises(ConfigError, match=r"unknown reg '\['kl'\]'; choose from: kl, l1"):  # a list, not a name
+        r.get(["kl"])
 
 
 @pytest.mark.parametrize("group", sorted(GROUPS))
