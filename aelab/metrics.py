@@ -122,17 +122,30 @@ def jacobian_rank(spectrum: Tensor) -> float:
     return ratio.mean().item()
 
 
+def typical_activation(latent: Tensor, threshold: float, q: float = 0.9) -> Tensor:
+    """Each unit's value when it fires: the q-quantile of its activations above the threshold over the
+    inputs, (k,); NaN for a unit never active."""
+    return torch.nanquantile(latent.double().where(latent > threshold, torch.nan), q, dim=0)
+
+
 @torch.no_grad()
-def feature_spread(parts: Parts, lifetime: Tensor) -> float | None:
+def feature_spread(parts: Parts, latent: Tensor, threshold: float) -> float | None:
     """How much of the image each latent unit in use draws (the tutorial's "localized patterns" of sparse
-    features, measured on what features.png shows). For each unit active on some test input, d is what
-    its one-hot code decodes to less what the zero code does; (sum d^2)^2 / (P sum d^4), the participation
-    ratio over the P pixels, is 1/P for a change of one pixel and 1 for the same change of every pixel.
-    The mean over those units; None where no unit is in use or none changes the picture."""
-    k = parts.model.latent_dim
+    features, measured). For each unit active on some test input, d is what the code with that unit alone
+    at its typical value (typical_activation) decodes to less what the zero code does: what the unit adds
+    to a picture when it fires (features.png draws it at 1, the tutorial's visualisation; through a
+    nonlinear decoder a unit that fires at 7 draws another picture). (sum d^2)^2 / (P sum d^4), the
+    participation ratio over the P pixels, is 1/P for a change of one pixel and 1 for the same change of
+    every pixel. The mean over those units; None where no unit is in use or none changes the picture."""
+    typical = typical_activation(latent, threshold)
+    used = typical.isfinite().nonzero().flatten()
+    if not len(used):
+        return None
+    code = torch.zeros(len(used) + 1, latent.shape[1], device=parts.device)
+    code[torch.arange(1, len(used) + 1), used] = typical[used].float().to(parts.device)
     with eval_mode(parts.model):
-        images = parts.model.decode(torch.cat([torch.zeros(1, k), torch.eye(k)]).to(parts.device))[0]
-    change = (images[1:] - images[:1]).flatten(1).double().pow(2)[lifetime > 0]
+        images = parts.model.decode(code)[0]
+    change = (images[1:] - images[:1]).flatten(1).double().pow(2)
     total = change.sum(1)
     drawn = total > 0
     if not drawn.any():
@@ -166,7 +179,7 @@ def analyse(parts: Parts, settings: EvalSettings) -> tuple[dict, dict[str, Tenso
     spectrum = jacobian_spectrum(parts, test.x)
     metrics["sensitivity"] = sensitivity(spectrum)
     metrics["jacobian_rank"] = jacobian_rank(spectrum)
-    spread = feature_spread(parts, lifetime)
+    spread = feature_spread(parts, latent, settings.threshold)
     if spread is not None:
         metrics["feature_spread"] = spread
     for label, corrupt in settings.noise.items():

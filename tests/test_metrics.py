@@ -8,7 +8,7 @@ import torch
 from aelab.build import build
 from aelab.regularizers import encoder_sensitivity
 from aelab.metrics import (feature_grid, feature_spread, gradient_energy, grid, jacobian_rank, jacobian_spectrum,
-                           linear_probe, reconstruction, sensitivity, sparsity)
+                           linear_probe, reconstruction, sensitivity, sparsity, typical_activation)
 
 
 def test_sparsity_of_a_known_code():
@@ -88,7 +88,7 @@ def test_contractive_penalty_leaves_the_encoder_fewer_directions(make_cfg):
 def test_feature_spread_is_the_share_of_pixels_a_unit_draws_on(make_cfg):
     """A linear decoder (one layer, identity output) whose columns are the units' drawings: on one pixel,
     on all 64 alike, on four alike with one larger; a unit no input uses and one that draws nothing are
-    left out of the mean."""
+    left out of the mean. (Linear: the share does not depend on the value a unit is drawn at.)"""
     parts = build(make_cfg("device=cpu", "model.hidden=[]", "model.latent_dim=5", "model.output_activation=identity",
                            "loss=mse"))
     (layer,) = parts.model.decoder
@@ -100,25 +100,44 @@ def test_feature_spread_is_the_share_of_pixels_a_unit_draws_on(make_cfg):
     with torch.no_grad():
         layer.weight.copy_(columns)
         layer.bias.uniform_()  # the zero code's picture, which every unit's drawing is measured from
-    lifetime = torch.tensor([0.5, 0.1, 0.2, 0.0, 0.3])  # unit 3 never active; unit 4 active, draws nothing
-    assert feature_spread(parts, lifetime) == pytest.approx((1 / 64 + 1 + 49 / 19 / 64) / 3)
-    assert feature_spread(parts, torch.tensor([0.0, 0.0, 0.0, 0.0, 0.3])) is None
+    latent = torch.tensor([[0.5, 0.0, 3.0, 0.1, 0.2], [0.0, 2.0, 0.0, -1.0, 0.0]])  # unit 3 never above 0.1
+    assert feature_spread(parts, latent, threshold=0.1) == pytest.approx((1 / 64 + 1 + 49 / 19 / 64) / 3)
+    assert feature_spread(parts, latent * torch.tensor([0, 0, 0, 1, 1]), threshold=0.1) is None  # unit 4 draws nothing
+    assert feature_spread(parts, torch.zeros(2, 5), threshold=0.1) is None
+
+
+def test_feature_spread_draws_each_unit_at_its_typical_value(make_cfg):
+    """Each unit in use is drawn at the 90th percentile of its activations above the threshold (1.7 of
+    0.3, 0.5, 1, 2), not at 1: through a sigmoid output the share of the image a unit changes depends on it."""
+    latent = torch.tensor([0.0, 0.05, 0.3, 0.5, 1.0, 2.0])[:, None].expand(-1, 2).clone()
+    latent[:, 1] = 0.0
+    typical = typical_activation(latent, 0.1)
+    assert typical[0].item() == pytest.approx(1.7) and typical[1].isnan()
+    parts = build(make_cfg("device=cpu", "model.hidden=[]", "model.latent_dim=2", "loss=mse"))  # sigmoid output
+    (layer,) = parts.model.decoder
+    with torch.no_grad():
+        layer.weight.normal_(0, 2)
+
+    def share(value: float) -> float:
+        d = (torch.sigmoid(layer.bias + value * layer.weight[:, 0]) - torch.sigmoid(layer.bias)).double().pow(2)
+        return (d.sum().pow(2) / d.pow(2).sum() / 64).item()
+    assert feature_spread(parts, latent, 0.1) == pytest.approx(share(1.7)) and share(1.7) != pytest.approx(share(1.0))
 
 
 def test_analyse_reports_the_feature_spread_of_the_units_in_use(make_cfg):
-    """analyse() measures the decoder as built (the tutorial's one-hot codes; untrained here): between one
-    pixel's share and the whole image, the same as feature_spread from the lifetime it reports."""
+    """analyse() measures the decoder as built (untrained here): between one pixel's share and the whole
+    image, the same as feature_spread from the test codes it reports."""
     from aelab.metrics import analyse
 
     parts = build(make_cfg("device=cpu", "model=sparse_l1", "reg=l1", "eval.probe=false"))
     found, arrays = analyse(parts, parts.evaluation)
     assert 1 / 64 < found["feature_spread"] < 1
-    assert found["feature_spread"] == feature_spread(parts, arrays["lifetime_sparsity"])
+    assert found["feature_spread"] == feature_spread(parts, arrays["latent_activations"], parts.evaluation.threshold)
 
 
 def test_a_stronger_l1_penalty_spreads_each_units_drawing(make_cfg):
     """The README's answer to Exercise 2's "more interpretable features?" on the digits: the units an L1
-    penalty leaves in use each draw more of the image, not less (30 epochs: 0.42, 0.47, 0.51 at lambda
+    penalty leaves in use each draw more of the image, not less (30 epochs: 0.45, 0.48, 0.54 at lambda
     1e-4, 1e-2, 0.1), while most units die at 0.1."""
     found = {weight: trained_metrics(make_cfg, None, "model=sparse_l1", "reg=l1", f"reg.weight={weight}")
              for weight in ("1e-4", "1e-2", "1e-1")}
