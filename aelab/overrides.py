@@ -36,7 +36,7 @@ def check(args: list[str]) -> None:
         group_options = functools.cache(loader.get_group_options)  # Hydra's look-up is slow: once per key
         parser = OverridesParser.create(config_loader=loader)
         multirun = bool(set(MULTIRUN) & set(args))
-        chosen, keys, intervals = [], [], []
+        chosen, keys, intervals, typed = [], [], [], []
         for text in (a for a in args if not a.startswith("-")):
             try:
                 override = parser.parse_override(text)
@@ -53,16 +53,16 @@ def check(args: list[str]) -> None:
                 intervals.append(key)
             chosen.append(f"{override.get_key_element()}={values[0]}" if override.is_sweep_override() else text)
             keys.append(key)
+            single = parser.parse_override(chosen[-1]) if override.is_sweep_override() else override  # its first job's
+            typed.append(None if single.is_delete() else single.value())
         top = [key for key in keys if "." not in key and "/" not in key]  # `trainer=3` or `~reg`, say
         try:
             cfg = compose("train", overrides=chosen, return_hydra_config=True)
             base = compose("train") if top else {}  # what those top-level keys were
         except (HydraException, OmegaConfBaseException, ValueError) as e:
             raise composition_error(e, chosen) from None
-        for text, key in zip(chosen, keys):
-            override = parser.parse_override(text)
-            if not override.is_delete():
-                empty_merge(cfg, key, override.value())
+        for key, value in zip(keys, typed):
+            empty_merge(cfg, key, value)
         for section in top:  # a whole section of settings taken away
             if isinstance(base.get(section), DictConfig) and not isinstance(cfg.get(section), DictConfig):
                 node, options = base[section], group_options(section)
