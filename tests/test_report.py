@@ -384,6 +384,10 @@ def test_eval_recomputes_metrics_with_other_noise_levels(sweep):
     typo = run_cli("eval", str(job), "eval.treshold=0.2", cwd=job, check=False)
     assert typo.returncode == 2 and "eval.treshold: no such key (did you mean eval.threshold?)" in typo.stderr
     assert len(list(job.glob("eval*.json"))) == 3  # the failed calls wrote nothing
+    quiet = run_cli("eval", str(job), "eval.noise=null", "eval.probe=false", cwd=job)  # no test noise: no picture
+    assert quiet.stdout.strip().splitlines()[-1] == f"wrote eval_eval.noise=null_eval.probe=false.json in {job}"
+    measured = json.loads((job / "eval_eval.noise=null_eval.probe=false.json").read_text())["test"]
+    assert measured["mse"] == pytest.approx(stored["mse"]) and not [m for m in measured if m.startswith("mse_")]
     everyone = run_cli("eval", str(sweep), "eval.threshold=0.5", "eval.probe=false", cwd=sweep)  # each job
     written = sorted(sweep.glob("*/eval_eval.threshold=0.5_eval.probe=false.json"))
     assert len(written) == 4 and everyone.stdout.count("aelab eval: ") == 4
