@@ -37,19 +37,25 @@ def test_mae_reconstructs_sharper_than_mse(real_mnist_root, tmp_path):
     assert mse["mse"] < mae["mse"]
 
 
-def test_denoising_chains_find_several_digits_where_plain_ones_collapse(real_mnist_root, tmp_path):
+def test_denoising_chains_keep_moving_where_plain_ones_reach_fixed_points(real_mnist_root, tmp_path):
     """`aelab sample`, Part 4's score connection: corrupt-and-denoise chains from random pixels. The
-    denoising model's chains keep moving and spread over several digits; the plain model's chain, x <- f(x),
-    runs every start to one fixed point."""
-    last = {}
+    denoising model's chains keep moving, each step as large as the last; the plain model's chain,
+    x <- f(x), runs every start to a fixed point. Which digits the chains settle on, and how many, depends
+    on the trained model, not on the objective: over training seeds 0-3 (2026-12-01, CPU) the denoising
+    chains covered 2-7 classes at step 200 and the plain chains' fixed points 1-3, so that is not asserted."""
+    chains = {}
     for name, overrides in {"plain": [], "dae": ["corruption=gaussian", "corruption.noise_factor=0.3"]}.items():
         train(tmp_path, real_mnist_root, name, "trainer.epochs=10", *overrides)
-        run_cli("sample", str(tmp_path / name), cwd=tmp_path)
-        last[name] = json.loads((tmp_path / name / "sample.json").read_text())["chain"][-1]
-    assert last["dae"]["classes"] >= 4 and last["dae"]["top_share"] < 0.7
-    assert last["plain"]["top_share"] >= 0.9
-    assert last["dae"]["change"] > 100 * last["plain"]["change"]
+        run_cli("sample", str(tmp_path / name), "sample.steps=200", cwd=tmp_path)
+        record = json.loads((tmp_path / name / "sample_sample.steps=200.json").read_text())["chain"]
+        chains[name] = {row["step"]: row for row in record}
+    plain, dae = chains["plain"], chains["dae"]
+    assert plain[200]["change"] < 1e-6 and plain[200]["change"] < plain[50]["change"] / 10  # converging
+    assert dae[200]["change"] > 1e-4 and dae[200]["change"] > dae[50]["change"] / 3  # still moving, as much
+    assert dae[200]["change"] > 1000 * plain[200]["change"]  # seeds 0-3: 4.7e4 to 3.5e14
     run_cli("sample", str(tmp_path / "dae"), "sample.method=langevin", cwd=tmp_path)
     langevin = json.loads((tmp_path / "dae" / "sample_sample.method=langevin.json").read_text())["chain"][-1]
-    assert langevin["classes"] >= 4  # Langevin along the score also finds several digits, but its states are
-    assert langevin["sharpness"] < 0.7 * last["dae"]["sharpness"]  # denoised noisy images: fainter than the chain's
+    # Langevin along the score does not collapse onto one kind of image either (3-6 classes at step 50 over
+    # seeds 0-3), but its states are denoised noisy images: fainter than the chain's (0.20-0.47 of its sharpness)
+    assert langevin["classes"] >= 2
+    assert langevin["sharpness"] < 0.7 * dae[50]["sharpness"]
