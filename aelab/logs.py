@@ -12,7 +12,7 @@ from PIL import Image
 
 from .build import GROUPS, EvalSettings, Parts
 from .metrics import GRID_PAD, denoised, feature_grid, grid, image_grid
-from .runs import SAMPLE_MEASURES
+from .runs import SAMPLE_MEASURES, write_whole
 
 HPARAM_GROUPS = (*GROUPS, "trainer")
 HISTOGRAMS = ("latent_activations", "lifetime_sparsity")  # the test arrays TensorBoard shows as histograms
@@ -75,8 +75,15 @@ def histogram_png(arrays: dict[str, Tensor], path: Path, threshold: float) -> No
               title="Encoder Jacobian spectrum")
     right.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save_figure(fig, path, dpi=100)
+
+
+def save_figure(fig, path: Path, dpi: int) -> None:
+    """A matplotlib figure as a PNG file, written whole (runs.write_whole), then closed."""
+    try:
+        write_whole(path, lambda tmp: fig.savefig(tmp, dpi=dpi, format="png"))
+    finally:
+        pyplot().close(fig)
 
 
 def label_rows(ax, height: int, labels: list[str], fontsize: float) -> None:
@@ -160,7 +167,7 @@ def config_text(cfg: DictConfig) -> str:
 def save_png(picture: Tensor, path: Path) -> None:
     """A (3, H, W) picture in [0, 1] as an 8-bit PNG, rounded to the nearest level."""
     pixels = picture.mul(255).add(0.5).clamp(0, 255).permute(1, 2, 0).to(torch.uint8).numpy()
-    Image.fromarray(pixels).save(path)
+    write_whole(path, lambda tmp: Image.fromarray(pixels).save(tmp, format="PNG"))
 
 
 def log_sample(folder: Path, rows: list[dict], yardstick: dict, states: dict[int, Tensor],

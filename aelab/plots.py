@@ -6,7 +6,7 @@ import textwrap
 from collections import defaultdict
 from pathlib import Path
 
-from .logs import label_rows, pyplot
+from .logs import label_rows, pyplot, save_figure
 from .report import LABELS, SEED_KEY as SEED, Job, Row
 
 PANELS = ("mse", "population_sparsity", "sensitivity", "probe_latent")
@@ -41,8 +41,7 @@ def by_other_keys(rows: list[Row], key: str) -> dict[str, list[Row]]:
 def save(fig, path: Path) -> Path:
     if fig.get_layout_engine() is None:  # a figure with a legend below its panels lays itself out
         fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    pyplot().close(fig)
+    save_figure(fig, path, dpi=110)
     return path
 
 

@@ -4,6 +4,7 @@ metrics `aelab eval` recomputed with them instead of those measured at the end o
 from __future__ import annotations
 
 import csv
+import io
 import math
 import shlex
 from dataclasses import dataclass, field
@@ -13,7 +14,7 @@ import yaml
 from omegaconf import OmegaConf
 
 from .runs import (EVAL_OVERRIDES, FAILED, SAMPLE_MEASURES, check_overrides, output_name, override_values, read_json,
-                   read_results)
+                   read_results, write_text)
 from .registry import ConfigError
 
 SEED_KEY = "trainer.seed"
@@ -223,12 +224,13 @@ def write_tables(rows: list[Row], keys: list[str], metrics: list[str], failed: l
     """report.csv, and report.md with the jobs without results (`failed` lines) under its table."""
     setting_keys = [k for k in keys if k != SEED_KEY]
     csv_path, md_path = out / "report.csv", out / "report.md"
-    with csv_path.open("w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow([*setting_keys, "runs", *(f"{m}_{s}" for m in metrics for s in ("mean", "std"))])
-        for row in rows:
-            stats = [v for m in metrics for v in row.mean_std(m)]
-            writer.writerow([*row.setting.values(), len(row.jobs), *stats])
+    table = io.StringIO()
+    writer = csv.writer(table)
+    writer.writerow([*setting_keys, "runs", *(f"{m}_{s}" for m in metrics for s in ("mean", "std"))])
+    for row in rows:
+        stats = [v for m in metrics for v in row.mean_std(m)]
+        writer.writerow([*row.setting.values(), len(row.jobs), *stats])
+    write_text(csv_path, table.getvalue())
     header = [*setting_keys, "runs", *metrics]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in rows:
@@ -236,7 +238,7 @@ def write_tables(rows: list[Row], keys: list[str], metrics: list[str], failed: l
         lines.append("| " + " | ".join([*row.shown.values(), str(len(row.jobs)), *cells]) + " |")
     if failed:
         lines += ["", "Jobs without results:", "", *failed]
-    md_path.write_text("\n".join(lines) + "\n")
+    write_text(md_path, "\n".join(lines) + "\n")
     return csv_path, md_path
 
 

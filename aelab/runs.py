@@ -33,14 +33,23 @@ INFO_FLAGS = ("--help", "-h", "--hydra-help", "--version", *MODES["--cfg"], *MOD
 
 def write_whole(path: Path, write: Callable[[Path], object]) -> None:
     """`write` fills a temporary file, which is then renamed to `path`: a crash or a full disk never
-    leaves half a file (a checkpoint, a JSON record) in place of a good one."""
+    leaves half a file (a checkpoint, a JSON record, a picture, a table) in place of a good one, and a
+    failed write leaves no temporary file behind."""
     tmp = path.with_name(f".{path.name}.tmp")
-    write(tmp)
-    os.replace(tmp, path)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def write_text(path: Path, text: str) -> None:
+    write_whole(path, lambda tmp: tmp.write_text(text, newline=""))  # as written: a CSV's \r\n stays
 
 
 def write_json(path: Path, record: dict) -> None:
-    write_whole(path, lambda tmp: tmp.write_text(json.dumps(record, indent=2) + "\n"))
+    write_text(path, json.dumps(record, indent=2) + "\n")
 
 
 def output_name(stem: str, overrides: list[str]) -> str:

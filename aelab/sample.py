@@ -26,7 +26,7 @@ from torch import Tensor
 from . import checkpoint, console
 from .build import Parts, SampleSettings, build, build_part, run_config
 from .corruptions import CORRUPTIONS, Corruption
-from .logs import label_rows, log_sample, pyplot
+from .logs import label_rows, log_sample, pyplot, save_figure
 from .metrics import gradient_energy, grid
 from .objective import eval_mode
 from .registry import ConfigError
@@ -187,8 +187,7 @@ def picture(states: dict[int, Tensor], shape: tuple[int, int, int], path, title:
     right.set_title(f"all {len(last)} chains after {steps[-1]} steps", fontsize=9)
     fig.suptitle(title, fontsize=10)
     fig.tight_layout(rect=(0, 0, 1, 0.96))  # the panels' titles below the figure's
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save_figure(fig, path, dpi=100)
 
 
 def chain_corruption(cfg: DictConfig, settings: SampleSettings) -> dict:

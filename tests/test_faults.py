@@ -220,6 +220,40 @@ def test_results_are_written_whole_or_not_at_all(tmp_path, monkeypatch):
     assert json.loads(path.read_text()) == {"test": {"mse": 0.5}}
 
 
+def test_pictures_and_tables_are_written_whole_or_not_at_all(tmp_path, monkeypatch):
+    """A run's PNGs (save_png, save_figure: reconstructions.png, histograms.png, sample.png, a report's
+    plots) and a report's tables: a full disk mid-write keeps the earlier file and leaves no temporary one."""
+    from matplotlib.figure import Figure
+    from PIL import Image
+    from aelab.logs import pyplot, save_figure, save_png
+    from aelab.runs import write_text
+
+    picture, table = tmp_path / "reconstructions.png", tmp_path / "report.csv"
+    save_png(torch.full((3, 4, 4), 0.5), picture)
+    write_text(table, "reg.weight,runs\r\n0.1,1\r\n")
+    good = picture.read_bytes(), table.read_bytes()
+    assert good[1] == b"reg.weight,runs\r\n0.1,1\r\n"  # the csv module's line ends, as written
+    real_write = Path.write_text
+
+    def half_picture(self, file, *args, **kwargs):  # an Image or a Figure, saving into `file`
+        Path(file).write_bytes(b"\x89PNG half")
+        raise OSError(28, "No space left on device")
+
+    def half_text(self, text, *args, **kwargs):
+        real_write(self, text[:3])
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(Image.Image, "save", half_picture)
+    monkeypatch.setattr(Figure, "savefig", half_picture)
+    monkeypatch.setattr(Path, "write_text", half_text)
+    for write in (lambda: save_png(torch.ones(3, 4, 4), picture), lambda: save_figure(pyplot().figure(), picture, 50),
+                  lambda: write_text(table, "other")):
+        with pytest.raises(OSError):
+            write()
+    assert (picture.read_bytes(), table.read_bytes()) == good
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["reconstructions.png", "report.csv"]
+    assert not pyplot().get_fignums()  # the figure closed all the same
+
+
 def test_resuming_a_finished_run_keeps_its_results(tmp_path):
     """Nothing left to train: nothing written. More epochs: trains on, the old results kept aside."""
     run_dir = tmp_path / "run"
