@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import difflib
 import functools
+import json
 import re
 from typing import Callable, Iterator
 
@@ -15,12 +16,12 @@ from hydra.core.global_hydra import GlobalHydra
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.core.override_parser.types import Override
 from hydra.errors import HydraException
-from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import OmegaConfBaseException
+from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf.errors import ConfigTypeError, OmegaConfBaseException
 
 from .console import first_line
 from .registry import ConfigError
-from .runs import MULTIRUN
+from .runs import MODES, MULTIRUN
 
 GRAMMAR = "https://hydra.cc/docs/advanced/override_grammar/basic/"
 
@@ -29,8 +30,9 @@ def check(args: list[str]) -> None:
     """Compose the config before Hydra starts, so that a misspelled option, key or override is one
     line naming the key and the fix (Hydra reports them over many lines, in a sweep only once jobs run).
     Every option of a swept group is checked, then every job's values (check_sweep)."""
-    if any(a.startswith("-") and a not in MULTIRUN for a in args):
-        return  # Hydra's own flags (--help, --cfg, --config-name ...): Hydra reads those itself
+    args = composing(args)
+    if args is None:
+        return  # Hydra's own flags (--help, --info, --config-name ...): Hydra reads those itself
     with initialize_config_module("aelab.configs", version_base="1.3"):
         loader = GlobalHydra.instance().config_loader()
         group_options = functools.cache(loader.get_group_options)  # Hydra's look-up is slow: once per key
@@ -74,6 +76,21 @@ def check(args: list[str]) -> None:
                               "(pip install 'aelab[sweep]'), or list the values to sweep: a,b,c", intervals[0])
         if multirun:
             check_sweep(cfg, parser, group_options, [a for a in args if not a.startswith("-")])
+
+
+def composing(args: list[str]) -> list[str] | None:
+    """The overrides and -m of a call that composes aelab's config: a run, a sweep, `--cfg job` or
+    `--help` with overrides (the flags left out: the config they print is checked as a run's). None for a
+    call with Hydra's other flags (--info, --config-name ...), which Hydra reads itself."""
+    kept, flag_value = [], False
+    for arg in args:
+        if flag_value or arg in ("--resolve", "--help", "-h", *MODES["--cfg"]) or arg.startswith("--cfg="):
+            flag_value = arg in MODES["--cfg"]  # its value (job, hydra, all) follows
+        elif arg.startswith("-") and arg not in MULTIRUN:
+            return None
+        else:
+            kept.append(arg)
+    return kept
 
 
 def check_sweep(cfg: DictConfig, parser: OverridesParser, group_options: Callable[[str], list[str]],
@@ -147,17 +164,26 @@ def empty_merge(cfg: DictConfig, key: str, value) -> None:
 
 
 def composition_error(error: BaseException, chosen: list[str]) -> ConfigError:
-    """Hydra's composition error as one line; an unknown key gets a hint where the key is known."""
+    """Hydra's composition error as one line; an unknown key gets a hint where the key is known, a value
+    of the wrong shape (a list for a section, a dict for a list) the shape it takes."""
     unknown = re.match(r"Could not override '([^']+)'", str(error))
-    if not unknown:
-        cause = f" ({first_line(error.__cause__)})" if error.__cause__ else ""
-        return ConfigError(first_line(error) + cause)
-    key = unknown.group(1)
-    text = next(c for c in chosen if c.split("=")[0].lstrip("~+") == key)
+    cause = error.__cause__
+    merge = isinstance(cause, ConfigTypeError) and "Cannot merge" in str(cause) and getattr(cause, "full_key", None)
+    if not unknown and not merge:
+        return ConfigError(first_line(error) + (f" ({first_line(cause)})" if cause else ""))
+    key = unknown.group(1) if unknown else cause.full_key
+    typed = {c: c.split("=")[0].lstrip("~+") for c in chosen}  # override → its key
+    text = max((c for c, k in typed.items() if key == k or key.startswith(f"{k}.")), key=lambda c: len(typed[c]))
     try:
         rest = compose("train", overrides=[c for c in chosen if c != text], return_hydra_config=True)
     except (HydraException, OmegaConfBaseException):  # the rest does not compose either: no hint
         rest = None
+    if merge:
+        override = OverridesParser.create().parse_override(text)
+        return shape_error(rest and OmegaConf.select(rest, key), key, override.value(), override.get_value_element_as_str())
+    nested = getattr(cause, "full_key", None)
+    if nested and nested.startswith(f"{key}."):  # trainer={a:1}: the unknown key is trainer.a
+        key = nested
     owner = rest and option_with_key(rest, key)
     if owner:
         return ConfigError(f"no such key under {owner[0]}={owner[1]}; it is a key of {owner[0]}={owner[2]}: "
@@ -167,6 +193,26 @@ def composition_error(error: BaseException, chosen: list[str]) -> ConfigError:
     if "." in key and not key.startswith(("paths.", "hydra")):  # a section aelab reads key by key
         return ConfigError(f"no such key{hint}; aelab train --cfg job lists the keys", key)
     return ConfigError(f"no such key{hint}; to add a new key, write +{text}", key)
+
+
+def shape_error(node, key: str, typed, value: str) -> ConfigError:
+    """A list where a section of settings goes (eval.noise.gaussian=[1,2]), or a dict where a list
+    goes (model.hidden={a:1}), with the shape it takes: `node` is the config's, `typed` the value as
+    read and `value` as typed. In a dict typed for a section, the key inside it that has the wrong
+    shape (eval={noise:[1]}: eval.noise)."""
+    while isinstance(typed, dict) and isinstance(node, DictConfig):
+        inner = next((k for k, v in typed.items() if k in node and isinstance(v, (dict, list))), None)
+        if inner is None:
+            break
+        key, node, typed = f"{key}.{inner}", node[inner], typed[inner]
+        value = json.dumps(typed, separators=(",", ":"))
+    if isinstance(node, DictConfig):
+        first = next(iter(leaf_keys(node)), "KEY")  # down to a setting: eval.noise → eval.noise.gaussian.noise_factor
+        return ConfigError(f"is a section of settings, not a value; set one of its keys, e.g. {key}.{first}={value}", key)
+    if isinstance(node, ListConfig):
+        example = json.dumps(OmegaConf.to_container(node), separators=(",", ":"))
+        return ConfigError(f"takes a list, e.g. {key}={example}; got {value}", key)
+    return ConfigError(f"cannot take {value} (a value of another shape than the config's)", key)
 
 
 def nearest_key(cfg: DictConfig, key: str) -> str | None:

@@ -116,6 +116,21 @@ def assert_clean_failure(proc, code, text):
     (["data=mnist", "paths.data=5"], "data.root: no MNIST files under 5/MNIST/raw"),  # a folder named 5
     (["+eval.noise.none=1"], "eval.noise.none: takes its settings by key, e.g. eval.noise.none=null; got 1"),
     (["-m", "eval.noise={}", "trainer.epochs=1,2"], "eval.noise: {} drops nothing"),
+    # a value of the wrong shape: the shape the key takes, with the value where it would go
+    (["eval.noise.gaussian=[0.1,0.3]"], "eval.noise.gaussian: is a section of settings, not a value; set one of its "
+                                        "keys, e.g. eval.noise.gaussian.noise_factor=[0.1,0.3]"),
+    (["eval.noise=[1,2]"], "eval.noise: is a section of settings, not a value; set one of its keys, e.g. "
+                           "eval.noise.gaussian.noise_factor=[1,2]"),  # down to a setting
+    (["model.hidden={a:1}"], "model.hidden: takes a list, e.g. model.hidden=[256,128]; got {a:1}"),
+    (["eval={noise:{gaussian:[0.1,0.2]}}"], "eval.noise.gaussian: is a section of settings, not a value; set one of "
+                                            "its keys, e.g. eval.noise.gaussian.noise_factor=[0.1,0.2]"),  # inside
+    (["-m", "eval.noise.gaussian=[1,2]", "trainer.epochs=1,2"], "eval.noise.gaussian: is a section of settings"),
+    (["trainer={a:1}"], "trainer.a: no such key; aelab train --cfg job lists the keys"),  # the key inside the dict
+    # the calls that print the config check it as a run would
+    (["--cfg", "job", "reg=kll"], "reg: unknown option 'kll'; choose from: contractive, kl, l1, none"),
+    (["-c", "job", "trainer.epohcs=3"], "trainer.epohcs: no such key (did you mean trainer.epochs?)"),
+    (["--cfg=job", "--resolve", "model.hidden={a:1}"], "model.hidden: takes a list"),
+    (["--help", "reg=kll"], "reg: unknown option 'kll'"),
 ])
 def test_bad_input_is_one_clear_line(tmp_path, capfd, args, text):
     """Through the console script's entry point, in process (test_cli.py runs a few as subprocesses)."""
@@ -128,6 +143,25 @@ def test_bad_input_is_one_clear_line(tmp_path, capfd, args, text):
     assert err.startswith("error: ") and len(err.strip().splitlines()) == 1, err
     assert "Traceback" not in out + err
     assert not (tmp_path / "run").exists() and not (tmp_path / "sweep").exists()  # nothing ran, nothing left
+
+
+@pytest.mark.parametrize("override,text", [
+    ("eval.noise.gaussian=[0.6,0.8]", "eval.noise.gaussian: is a section of settings, not a value; set one of its keys, "
+                                      "e.g. eval.noise.gaussian.noise_factor=[0.6,0.8]"),
+    ("eval.noise={gaussian:[0.6]}", "e.g. eval.noise.gaussian.noise_factor=[0.6]"),  # the key inside the dict
+])
+def test_eval_overrides_of_the_wrong_shape_name_the_shape(tmp_path, make_cfg, override, text):
+    """`aelab eval RUN_DIR OVERRIDE` reads a finished run's saved config (build.run_config) and applies
+    the overrides as the command line's are: a list where a section goes gets the same fix."""
+    from omegaconf import OmegaConf
+    from aelab.build import run_config
+
+    (tmp_path / ".hydra").mkdir()
+    OmegaConf.save(make_cfg("device=cpu"), tmp_path / ".hydra" / "config.yaml")
+    (tmp_path / "checkpoint.pt").write_bytes(b"")  # run_config reads only the config
+    with pytest.raises(ConfigError) as error:
+        run_config(tmp_path, [override])
+    assert text in str(error.value) and len(str(error.value).splitlines()) == 1
 
 
 def test_bce_with_data_outside_unit_interval_is_refused(make_cfg):
