@@ -105,6 +105,7 @@ def assert_clean_failure(proc, code, text):
     (["trainer.cuda_graph=sometimes"], "trainer.cuda_graph: must be one of auto, on, off, got 'sometimes'"),
     (["trainer.compile=1"], "trainer.compile: must be true or false, got 1"),
     (["eval.probe=yes"], "eval.probe: must be true or false, got 'yes'"),
+    (["eval.projector=-1"], "eval.projector: must be >= 0, got -1"),
     (["eval.noise.gaussian=null"], "eval.noise.gaussian.noise_factor: missing value; add "
                                    "eval.noise.gaussian.noise_factor=... on the command line"),  # the fix: the whole key
     (["eval.noise={}"], "eval.noise: {} drops nothing"),
@@ -279,13 +280,14 @@ def test_pictures_and_tables_are_written_whole_or_not_at_all(tmp_path, monkeypat
     monkeypatch.setattr(Image.Image, "save", half_picture)
     monkeypatch.setattr(Figure, "savefig", half_picture)
     monkeypatch.setattr(Path, "write_text", half_text)
-    for write in (lambda: save_png(torch.ones(3, 4, 4), picture), lambda: save_figure(pyplot().figure(), picture, 50),
+    figure = pyplot().figure()
+    for write in (lambda: save_png(torch.ones(3, 4, 4), picture), lambda: save_figure(figure, picture, 50),
                   lambda: write_text(table, "other")):
         with pytest.raises(OSError):
             write()
     assert (picture.read_bytes(), table.read_bytes()) == good
     assert sorted(p.name for p in tmp_path.iterdir()) == ["reconstructions.png", "report.csv"]
-    assert not pyplot().get_fignums()  # the figure closed all the same
+    assert figure.number not in pyplot().get_fignums()  # the figure closed all the same
 
 
 def test_resuming_a_finished_run_keeps_its_results(tmp_path):
