@@ -43,6 +43,7 @@ class EvalSettings:
     probe: bool  # linear probes on codes and on pixels
     probe_max_samples: int
     features: int  # decoded one-hot codes to draw
+    projector: int  # test codes in TensorBoard's Projector tab; 0: none
 
 
 @dataclass(frozen=True)
@@ -150,7 +151,8 @@ def eval_settings(node, image_shape: tuple[int, int, int]) -> EvalSettings:
                             probe=flag(node.probe, "probe"),
                             probe_max_samples=number(node.probe_max_samples, "probe_max_samples", low=10,
                                                      integer=True),
-                            features=number(node.features, "features", low=1, integer=True))
+                            features=number(node.features, "features", low=1, integer=True),
+                            projector=number(node.projector, "projector", low=0, integer=True))
     except ConfigError as e:
         raise e.within("eval") from None
 

@@ -11,7 +11,8 @@ from torch.utils.tensorboard.summary import hparams
 from PIL import Image
 
 from .build import GROUPS, EvalSettings, Parts
-from .metrics import GRID_PAD, denoised, feature_grid, grid, image_grid
+from .data import Split
+from .metrics import GRID_PAD, denoised, feature_grid, grid, image_grid, principal_components
 from .runs import SAMPLE_MEASURES, write_whole
 
 HPARAM_GROUPS = (*GROUPS, "trainer")
@@ -101,7 +102,6 @@ def label_rows(ax, height: int, labels: list[str], fontsize: float) -> None:
 def labelled(picture: Tensor, labels: list[str]) -> Tensor:
     """A metrics.grid picture of len(labels) rows of images, with each row's label to its left, drawn
     at a readable size: (3, H, W) in [0, 1]."""
-    import numpy as np
     plt = pyplot()
     _, height, width = picture.shape
     scale = max(1, round(480 / width))  # screen pixels per image pixel
@@ -110,10 +110,50 @@ def labelled(picture: Tensor, labels: list[str]) -> Tensor:
     ax = fig.add_axes((margin / (width * scale + margin), 0, width * scale / (width * scale + margin), 1))
     ax.imshow(picture.permute(1, 2, 0).numpy(), interpolation="nearest")
     label_rows(ax, height, labels, fontsize=9)
+    return figure_pixels(fig)
+
+
+def figure_pixels(fig) -> Tensor:
+    """A matplotlib figure as a (3, H, W) picture in [0, 1] (what save_png and TensorBoard take), closed."""
+    import numpy as np
     fig.canvas.draw()
     pixels = np.asarray(fig.canvas.buffer_rgba())[..., :3].copy()
-    plt.close(fig)
+    pyplot().close(fig)
     return torch.from_numpy(pixels).permute(2, 0, 1).float() / 255
+
+
+def latent_picture(latent: Tensor, labels: Tensor) -> Tensor:
+    """The test codes on their two leading principal components, one colour per class: how the code
+    space lays out the digits (a 1-unit code along one axis)."""
+    plt = pyplot()
+    points, share = (t.cpu() for t in principal_components(latent))
+    across = points[:, 1] if points.shape[1] > 1 else torch.zeros(len(points), dtype=points.dtype)
+    labels = labels.cpu()
+    size = min(16, max(3, 3000 / len(labels)))  # dots that neither vanish in a few hundred nor blot out thousands
+    fig, ax = plt.subplots(figsize=(5.5, 4.5), dpi=100)
+    for number, label in enumerate(labels.unique().tolist()):
+        mine = labels == label
+        ax.scatter(points[mine, 0].numpy(), across[mine].numpy(), s=size, alpha=0.7, linewidths=0,
+                   color=f"C{number % 10}", marker="os^v"[number // 10 % 4], label=str(label))
+    if share.sum() == 0:  # every unit dead, say: nothing to lay out
+        ax.set_xlabel("principal component 1 (none: every test code is the same)")
+    else:
+        ax.set_xlabel(f"principal component 1 ({share[0]:.0%} of the code variance)")
+    ax.set_ylabel(f"principal component 2 ({share[1]:.0%})" if len(share) > 1 else "(a code of one unit)")
+    ax.set_title(f"{len(labels)} test codes ({latent.shape[1]} units), by class", fontsize=10)
+    ax.legend(title="class", fontsize=7, title_fontsize=7, markerscale=1.5, loc="center left", bbox_to_anchor=(1, 0.5))
+    fig.tight_layout()
+    return figure_pixels(fig)
+
+
+def log_embedding(writer: SummaryWriter, latent: Tensor, test: Split, shape: tuple[int, int, int], step: int) -> None:
+    """The test codes in TensorBoard's Projector tab (PCA, t-SNE, UMAP of them there), each labelled by
+    its class and shown as its image. Written again at the same step (a re-evaluated run), it replaces
+    the earlier one."""
+    import shutil
+    shutil.rmtree(Path(writer.log_dir) / f"{step:05d}", ignore_errors=True)  # the step's embedding folder
+    writer.add_embedding(latent.float().cpu(), metadata=[str(label) for label in test.labels.tolist()],
+                         label_img=test.x.float().cpu().view(-1, *shape), global_step=step, tag="test/latent")
 
 
 def denoising_picture(parts: Parts, settings: EvalSettings, test: dict[str, float]) -> Tensor | None:
@@ -132,9 +172,10 @@ def denoising_picture(parts: Parts, settings: EvalSettings, test: dict[str, floa
 
 def save_pictures(parts: Parts, settings: EvalSettings, test: dict[str, float], arrays: dict[str, Tensor],
                   run_dir: Path) -> dict[str, Tensor]:
-    """Reconstruction grid, decoded features, each test noise's inputs and outputs and the histograms as
-    PNG files; the pictures, for TensorBoard."""
-    grids = {"reconstructions": image_grid(parts, parts.data.test.x), "features": feature_grid(parts, settings.features)}
+    """Reconstruction grid, decoded features, the test codes' layout, each test noise's inputs and outputs
+    and the histograms as PNG files; the pictures, for TensorBoard."""
+    grids = {"reconstructions": image_grid(parts, parts.data.test.x), "features": feature_grid(parts, settings.features),
+             "latents": latent_picture(arrays["latent_activations"], parts.data.test.labels)}
     noisy = denoising_picture(parts, settings, test)
     if noisy is not None:
         grids["denoising"] = noisy
@@ -144,8 +185,8 @@ def save_pictures(parts: Parts, settings: EvalSettings, test: dict[str, float], 
     return grids
 
 
-def log_final(writer: SummaryWriter, cfg: DictConfig, metrics: dict[str, dict[str, float]], grids: dict[str, Tensor],
-              arrays: dict[str, Tensor], step: int) -> None:
+def log_final(writer: SummaryWriter, cfg: DictConfig, parts: Parts, metrics: dict[str, dict[str, float]],
+              grids: dict[str, Tensor], arrays: dict[str, Tensor], step: int) -> None:
     """A run's final TensorBoard entries, all at its last step, then the writer closed: written in one
     go after everything slow is done, so that a stop cannot leave some of them to be written twice."""
     for split, values in metrics.items():
@@ -154,6 +195,11 @@ def log_final(writer: SummaryWriter, cfg: DictConfig, metrics: dict[str, dict[st
         writer.add_image(f"test/{name}", picture, step)
     for name in HISTOGRAMS:
         writer.add_histogram(f"test/{name}", arrays[name].float().cpu(), step)
+    shown = min(parts.evaluation.projector, len(parts.data.test))
+    if shown:
+        test = parts.data.test
+        log_embedding(writer, arrays["latent_activations"][:shown], Split(test.x[:shown], test.labels[:shown]),
+                      parts.data.image_shape, step)
     test = metrics["test"]
     log_hparams(writer, cfg, {"val_total": metrics["val"]["total"], **{f"test_{k}": v for k, v in test.items()}}, step)
     writer.close()

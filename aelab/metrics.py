@@ -2,9 +2,9 @@
 
 Reconstruction (MSE, BCE, MAE, PSNR), sparsity (population, lifetime, dead units, mean activation),
 encoder sensitivity (mean ||J_f(x)||_F^2) and the Jacobian's rank, how much of the image each unit in
-use draws, denoising robustness (error against clean inputs under each test corruption, fixed seed; for
-gaussian noise also how well f(x̃) - x̃, the score estimate, points back to the clean input) and
-linear-probe accuracy of the frozen codes next to raw pixels.
+use draws, the codes' principal components (latents.png), denoising robustness (error against clean
+inputs under each test corruption, fixed seed; for gaussian noise also how well f(x̃) - x̃, the score
+estimate, points back to the clean input) and linear-probe accuracy of the frozen codes next to raw pixels.
 """
 from __future__ import annotations
 
@@ -120,6 +120,19 @@ def jacobian_rank(spectrum: Tensor) -> float:
     total = energy.sum(1)
     ratio = total.pow(2) / energy.pow(2).sum(1).where(total > 0, 1.0)
     return ratio.mean().item()
+
+
+def principal_components(latent: Tensor, k: int = 2) -> tuple[Tensor, Tensor]:
+    """The codes on their k leading principal components, (N, min(k, latent_dim)), and the share of the
+    codes' variance each carries: the SVD of the centred codes, each component's sign set so that its
+    largest loading is positive (the same picture each time)."""
+    centred = latent.double() - latent.double().mean(0)
+    _, values, vectors = torch.linalg.svd(centred, full_matrices=False)
+    vectors = vectors[:k]
+    largest = vectors.abs().argmax(1, keepdim=True)
+    vectors = vectors * vectors.gather(1, largest).sign().where(vectors.gather(1, largest) != 0, 1.0)
+    energy = values.pow(2)
+    return centred @ vectors.T, energy[:k] / energy.sum().clamp_min(torch.finfo(energy.dtype).tiny)
 
 
 def typical_activation(latent: Tensor, threshold: float, q: float = 0.9) -> Tensor:

@@ -278,11 +278,20 @@ def loss_curves(jobs: list[Job], labels: dict[Path, str], out: Path) -> Path | N
     return save(fig, out / "loss_curves.png")
 
 
+COMPARED = {  # a run's picture → (panel width in inches, panels across, in colour, what the figure shows)
+    "reconstructions": (6.0, 1, False, "test reconstructions"),  # wide strips: 1-3 across, by how many
+    "features": (2.6, 5, False, "decoded one-hot codes (learned features)"),
+    "denoising": (4.5, 3, False, "each test noise's inputs and outputs"),  # labelled rows: wider, to read them
+    "latents": (4.5, 3, True, "the test codes on their two leading principal components"),  # coloured by class
+}
+
+
 def side_by_side(rows: list[Row], name: str, out: Path, source: str | None = None) -> Path | None:
     """Each setting's picture of one of its runs (`reconstructions.png`, `features.png`, `denoising.png`,
-    or the `source` file instead: an `aelab eval` record's) in one figure, labelled: the tutorial's visual
-    comparisons (which loss is sharpest, which penalty's features are cleanest, which training noise
-    removes which test noise). The pictures are the runs' own files, so none is recomputed."""
+    `latents.png`, or the `source` file instead: an `aelab eval` record's) in one figure, labelled: the
+    tutorial's visual comparisons (which loss is sharpest, which penalty's features are cleanest, which
+    training noise removes which test noise, how each lays out the codes). The pictures are the runs' own
+    files, so none is recomputed."""
     import numpy as np
     from PIL import Image
 
@@ -291,13 +300,12 @@ def side_by_side(rows: list[Row], name: str, out: Path, source: str | None = Non
     if len(found) < 2:
         return None
     plt = pyplot()
+    width, across, colour, what = COMPARED[name]
     wide = name == "reconstructions"  # a strip of three rows: clean, corrupted, reconstructed
-    labelled = name == "denoising"  # rows labelled in the picture itself: wider panels, to read them
-    cols = (1 if len(found) <= 8 else 2 if len(found) <= 16 else 3) if wide else min(len(found), 3 if labelled else 5)
+    cols = (1 if len(found) <= 8 else 2 if len(found) <= 16 else 3) if wide else min(len(found), across)
     lines = -(-len(found) // cols)
     with Image.open(found[0][1]) as first:
         aspect = first.height / first.width
-    width = 6.0 if wide else 4.5 if labelled else 2.6
     titles = [textwrap.fill(row.label + (f" ({len(row.jobs)} seeds: the first)" if len(row.jobs) > 1 else ""),
                             int(width * 15)) for row, _ in found]  # about the characters a panel's width holds
     title_height = 0.25 + 0.14 * max(title.count("\n") + 1 for title in titles)
@@ -307,14 +315,12 @@ def side_by_side(rows: list[Row], name: str, out: Path, source: str | None = Non
         ax.set_axis_off()
     for ax, (row, path), title in zip(axes.flat, found, titles):
         with Image.open(path) as image:
-            pixels = np.asarray(image.convert("L"))
-        ax.imshow(pixels, cmap="gray", vmin=0, vmax=255, interpolation="nearest")
+            pixels = np.asarray(image.convert("RGB" if colour else "L"))
+        ax.imshow(pixels, **({} if colour else {"cmap": "gray", "vmin": 0, "vmax": 255}), interpolation="nearest")
         ax.set_title(title, fontsize=8)
         if wide:  # metrics.image_grid's three rows
             ax.set_axis_on()
             label_rows(ax, pixels.shape[0], ["clean", "input", "output"], fontsize=7)
-    what = ("test reconstructions" if wide else "each test noise's inputs and outputs" if labelled
-            else "decoded one-hot codes (learned features)")
     fig.suptitle(f"{what}, one run per setting", fontsize=10)
     return save(fig, out / f"compare_{name}.png")
 
@@ -339,7 +345,7 @@ def make_plots(rows: list[Row], jobs: list[Job], keys: list[str], out: Path, rec
     labels = {job.path: row.label + (f" seed={job.overrides[SEED]}" if SEED in job.overrides else "")
               for row in rows for job in row.jobs}
     drawn = [loss_curves(jobs, labels, out), side_by_side(rows, "reconstructions", out),
-             side_by_side(rows, "features", out)]
+             side_by_side(rows, "features", out), side_by_side(rows, "latents", out)]
     if noise_sweep:
         drawn.append(side_by_side(rows, "denoising", out, source=record and f"{record}_denoising"))
     return paths + [path for path in drawn if path]

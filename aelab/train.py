@@ -96,7 +96,7 @@ def run(cfg: DictConfig, run_dir: Path, resume: bool = False, job_num: int | Non
               "steps": pos.step, "seconds": round(seconds, 3), "samples_per_second": round(trained / seconds, 1),
               "device": str(parts.device), "step_mode": getattr(step, "mode", "eager")}
     with StopSignals():  # the results are written whole: a signal now waits the few milliseconds this takes
-        log_final(writer, cfg, metrics, grids, arrays, pos.step)
+        log_final(writer, cfg, parts, metrics, grids, arrays, pos.step)
         write_json(run_dir / "metrics.json", record)
     console.summary({"train": metrics["train"], "val": metrics["val"]}, title=f"aelab: {run_dir.name}")
     console.metrics_table(metrics["test"], title="test split")

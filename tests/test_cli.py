@@ -2,6 +2,7 @@
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 from aelab.build import GROUPS
 from conftest import FAST, events, run_cli
@@ -71,6 +72,13 @@ def test_bce_kl_run_writes_events_metrics_and_checkpoint(tmp_path):
         assert len(logged) == 2 and logged[-1].value == pytest.approx(value, rel=1e-5, abs=1e-7)
     (last,) = [line for line in proc.stdout.splitlines() if line.startswith("epoch 2/2 ")]
     assert last.endswith(f"  active {acc.Scalars('val/population_sparsity')[-1].value:.3g}")  # said each epoch
+    # the test codes: latents.png (in TensorBoard too) and, for the Projector tab, the saved model's own codes
+    assert (run_dir / "latents.png").is_file() and "test/latents" in acc.Tags()["images"]
+    (folder,) = (run_dir / f"{metrics['steps']:05d}").iterdir()
+    test = parts.data.test
+    assert np.loadtxt(folder / "tensors.tsv", delimiter="\t") == pytest.approx(codes(parts, test.x).numpy(), abs=1e-6)
+    assert (folder / "metadata.tsv").read_text().split() == [str(label) for label in test.labels.tolist()]
+    assert f"{metrics['steps']:05d}/{folder.name}/sprite.png" in (run_dir / "projector_config.pbtxt").read_text()
 
 
 def test_default_run_learns(tmp_path):

@@ -8,7 +8,8 @@ import torch
 from aelab.build import build
 from aelab.regularizers import encoder_sensitivity
 from aelab.metrics import (feature_grid, feature_spread, gradient_energy, grid, jacobian_rank, jacobian_spectrum,
-                           linear_probe, reconstruction, sensitivity, sparsity, typical_activation)
+                           linear_probe, principal_components, reconstruction, sensitivity, sparsity,
+                           typical_activation)
 
 
 def test_sparsity_of_a_known_code():
@@ -329,3 +330,90 @@ def test_a_denoising_model_points_back_to_the_data_more_the_noisier_its_input(tm
     test = run(cfg, tmp_path / "run")["test"]
     cosines = [test[f"score_cos_gaussian_{level}"] for level in ("0.1", "0.3", "0.5")]
     assert 0 < cosines[0] < cosines[1] < cosines[2] and cosines[2] > 0.6, cosines
+
+
+def test_principal_components_of_codes_match_the_covariance_eigenvectors():
+    """latents.png's axes: the codes' projections on the two leading eigenvectors of their covariance
+    (numpy's eigh, in float64), signed so that each component's largest loading is positive, and each
+    one's share of the total variance."""
+    generator = torch.Generator().manual_seed(3)
+    latent = torch.randn(500, 6, generator=generator) * torch.tensor([0.5, 3.0, 0.2, 1.0, 0.1, 2.0]) + 4.0
+    latent = latent @ torch.linalg.qr(torch.randn(6, 6, generator=generator))[0]  # no axis-aligned answer
+    points, share = principal_components(latent)
+    data = latent.double().numpy()
+    values, vectors = np.linalg.eigh(np.cov(data, rowvar=False))
+    order = np.argsort(values)[::-1][:2]
+    vectors = vectors[:, order] * np.sign(vectors[np.abs(vectors[:, order]).argmax(0), order])
+    assert points.numpy() == pytest.approx((data - data.mean(0)) @ vectors, abs=1e-9)
+    assert share.numpy() == pytest.approx(values[order] / values.sum(), rel=1e-9)
+    assert share.tolist() == pytest.approx([9 / 15.3, 4 / 15.3], rel=0.15)  # variances 9, 4 of 15.3 in all
+    one, whole = principal_components(latent[:, :1])  # a code of one unit: one component, all its variance
+    assert one.shape == (500, 1) and whole.tolist() == pytest.approx([1.0])
+    flat, none = principal_components(torch.zeros(10, 4))  # every unit dead: nothing to divide by zero
+    assert flat.abs().sum() == 0 and none.abs().sum() == 0
+
+
+def test_latent_picture_puts_each_class_where_its_codes_lie():
+    """Two classes of codes far apart along one unit: class 0's dots (the first colour) on the left of
+    the picture, class 1's (the second) on the right, where principal component 1 puts them."""
+    from matplotlib.colors import to_rgb
+    from aelab.logs import latent_picture
+
+    generator = torch.Generator().manual_seed(0)
+    labels = torch.arange(200) % 2
+    latent = torch.randn(200, 5, generator=generator) * 0.3
+    latent[:, 2] += torch.where(labels == 1, 4.0, -4.0)  # class 1 at +4 on unit 2: its loading is the largest
+    picture = latent_picture(latent, labels)
+    assert picture.shape[0] == 3 and 0 <= picture.min() and picture.max() <= 1
+    pixels = picture.permute(1, 2, 0)[:, : picture.shape[2] * 3 // 4]  # the axes, not the legend on the right
+    columns = []
+    for colour in ("C0", "C1"):
+        dot = 0.7 * torch.tensor(to_rgb(colour)) + 0.3  # at alpha 0.7 on white
+        near = (pixels - dot).abs().amax(-1) < 0.12
+        columns.append(near.nonzero()[:, 1].float().mean().item())
+        assert near.sum() > 100
+    assert columns[0] < 0.45 * pixels.shape[1] < 0.55 * pixels.shape[1] < columns[1]
+    for flat in (torch.zeros(20, 4), torch.rand(20, 1)):  # every unit dead (l1 at weight 1); a code of one unit
+        assert latent_picture(flat, labels[:20]).shape[0] == 3
+
+
+def test_the_projector_holds_the_test_codes_once(tmp_path):
+    """TensorBoard's Projector files: the codes (tensors.tsv), their classes (metadata.tsv) and images
+    (sprite.png); written again at the same step, the earlier ones are replaced, not kept beside."""
+    from torch.utils.tensorboard import SummaryWriter
+    from aelab.data import Split
+    from aelab.logs import log_embedding
+
+    latent, test = torch.rand(5, 3), Split(torch.rand(5, 64), torch.tensor([3, 1, 4, 1, 5]))
+    for codes in (latent + 1, latent):
+        writer = SummaryWriter(str(tmp_path))
+        log_embedding(writer, codes, test, (1, 8, 8), step=40)
+        writer.close()
+    (folder,) = (tmp_path / "00040").iterdir()
+    written = np.loadtxt(folder / "tensors.tsv", delimiter="\t")
+    assert written == pytest.approx(latent.numpy(), abs=1e-6)
+    assert (folder / "metadata.tsv").read_text().split() == ["3", "1", "4", "1", "5"]
+    assert (folder / "sprite.png").is_file()
+    config = (tmp_path / "projector_config.pbtxt").read_text()
+    assert config.count("embeddings {") == 1 and f'tensor_path: "00040/{folder.name}/tensors.tsv"' in config
+
+
+@pytest.mark.parametrize("shown", [7, 0])
+def test_eval_projector_sets_how_many_test_codes_the_projector_shows(make_cfg, tmp_path, shown):
+    """eval.projector=N: the first N test codes (of the digits' 270), with their classes; 0: no Projector files."""
+    from torch.utils.tensorboard import SummaryWriter
+    from aelab.logs import log_final
+    from aelab.metrics import codes
+
+    cfg = make_cfg("device=cpu", f"eval.projector={shown}")
+    parts = build(cfg)
+    latent = codes(parts, parts.data.test.x)
+    arrays = {"latent_activations": latent, "lifetime_sparsity": torch.zeros(latent.shape[1])}
+    writer = SummaryWriter(str(tmp_path))
+    log_final(writer, cfg, parts, {"val": {"total": 0.1}, "test": {"mse": 0.1}}, {}, arrays, 12)
+    if not shown:
+        assert not (tmp_path / "00012").exists() and not (tmp_path / "projector_config.pbtxt").exists()
+        return
+    (folder,) = (tmp_path / "00012").iterdir()
+    assert np.loadtxt(folder / "tensors.tsv", delimiter="\t") == pytest.approx(latent[:shown].numpy(), abs=1e-6)
+    assert (folder / "metadata.tsv").read_text().split() == [str(c) for c in parts.data.test.labels[:shown].tolist()]

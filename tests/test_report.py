@@ -47,7 +47,7 @@ def test_report_folds_seeds_and_writes_table_csv_markdown_plots(sweep):
     pngs = sorted(sweep.glob("*.png"))
     names = {p.name for p in pngs}
     assert {"metrics_vs_reg.weight.png", "recon_vs_sparsity.png", "loss_curves.png", "compare_reconstructions.png",
-            "compare_features.png"} <= names
+            "compare_features.png", "compare_latents.png"} <= names
     assert "compare_denoising.png" not in names  # a penalty sweep: each run's own denoising.png is enough
     for png in pngs:
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
@@ -70,13 +70,14 @@ def test_side_by_side_shows_each_settings_own_pictures(sweep, tmp_path, monkeypa
     rows = fold(jobs, swept_keys(jobs))
     drawn = {}
     monkeypatch.setattr(plots, "save", lambda fig, path: drawn.setdefault(path.name, fig) and path)
-    for name in ("reconstructions", "features", "denoising"):
+    for name in ("reconstructions", "features", "denoising", "latents"):
         assert plots.side_by_side(rows, name, tmp_path) == tmp_path / f"compare_{name}.png"
         panels = [ax for ax in drawn[f"compare_{name}.png"].axes if ax.images]
         assert [ax.get_title() for ax in panels] == [f"{row.label} (2 seeds: the first)" for row in rows]
         for ax, row in zip(panels, rows):
-            with Image.open(row.jobs[0].path / f"{name}.png") as own:
-                assert np.array_equal(ax.images[0].get_array(), np.asarray(own.convert("L")))
+            with Image.open(row.jobs[0].path / f"{name}.png") as own:  # the scatter of codes keeps its colours
+                assert np.array_equal(ax.images[0].get_array(), np.asarray(own.convert("RGB" if name == "latents"
+                                                                                       else "L")))
         assert plots.side_by_side(rows[:1], name, tmp_path) is None
     strip = next(ax for ax in drawn["compare_reconstructions.png"].axes if ax.images)
     assert [t.get_text() for t in strip.get_yticklabels()] == ["clean", "input", "output"]
@@ -452,8 +453,12 @@ def test_report_of_the_metrics_aelab_eval_recomputed(sweep, tmp_path):
 
 def test_hparams_live_in_the_run_dir_not_a_sub_run(sweep):
     job = sorted(p.parent for p in sweep.glob("*/metrics.json"))[0]
-    # no sub-run of add_hparams' making; only aelab sample's own TensorBoard runs, if it sampled the sweep
-    assert not [p for p in job.iterdir() if p.is_dir() and p.name != ".hydra" and not p.name.startswith("sample")]
+    # no sub-run of add_hparams' making; only aelab sample's own TensorBoard runs, if it sampled the sweep, and
+    # the Projector's folder of the last step (its files, no events)
+    projector = f"{json.loads((job / 'metrics.json').read_text())['steps']:05d}"
+    assert not [p for p in job.iterdir() if p.is_dir() and p.name not in (".hydra", projector)
+                and not p.name.startswith("sample")]
+    assert not list((job / projector).glob("**/events.out.tfevents.*"))
     acc = EventAccumulator(str(job))
     acc.Reload()
     assert {"_hparams_/experiment", "_hparams_/session_start_info", "_hparams_/session_end_info"} <= set(
