@@ -129,8 +129,8 @@ def principal_components(latent: Tensor, k: int = 2) -> tuple[Tensor, Tensor]:
     centred = latent.double() - latent.double().mean(0)
     _, values, vectors = torch.linalg.svd(centred, full_matrices=False)
     vectors = vectors[:k]
-    largest = vectors.abs().argmax(1, keepdim=True)
-    vectors = vectors * vectors.gather(1, largest).sign().where(vectors.gather(1, largest) != 0, 1.0)
+    largest = vectors.gather(1, vectors.abs().argmax(1, keepdim=True))
+    vectors = vectors.where(largest >= 0, -vectors)
     energy = values.pow(2)
     return centred @ vectors.T, energy[:k] / energy.sum().clamp_min(torch.finfo(energy.dtype).tiny)
 
