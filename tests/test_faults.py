@@ -537,7 +537,7 @@ def test_checkpoint_write_is_atomic(tmp_path, make_cfg, monkeypatch):
 KEYS = [("reg=l1", "reg.weight"), ("reg=kl", "reg.rho"), ("corruption=masking", "corruption.prob"),
         ("corruption=gaussian", "corruption.noise_factor"), ("corruption=block", "corruption.size"),
         (None, "model.latent_dim"), (None, "trainer.epochs"), (None, "trainer.batch_size"),
-        (None, "optim.lr"), (None, "trainer.log_every")]
+        (None, "optim.lr"), (None, "trainer.log_every"), (None, "eval.projector")]
 INVALID = st.one_of(
     st.floats(max_value=-1e-6, allow_nan=False).map(repr),
     st.text("abcdefghijklmnopqrstuvwxyz_", min_size=1, max_size=8),
