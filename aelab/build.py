@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import ConfigTypeError, OmegaConfBaseException
+from omegaconf.errors import OmegaConfBaseException
 
 from .corruptions import CORRUPTIONS, Corruption
 from .data import DATASETS, IMAGE_SHAPES, Splits
@@ -321,7 +321,7 @@ def run_config(run_dir: Path, overrides: list[str], allowed: tuple[str, ...] = E
                 cfg[section][key] = value
     OmegaConf.set_struct(cfg, True)
     check_overrides(overrides, allowed, example)
-    from .overrides import empty_merge, shape_error, similar_key  # the command line's own rules
+    from .overrides import empty_merge, shape_error, similar_key, wrong_shape  # the command line's own rules
     for override in overrides:
         key = override.partition("=")[0]
         try:
@@ -329,7 +329,7 @@ def run_config(run_dir: Path, overrides: list[str], allowed: tuple[str, ...] = E
             empty_merge(cfg, key, OmegaConf.select(update, key))
             cfg.merge_with(update)
         except OmegaConfBaseException as e:
-            if isinstance(e, ConfigTypeError) and "Cannot merge" in str(e):  # a list for a section, say
+            if wrong_shape(e):  # a list for a section, say
                 typed = OmegaConf.select(update, key)
                 typed = OmegaConf.to_container(typed) if OmegaConf.is_config(typed) else typed
                 raise shape_error(OmegaConf.select(cfg, key), key, typed, override.partition("=")[2]) from None

@@ -168,7 +168,7 @@ def composition_error(error: BaseException, chosen: list[str]) -> ConfigError:
     of the wrong shape (a list for a section, a dict for a list) the shape it takes."""
     unknown = re.match(r"Could not override '([^']+)'", str(error))
     cause = error.__cause__
-    merge = isinstance(cause, ConfigTypeError) and "Cannot merge" in str(cause) and getattr(cause, "full_key", None)
+    merge = wrong_shape(cause) and getattr(cause, "full_key", None)
     if not unknown and not merge:
         return ConfigError(first_line(error) + (f" ({first_line(cause)})" if cause else ""))
     key = unknown.group(1) if unknown else cause.full_key
@@ -193,6 +193,11 @@ def composition_error(error: BaseException, chosen: list[str]) -> ConfigError:
     if "." in key and not key.startswith(("paths.", "hydra")):  # a section aelab reads key by key
         return ConfigError(f"no such key{hint}; aelab train --cfg job lists the keys", key)
     return ConfigError(f"no such key{hint}; to add a new key, write +{text}", key)
+
+
+def wrong_shape(error: BaseException | None) -> bool:
+    """OmegaConf's refusal to merge a list into a section of settings, or a dict into a list."""
+    return isinstance(error, ConfigTypeError) and "Cannot merge" in str(error)
 
 
 def shape_error(node, key: str, typed, value: str) -> ConfigError:
