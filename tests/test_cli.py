@@ -154,13 +154,15 @@ def test_bad_input_fails_with_a_clear_message(tmp_path, args, message):
 
 
 def test_remaining_keys_run_from_the_cli(tmp_path):
-    """loss.reduction=sum, the Hutchinson estimator with several probes, on the conv model."""
+    """loss.reduction=sum, the Hutchinson estimator with several probes, on the conv model; eval.projector."""
     run_dir = tmp_path / "run"
     run_cli("train", "model=conv", "loss.reduction=sum", "reg=contractive", "reg.method=hutchinson", "reg.samples=2",
-            "optim=adamw", *FAST, f"hydra.run.dir={run_dir}", cwd=tmp_path)
+            "optim=adamw", "eval.projector=25", *FAST, f"hydra.run.dir={run_dir}", cwd=tmp_path)
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["test"]["recon"] == pytest.approx(metrics["test"]["mse"] * 64, rel=1e-4)  # sum over 8x8 pixels
     assert metrics["test"]["reg"] > 0 and metrics["test"]["sensitivity"] > 0
+    (folder,) = (run_dir / f"{metrics['steps']:05d}").iterdir()  # the Projector's: the first 25 test codes
+    assert np.loadtxt(folder / "tensors.tsv", delimiter="\t").shape == (25, 32)
 
 
 def test_terminal_text_is_printed_as_written(capsys, tmp_path):
