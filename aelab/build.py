@@ -48,8 +48,9 @@ class EvalSettings:
 
 @dataclass(frozen=True)
 class SampleSettings:  # `aelab sample`: chains drawn from a trained model
-    method: str  # chain: x <- f(C(x)); langevin: Langevin steps along the score estimate (f(x) - x) / sigma^2
-    steps: int  # steps of each chain
+    method: str  # chain: x <- f(C(x)); langevin: Langevin steps along the score estimate (f(x) - x) / sigma^2;
+    # annealed: Langevin steps through a sweep's models, one per sigma, largest first
+    steps: int  # steps of each chain (annealed: at each sigma)
     count: int  # chains, run side by side
     start: str  # noise: uniform random pixels; test: the first `count` test images
     noise: float | None  # the chain's gaussian noise_factor; None: the run's own training corruption
@@ -158,7 +159,7 @@ def eval_settings(node, image_shape: tuple[int, int, int]) -> EvalSettings:
 
 
 SAMPLE_STARTS = ("noise", "test")
-SAMPLE_METHODS = ("chain", "langevin")
+SAMPLE_METHODS = ("chain", "langevin", "annealed")
 
 
 def sample_settings(node) -> SampleSettings:

@@ -29,7 +29,8 @@ commands:
            (of each job of a sweep)
   sample   aelab sample RUN_DIR|SWEEP_DIR [sample.KEY=VALUE ...]: draw images from a trained model by
            alternately corrupting and denoising (chains from random pixels), or by Langevin steps along
-           its score estimate (sample.method=langevin), measured against the data
+           its score estimate (sample.method=langevin; through a sweep's models, one per sigma:
+           sample.method=annealed), measured against the data
   report   aelab report SWEEP_DIR [eval.KEY=VALUE ...]: table, report.csv, report.md and plots of a
            sweep (with eval overrides: of the test metrics `aelab eval SWEEP_DIR` recomputed with them)
 
@@ -203,8 +204,11 @@ def eval_command(args: list[str]) -> int:
 
 
 def sample_command(args: list[str]) -> int:
-    from .sample import sample_run
+    from .sample import annealed_run, sample_run
 
+    methods = [arg.partition("=")[2] for arg in args[1:] if arg.startswith("sample.method=")]
+    if args and not args[0].startswith("-") and methods and methods[-1] == "annealed":  # the sweep's jobs together
+        return guarded(lambda: annealed_run(Path(args[0]), args[1:]))
     return each_run(args, sample_run, "usage: aelab sample RUN_DIR|SWEEP_DIR [sample.KEY=VALUE ...]   "
                                       "e.g. sample.steps=200 sample.noise=0.3 sample.method=langevin")
 

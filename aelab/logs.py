@@ -227,7 +227,7 @@ def log_sample(folder: Path, rows: list[dict], yardstick: dict, states: dict[int
     writer = SummaryWriter(str(folder))
     writer.add_text("sample/settings", title, 0)
     for row in rows:
-        for name in SAMPLE_MEASURES:
+        for name in ("sigma", *SAMPLE_MEASURES):  # sigma: annealed Langevin's, at each step
             if row.get(name) is not None:
                 writer.add_scalar(f"sample/{name}", row[name], row["step"])
     for step in (rows[0]["step"], rows[-1]["step"]):

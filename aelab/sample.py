@@ -14,7 +14,10 @@ few?), how sharp the states are next to the training images, and how much a step
 """
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import math
+import textwrap
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -28,6 +31,7 @@ from .build import Parts, SampleSettings, build, build_part, run_config
 from .corruptions import CORRUPTIONS, Corruption
 from .logs import label_rows, log_sample, pyplot, save_figure
 from .metrics import gradient_energy, grid
+from .models import MODELS
 from .objective import eval_mode
 from .registry import ConfigError
 from .runs import SAMPLE_MEASURES, output_name, write_json
@@ -72,25 +76,37 @@ def chain(model: torch.nn.Module, corrupt: Corruption, start: Tensor, steps: int
         return walk(step, start, start, steps, record)
 
 
+Level = tuple[torch.nn.Module, float]  # a denoising autoencoder and the gaussian sigma it was trained at
+
+
 @torch.no_grad()
-def langevin(model: torch.nn.Module, sigma: float, step_size: float, start: Tensor, steps: int, record: list[int],
+def langevin(levels: list[Level], step_size: float, start: Tensor, steps: int, record: list[int],
              generator: torch.Generator) -> Kept:
     """Langevin dynamics on the noised data density whose score a denoising autoencoder trained at
     gaussian sigma estimates, s(x) = (f(x) - x) / sigma²: with a step of a·sigma²,
     x ← x + (a/2)·sigma²·s(x) + sqrt(a)·sigma·z, z ~ N(0, I). The state is a noisy image, unclamped;
     the model sees it clamped to [0, 1], as it saw its training inputs (clamp(x + sigma·z)). What each
-    step shows is f(x), the model's denoised estimate of the noisy state."""
-    def denoise(x: Tensor) -> Tensor:
+    step shows is f(x), the model's denoised estimate of the noisy state.
+
+    Several levels (f, sigma), largest sigma first, are annealed Langevin dynamics (Song & Ermon,
+    2019): `steps` steps at each level in turn. Their step eps·sigma_i²/sigma_L² is a·sigma_i² here, the
+    same fraction a of each level's sigma²; a level's first step starts from its own model's f(x)."""
+    def denoise(model: torch.nn.Module, x: Tensor) -> Tensor:
         return model(x.clamp(0, 1)).recon.clamp(0, 1)
 
-    def step(state: tuple[Tensor, Tensor]) -> tuple[tuple[Tensor, Tensor], Tensor]:
-        x, denoised = state
+    def step(state: tuple[Tensor, Tensor, int]) -> tuple[tuple[Tensor, Tensor, int], Tensor]:
+        x, denoised, index = state
+        model, sigma = levels[index // steps]
+        if index and index % steps == 0:  # the next level's model takes over
+            denoised = denoise(model, x)
         noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
         x = x + step_size / 2 * (denoised - x) + math.sqrt(step_size) * sigma * noise
-        denoised = denoise(x)
-        return (x, denoised), denoised
-    with eval_mode(model):
-        return walk(step, (start, denoise(start)), start, steps, record)
+        denoised = denoise(model, x)
+        return (x, denoised, index + 1), denoised
+    with contextlib.ExitStack() as stack:
+        for model, _ in levels:
+            stack.enter_context(eval_mode(model))
+        return walk(step, (start, denoise(levels[0][0], start), 0), start, steps * len(levels), record)
 
 
 @torch.no_grad()
@@ -135,26 +151,30 @@ def starts(parts: Parts, settings: SampleSettings, generator: torch.Generator) -
     return torch.rand((settings.count, *test.shape[1:]), generator=generator, device=parts.device)
 
 
-def draw(parts: Parts, corruption: dict, start: Tensor, record: list[int],
+def draw(parts: Parts, corruption: dict, levels: list[Level], start: Tensor, record: list[int],
          generator: torch.Generator) -> Kept:
-    """parts.sampling's chains from `start`: corrupt-and-denoise with `corruption`, or Langevin steps
-    at its gaussian sigma."""
+    """parts.sampling's chains from `start`: corrupt-and-denoise with `corruption`, Langevin steps at its
+    gaussian sigma, or annealed Langevin steps through `levels`."""
     settings = parts.sampling
-    if settings.method == "langevin":
-        return langevin(parts.model, corruption["noise_factor"], settings.step_size, start, settings.steps,
-                        record, generator)
+    if levels or settings.method == "langevin":
+        return langevin(levels or [(parts.model, corruption["noise_factor"])], settings.step_size, start,
+                        settings.steps, record, generator)
     corrupt = build_part("corruption", CORRUPTIONS, corruption, image_shape=parts.data.image_shape)
     return chain(parts.model, corrupt, start, settings.steps, record, generator)
 
 
-def sample(parts: Parts, corruption: dict) -> tuple[list[dict], dict, dict[int, Tensor]]:
-    """The chains of parts.sampling with the chain's `corruption` (its config): one row of measures per
-    recorded step, the same measures of as many test images (the yardstick), and the recorded states."""
+def sample(parts: Parts, corruption: dict, levels: list[Level] = ()) -> tuple[list[dict], dict, dict[int, Tensor]]:
+    """The chains of parts.sampling with the chain's `corruption` (its config), or annealed through
+    `levels` (sample.steps at each; each level's last step is kept too, and each row says its sigma):
+    one row of measures per recorded step, the same measures of as many test images (the yardstick),
+    and the recorded states."""
     settings = parts.sampling
     generator = torch.Generator(parts.device).manual_seed(settings.seed)
-    record = recorded_steps(settings.steps)
-    states, change = draw(parts, corruption, starts(parts, settings, generator), record, generator)
-    rows = [{"step": step, **measure(states[step], parts), "change": change[step]} for step in record]
+    ends = [settings.steps * (k + 1) for k in range(len(levels))]
+    record = sorted({*recorded_steps(settings.steps * max(len(levels), 1)), *ends})
+    states, change = draw(parts, corruption, levels, starts(parts, settings, generator), record, generator)
+    sigma = lambda step: {"sigma": levels[(step - 1) // settings.steps][1] if step else None} if levels else {}  # noqa: E731
+    rows = [{"step": step, **sigma(step), **measure(states[step], parts), "change": change[step]} for step in record]
     yardstick = measure(parts.data.test.x[:settings.count].to(parts.device), parts)
     return rows, yardstick, states
 
@@ -162,16 +182,18 @@ def sample(parts: Parts, corruption: dict) -> tuple[list[dict], dict, dict[int, 
 def table(rows: list[dict], yardstick: dict, title: str) -> None:
     """One line per recorded step, then the yardstick's (which has no change); counts as integers."""
     cell = lambda value: "" if value is None else f"{value:.4g}" if isinstance(value, float) else str(value)  # noqa: E731
+    columns = ("sigma", *SAMPLE_MEASURES) if "sigma" in rows[0] else SAMPLE_MEASURES  # annealed: each step's sigma
     grid = Table()
-    for name in ("step", *SAMPLE_MEASURES):
+    for name in ("step", *columns):
         grid.add_column(name, justify="right")
     for label, row in [*((str(row["step"]), row) for row in rows), ("test images", yardstick)]:
-        grid.add_row(label, *(cell(row.get(name)) for name in SAMPLE_MEASURES))
+        grid.add_row(label, *(cell(row.get(name)) for name in columns))
     console.show(grid, title)
 
 
-def picture(states: dict[int, Tensor], shape: tuple[int, int, int], path, title: str) -> None:
-    """Left: the first chains, one column each, down the recorded steps; right: every chain's last state."""
+def picture(states: dict[int, Tensor], shape: tuple[int, int, int], path, title: str, labels: list[str]) -> None:
+    """Left: the first chains, one column each, down the recorded steps (`labels`: one per step); right:
+    every chain's last state."""
     plt = pyplot()
     steps = list(states)
     shown = min(SHOWN_CHAINS, len(states[0]))
@@ -180,13 +202,14 @@ def picture(states: dict[int, Tensor], shape: tuple[int, int, int], path, title:
     final = grid(last, shape)  # every chain, in a square
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 5.5), width_ratios=[strip.shape[-1], final.shape[-1]])
     left.imshow(strip.permute(1, 2, 0).numpy(), interpolation="nearest")
-    label_rows(left, strip.shape[1], [f"step {s}" for s in steps], fontsize=8)
+    label_rows(left, strip.shape[1], labels, fontsize=8)
     left.set_title(f"{shown} chains, step by step", fontsize=9)
     right.imshow(final.permute(1, 2, 0).numpy(), interpolation="nearest")
     right.set_axis_off()
     right.set_title(f"all {len(last)} chains after {steps[-1]} steps", fontsize=9)
-    fig.suptitle(title, fontsize=10)
-    fig.tight_layout(rect=(0, 0, 1, 0.96))  # the panels' titles below the figure's
+    lines = textwrap.wrap(title, 110)  # annealed's list of sigmas runs long
+    fig.suptitle("\n".join(lines), fontsize=10)
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.04 * len(lines)))  # the panels' titles below the figure's
     save_figure(fig, path, dpi=100)
 
 
@@ -212,11 +235,26 @@ def formula(settings: SampleSettings, corruption: dict) -> str:
     return f"x <- f(C(x)), C = {corruption['name']} {described}".rstrip()
 
 
+def publish(folder: Path, name: str, record: dict, states: dict[int, Tensor], shape: tuple[int, int, int],
+            title: str, labels: list[str]) -> None:
+    """What `aelab sample` leaves in `folder`: NAME.png, NAME.json and the TensorBoard run NAME/, and
+    the table it prints."""
+    rows, yardstick = record["chain"], record["test_images"]
+    picture(states, shape, folder / f"{name}.png", title, labels)
+    write_json(folder / f"{name}.json", record)
+    log_sample(folder / name, rows, yardstick, states, shape, title)
+    table(rows, yardstick, f"aelab sample: {folder} ({len(states[0])} chains; picture: {name}.png; "
+                           f"TensorBoard: {name}/)")
+
+
 def sample_run(run_dir: Path, overrides: list[str]) -> dict:
     """`aelab sample`: reload a run's model, run the chains, print the measures, write NAME.json, NAME.png
     and the TensorBoard run NAME/."""
     cfg = run_config(run_dir, overrides, allowed=("sample.", "device."), example="sample.steps=200")
     parts = build(cfg)
+    if parts.sampling.method == "annealed":
+        raise ConfigError(f"annealed Langevin steps through the models of a sweep, one per gaussian sigma, and "
+                          f"{run_dir} is one run: give its sweep's folder, or sample.method=langevin", "sample.method")
     corruption = chain_corruption(cfg, parts.sampling)  # decided once: the record, the title and the chain
     checkpoint.load(parts, run_dir, "RUN_DIR", "sample another run, or train this one again", model_only=True)
     if corruption["name"] == "none" or corruption.get("noise_factor") == 0:
@@ -224,13 +262,87 @@ def sample_run(run_dir: Path, overrides: list[str]) -> dict:
                               "point of the model; for a stochastic chain give it noise, e.g. sample.noise=0.3",
                               markup=False, highlight=False, soft_wrap=True)
     rows, yardstick, states = sample(parts, corruption)
-    name = output_name("sample", overrides)
-    title = f"{run_dir.name}: {formula(parts.sampling, corruption)}, from {parts.sampling.start}"
-    picture(states, parts.data.image_shape, run_dir / f"{name}.png", title)
     record = {"overrides": overrides, "sample": OmegaConf.to_container(cfg.sample, resolve=True),
               "corruption": corruption, "chain": rows, "test_images": yardstick}
-    write_json(run_dir / f"{name}.json", record)
-    log_sample(run_dir / name, rows, yardstick, states, parts.data.image_shape, title)
-    table(rows, yardstick, f"aelab sample: {run_dir} ({len(states[0])} chains; picture: {name}.png; "
-                           f"TensorBoard: {name}/)")
+    title = f"{run_dir.name}: {formula(parts.sampling, corruption)}, from {parts.sampling.start}"
+    publish(run_dir, output_name("sample", overrides), record, states, parts.data.image_shape, title,
+            [f"step {row['step']}" for row in rows])
+    return record
+
+
+def job_number(job: Path) -> str:
+    """A sweep job's number, the start of its folder's name (`3_reg.weight=0.1`), or the whole name."""
+    return job.name.partition("_")[0]
+
+
+def job_order(job: Path) -> tuple[float, str]:
+    """Hydra's job folders 0, 1, ..., 10 in their numbers' order."""
+    number = job_number(job)
+    return (int(number), job.name) if number.isdigit() else (math.inf, job.name)
+
+
+def noise_levels(sweep_dir: Path, overrides: list[str]) -> tuple[list[tuple[float, Path, DictConfig]], list[str]]:
+    """The jobs of a sweep trained with gaussian noise, one per sigma (the lowest-numbered job where
+    several share one), largest sigma first, with their configs; and a line for each job left out."""
+    jobs = sorted((path.parent for path in sweep_dir.glob("*/checkpoint.pt")), key=job_order)
+    if not jobs:
+        raise ConfigError(f"{sweep_dir} holds no trained jobs (*/checkpoint.pt); give the folder of an `aelab train "
+                          f"-m` sweep of gaussian denoising models, e.g. of +experiment=noise_levels", "SWEEP_DIR")
+    levels, left_out = {}, []
+    for job in jobs:
+        cfg = run_config(job, overrides, allowed=("sample.", "device."), example="sample.steps=200")
+        corruption = cfg.corruption
+        sigma = corruption.get("noise_factor") if corruption.name == "gaussian" else None
+        if not sigma:
+            left_out.append(f"job {job_number(job)} (corruption={corruption.name}"
+                            f"{f', noise_factor={sigma}' if sigma is not None else ''})")
+        elif sigma in levels:
+            left_out.append(f"job {job_number(job)} (sigma {sigma:g} again; job {job_number(levels[sigma][0])} has it)")
+        else:
+            levels[sigma] = (job, cfg)
+    found = [(sigma, *levels[sigma]) for sigma in sorted(levels, reverse=True)]
+    if len(found) < 2:
+        raise ConfigError(f"annealed Langevin steps through models trained at two or more gaussian sigmas, and "
+                          f"{sweep_dir} has {len(found)}; sweep corruption=gaussian corruption.noise_factor, e.g. "
+                          f"+experiment=noise_levels (one sigma: sample.method=langevin on its run)", "SWEEP_DIR")
+    data = {sigma: OmegaConf.to_container(cfg.data, resolve=True) for sigma, _, cfg in found}
+    for sigma, job, _ in found[1:]:
+        if data[sigma] != data[found[0][0]]:
+            raise ConfigError(f"job {job_number(job)} and job {job_number(found[0][1])} trained on different data "
+                              f"({data[sigma]} and {data[found[0][0]]}); annealing needs one data set: sample a "
+                              f"sweep over the noise alone", "SWEEP_DIR")
+    return found, left_out
+
+
+def annealed_run(sweep_dir: Path, overrides: list[str]) -> dict:
+    """`aelab sample SWEEP_DIR sample.method=annealed`: annealed Langevin dynamics through the sweep's
+    gaussian denoising models, sample.steps at each sigma from the largest to the smallest; written to
+    the sweep's folder as `sample_run` writes a run's."""
+    if (sweep_dir / "checkpoint.pt").is_file():
+        raise ConfigError(f"annealed Langevin steps through the models of a sweep, one per gaussian sigma, and "
+                          f"{sweep_dir} is one run: give its sweep's folder, or sample.method=langevin", "sample.method")
+    found, left_out = noise_levels(sweep_dir, overrides)
+    parts = build(found[0][2])  # the data, the device and the sample settings (the same overrides for every job)
+    if parts.sampling.noise is not None:
+        raise ConfigError("annealed Langevin takes each job's own training sigma; drop sample.noise", "sample.noise")
+    levels = []
+    for sigma, job, cfg in found:
+        model = build_part("model", MODELS, cfg.model, input_shape=parts.data.image_shape).to(parts.device)
+        checkpoint.load(dataclasses.replace(parts, model=model), job, "SWEEP_DIR",
+                        f"sample another sweep, or train job {job_number(job)} again", model_only=True)
+        levels.append((model, sigma))
+    sigmas = ", ".join(f"{sigma:g}" for sigma, _, _ in found)
+    steps, a = parts.sampling.steps, parts.sampling.step_size
+    console.console.print(f"annealed Langevin: {steps} steps at each sigma {sigmas} (jobs "
+                          f"{', '.join(job_number(job) for _, job, _ in found)})"
+                          f"{'; left out: ' + ', '.join(left_out) if left_out else ''}",
+                          markup=False, highlight=False, soft_wrap=True)
+    rows, yardstick, states = sample(parts, {}, levels)
+    record = {"overrides": overrides, "sample": OmegaConf.to_container(found[0][2].sample, resolve=True),
+              "levels": [{"job": job.name, "sigma": sigma} for sigma, job, _ in found], "left_out": left_out,
+              "chain": rows, "test_images": yardstick}
+    title = (f"{sweep_dir.name}: annealed Langevin x <- x + {a:g}/2 (f_i(x) - x) + sqrt({a:g}) sigma_i z, "
+             f"{steps} steps at sigma_i {sigmas}, showing f_i(x), from {parts.sampling.start}")
+    publish(sweep_dir, output_name("sample", overrides), record, states, parts.data.image_shape, title,
+            [f"step {row['step']}" + (f", σ {row['sigma']:g}" if row["sigma"] else "") for row in rows])
     return record

@@ -167,8 +167,8 @@ def test_sample_chains_on_cuda_match_the_cpu(make_cfg):
     b, _ = chain(gpu.model, none, start.to(gpu.device), 5, [5], torch.Generator(gpu.device).manual_seed(0))
     torch.testing.assert_close(b[5].cpu(), a[5], rtol=1e-4, atol=1e-5)
     assert measure(b[5], gpu)["nearest_mse"] == pytest.approx(measure(a[5], cpu)["nearest_mse"], rel=1e-4)
-    a, _ = langevin(cpu.model, 0.0, 0.5, start, 5, [5], torch.Generator("cpu").manual_seed(0))
-    b, _ = langevin(gpu.model, 0.0, 0.5, start.to(gpu.device), 5, [5], torch.Generator(gpu.device).manual_seed(0))
+    a, _ = langevin([(cpu.model, 0.0)], 0.5, start, 5, [5], torch.Generator("cpu").manual_seed(0))
+    b, _ = langevin([(gpu.model, 0.0)], 0.5, start.to(gpu.device), 5, [5], torch.Generator(gpu.device).manual_seed(0))
     torch.testing.assert_close(b[5].cpu(), a[5], rtol=1e-4, atol=1e-5)
     rows, yardstick, states = sample(gpu, {"name": "gaussian", "noise_factor": 0.3})  # on the device
     assert states[50].device == gpu.device and [row["step"] for row in rows] == [0, 1, 2, 5, 10, 20, 50]

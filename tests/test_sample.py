@@ -70,7 +70,7 @@ def test_langevin_samples_the_noised_density_the_score_describes(step_size):
     mu, tau, sigma = 0.5, 0.05, 0.1
     model, v = GaussianDenoiser(mu, tau, sigma), tau ** 2 + sigma ** 2
     start = torch.full((4096, 16), mu)
-    states, change = langevin(model, sigma, step_size, start, 80, [0, 80], torch.Generator().manual_seed(0))
+    states, change = langevin([(model, sigma)], step_size, start, 80, [0, 80], torch.Generator().manual_seed(0))
     shown = states[80]
     stationary = v / (1 - step_size * sigma ** 2 / (4 * v))
     assert shown.mean().item() == pytest.approx(mu, abs=1e-3)
@@ -91,12 +91,35 @@ def test_the_corrupt_and_denoise_chain_has_another_stationary_law():
 def test_langevin_without_noise_relaxes_to_the_denoisers_fixed_point():
     """sigma 0: x <- x + (a/2)(f(x) - x) converges geometrically (factor 1 - (a/2)(1 - c)) to f's fixed point."""
     model = GaussianDenoiser(0.5, 0.05, 0.1)
-    states, change = langevin(model, 0.0, 1.0, torch.ones(3, 4), 5, [0, 1, 5], torch.Generator().manual_seed(0))
+    states, change = langevin([(model, 0.0)], 1.0, torch.ones(3, 4), 5, [0, 1, 5], torch.Generator().manual_seed(0))
     rho = 1 - 0.5 * (1 - model.c)
     x5 = 0.5 + 0.5 * rho ** 5  # the state after 5 steps; shown: f of it
     assert torch.allclose(states[5], torch.full((3, 4), 0.5 + model.c * (x5 - 0.5)))
     assert torch.equal(states[0], torch.ones(3, 4)) and change[0] is None
     assert change[1] == pytest.approx((0.5 + model.c * 0.5 * rho - 1.0) ** 2)
+
+
+def test_annealed_langevin_follows_each_levels_law_in_turn():
+    """Levels sigma 0.1, 0.03, 0.005, each with its own best denoiser, 100 steps each: x is an AR(1)
+    process whose coefficient rho_i = 1 - (a/2)(1 - c_i) and added variance a sigma_i² change at each
+    level, so its mean and variance after each level follow from the recursion, step by step. The
+    smallest sigma alone mixes slowly (rho 0.99): from the same start in as many steps it is still far
+    from the data's mean, which annealing reached."""
+    mu, tau, a, steps = 0.5, 0.05, 1.0, 100
+    levels = [(GaussianDenoiser(mu, tau, sigma), sigma) for sigma in (0.1, 0.03, 0.005)]
+    start = torch.zeros(4096, 16)
+    record = [1, 100, 101, 200, 201, 300]  # each level's end, and the first step of the next (its own model's)
+    states, _ = langevin(levels, a, start, steps, record, torch.Generator().manual_seed(0))
+    mean, var = 0.0, 0.0
+    for step in range(1, 3 * steps + 1):
+        model, sigma = levels[(step - 1) // steps]
+        rho = 1 - a / 2 * (1 - model.c)
+        mean, var = mu + rho * (mean - mu), rho ** 2 * var + a * sigma ** 2
+        if step in record[1:]:  # f_i(x): c_i times x's spread around mu
+            assert states[step].mean().item() == pytest.approx(mu + model.c * (mean - mu), abs=1e-3)
+            assert states[step].var().item() == pytest.approx(model.c ** 2 * var, rel=0.03)
+    alone, _ = langevin(levels[-1:], a, start, 3 * steps, [300], torch.Generator().manual_seed(0))
+    assert alone[300].mean().item() < mu - 0.05
 
 
 def test_nearest_finds_the_closest_reference_across_chunks():
@@ -214,7 +237,7 @@ def test_a_plain_autoencoder_chain_runs_to_a_fixed_point(runs):
     (["sample.seed=abc"], "sample.seed: must be an integer, got 'abc'"),
     (["sample.count=0"], "sample.count: must be >= 1, got 0"),
     (["sample.start=test", "sample.count=100000"], "sample.count: must be <= the 270 test images"),
-    (["sample.method=gibbs"], "sample.method: must be one of chain, langevin, got 'gibbs'"),
+    (["sample.method=gibbs"], "sample.method: must be one of chain, langevin, annealed, got 'gibbs'"),
     (["sample.step_size=0"], "sample.step_size: must be in (0, 2], got 0"),
     (["sample.step_size=3"], "sample.step_size: must be in (0, 2], got 3"),
     (["sample.method=langevin"], "sample.noise: sample.method=langevin needs the gaussian sigma of the score "
@@ -237,3 +260,76 @@ def test_sample_of_a_folder_that_is_no_run(tmp_path):
     assert proc.returncode == 2 and "is not an aelab run" in proc.stderr
     usage = run_cli("sample", cwd=tmp_path, check=False)
     assert usage.returncode == 2 and "usage: aelab sample RUN_DIR" in usage.stdout
+
+
+@pytest.fixture(scope="module")
+def noise_sweep(tmp_path_factory):
+    """A sweep of gaussian denoising models at noise 0, 0.2 and 0.4 on the digits (jobs 0, 1, 2)."""
+    root = tmp_path_factory.mktemp("levels")
+    run_cli("train", "-m", "corruption=gaussian", "corruption.noise_factor=0,0.2,0.4", "device=cpu", "trainer.epochs=15",
+            "eval.probe=false", f"hydra.sweep.dir={root / 'sweep'}", cwd=root)
+    return root / "sweep"
+
+
+def test_annealed_sample_command_steps_through_the_sweeps_models_largest_sigma_first(noise_sweep):
+    proc = run_cli("sample", str(noise_sweep), "sample.method=annealed", "sample.steps=20", cwd=noise_sweep)
+    assert "annealed Langevin: 20 steps at each sigma 0.4, 0.2 (jobs 2, 1); left out: job 0 (corruption=gaussian, " \
+           "noise_factor=0)" in proc.stdout
+    name = "sample_sample.method=annealed_sample.steps=20"
+    record = read(noise_sweep / f"{name}.json")
+    jobs = sorted(p.parent for p in noise_sweep.glob("*/checkpoint.pt"))
+    assert record["levels"] == [{"job": jobs[2].name, "sigma": 0.4}, {"job": jobs[1].name, "sigma": 0.2}]
+    rows = {row["step"]: row for row in record["chain"]}
+    assert list(rows) == [0, 1, 2, 5, 10, 20, 40]
+    assert [row["sigma"] for row in rows.values()] == [None, 0.4, 0.4, 0.4, 0.4, 0.4, 0.2]
+    assert rows[40]["nearest_mse"] < 0.2 * rows[0]["nearest_mse"]  # random pixels became digit-like images
+    # the same chains drawn here from each job's own saved model, in that order
+    from aelab import checkpoint
+    from aelab.build import run_config
+    from aelab.sample import starts
+    parts, levels = None, []
+    for job, sigma in ((jobs[2], 0.4), (jobs[1], 0.2)):
+        job_parts = build(run_config(job, ["sample.steps=20"], allowed=("sample.",)))
+        checkpoint.load(job_parts, job, model_only=True)
+        parts, levels = parts or job_parts, [*levels, (job_parts.model, sigma)]
+    generator = torch.Generator().manual_seed(0)
+    states, _ = langevin(levels, 0.5, starts(parts, parts.sampling, generator), 20, [40], generator)
+    assert measure(states[40], parts) == pytest.approx({k: rows[40][k] for k in measure(states[40], parts)})
+    assert (noise_sweep / f"{name}.png").stat().st_size > 10_000
+    board = events(noise_sweep / name)
+    sigmas = board.Scalars("sample/sigma")
+    assert [e.step for e in sigmas] == [1, 2, 5, 10, 20, 40]
+    assert [e.value for e in sigmas] == pytest.approx([0.4] * 5 + [0.2])
+    assert [e.step for e in board.Images("sample/chains")] == list(rows)
+    run_cli("sample", str(noise_sweep), "sample.method=annealed", "sample.steps=20", cwd=noise_sweep)
+    assert read(noise_sweep / f"{name}.json") == record  # the same seed, the same chains
+    report = run_cli("report", str(noise_sweep), cwd=noise_sweep)  # the sweep's folder holds it; its jobs, 3
+    assert "3 runs" in report.stdout
+
+
+@pytest.mark.parametrize("where,args,message", [
+    ("job", [], "sample.method: annealed Langevin steps through the models of a sweep, one per gaussian sigma, and"),
+    ("sweep", ["sample.noise=0.3"], "sample.noise: annealed Langevin takes each job's own training sigma; drop "
+                                    "sample.noise"),
+    ("one level", [], "SWEEP_DIR: annealed Langevin steps through models trained at two or more gaussian sigmas, "
+                      "and"),
+    ("other data", [], "SWEEP_DIR: job 1 and job 2 trained on different data"),
+    ("empty", [], "holds no trained jobs (*/checkpoint.pt); give the folder of an `aelab train -m` sweep"),
+    ("sweep", ["sample.steps=0"], "sample.steps: must be >= 1, got 0"),
+])
+def test_bad_annealed_input_is_one_line_and_writes_nothing(noise_sweep, tmp_path, where, args, message):
+    import shutil
+
+    jobs = sorted(p.parent for p in noise_sweep.glob("*/checkpoint.pt"))
+    target = {"job": jobs[2], "sweep": noise_sweep, "empty": tmp_path}.get(where, tmp_path / "sweep")
+    if where in ("one level", "other data"):
+        for job in jobs[:2] if where == "one level" else jobs[1:]:
+            shutil.copytree(job, target / job.name)
+    if where == "other data":
+        config = next(target.glob("1_*")) / ".hydra" / "config.yaml"
+        config.write_text(config.read_text().replace("split_seed: 0", "split_seed: 5"))
+    before = sorted(str(p) for p in target.rglob("*"))
+    proc = run_cli("sample", str(target), "sample.method=annealed", *args, cwd=tmp_path, check=False)
+    assert proc.returncode == 2 and message in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stderr + proc.stdout and len(proc.stderr.strip().splitlines()) == 1
+    assert sorted(str(p) for p in target.rglob("*")) == before
