@@ -55,7 +55,7 @@ class SampleSettings:  # `aelab sample`: chains drawn from a trained model
     start: str  # noise: uniform random pixels; test: the first `count` test images
     noise: float | None  # the chain's gaussian noise_factor; None: the run's own training corruption
     seed: int  # the start's and the chain's noise
-    step_size: float  # langevin: the step as a fraction of sigma^2
+    step_size: float  # langevin, annealed: the step as a fraction of sigma^2
 
 
 @dataclass
