@@ -333,3 +333,18 @@ def test_bad_annealed_input_is_one_line_and_writes_nothing(noise_sweep, tmp_path
     assert proc.returncode == 2 and message in proc.stderr, proc.stderr
     assert "Traceback" not in proc.stderr + proc.stdout and len(proc.stderr.strip().splitlines()) == 1
     assert sorted(str(p) for p in target.rglob("*")) == before
+
+
+def test_a_run_configured_to_anneal_is_told_to_give_its_sweep(noise_sweep, tmp_path):
+    """sample.method=annealed saved in a run's own config (trained with it): `aelab sample RUN_DIR`
+    refuses it in one line, as it does the override."""
+    import shutil
+
+    job = tmp_path / "job"
+    shutil.copytree(sorted(p.parent for p in noise_sweep.glob("*/checkpoint.pt"))[2], job)
+    config = job / ".hydra" / "config.yaml"
+    config.write_text(config.read_text().replace("method: chain", "method: annealed"))
+    proc = run_cli("sample", str(job), cwd=tmp_path, check=False)
+    assert proc.returncode == 2 and "sample.method: annealed Langevin steps through the models of a sweep" in proc.stderr
+    assert "give its sweep's folder, or sample.method=langevin" in proc.stderr
+    assert not list(job.glob("sample*"))
