@@ -18,6 +18,7 @@ from .runs import (EVAL_OVERRIDES, FAILED, SAMPLE_MEASURES, check_overrides, out
 from .registry import ConfigError
 
 SEED_KEY = "trainer.seed"
+ANNEALED = "annealed Langevin through the sweep's models (aelab sample SWEEP_DIR sample.method=annealed)"
 PLUMBING = ("resume", "launcher", "paths.", "data.root", "data.download", "hydra")  # override keys (prefixes)
 SPARSITY = ("population_sparsity", "dead_fraction", "mean_activation", "sensitivity", "jacobian_rank",
             "feature_spread")
@@ -172,6 +173,27 @@ def sample_metrics(path: Path) -> tuple[dict[str, float], str]:
         raise ConfigError(f"{path} is unreadable (not an aelab sample record); {fix}", path.name) from None
 
 
+def annealed_samples(sweep_dir: Path) -> list[str]:
+    """A line for each `aelab sample SWEEP_DIR sample.method=annealed` record in the sweep's own folder:
+    its levels and its chains' last state."""
+    lines = []
+    for path in sorted(sweep_dir.glob("sample*.json")):
+        record = read_json(path, "remove it, or write it again with aelab sample")
+        settings = record.get("sample")
+        if not isinstance(settings, dict) or settings.get("method") != "annealed":  # not an annealed record
+            continue
+        measures, _ = sample_metrics(path)
+        try:
+            sigmas, steps = [float(level["sigma"]) for level in record["levels"]], int(record["sample"]["steps"])
+        except (KeyError, TypeError, ValueError):
+            raise ConfigError(f"{path} is unreadable (not an aelab sample record); remove it, or write it again "
+                              f"with aelab sample", path.name) from None
+        lines.append(f"- {path.name}: {steps} steps at each sigma {', '.join(f'{s:g}' for s in sigmas)}; the last "
+                     f"state: {measures['sample_classes']:g} classes (commonest {measures['sample_top_share']:.2f}), "
+                     f"sharpness {measures['sample_sharpness']:.3g}, nearest_mse {measures['sample_nearest_mse']:.3g}")
+    return lines
+
+
 def unfinished_jobs(sweep_dir: Path, unreadable: dict[Path, str]) -> list[tuple[str, str]]:
     """(job dir relative to sweep_dir, why it has no results): its error, for a job that stopped on a
     NaN or inf loss (failed.json) or whose metrics.json cannot be read (`unreadable`, from load_jobs);
@@ -219,9 +241,10 @@ def fmt(mean: float, std: float, n: int) -> str:
     return "-" if n == 0 else f"{mean:.4g}" if n == 1 else f"{mean:.4g} ± {std:.2g}"
 
 
-def write_tables(rows: list[Row], keys: list[str], metrics: list[str], failed: list[str],
+def write_tables(rows: list[Row], keys: list[str], metrics: list[str], failed: list[str], annealed: list[str],
                  out: Path) -> tuple[Path, Path]:
-    """report.csv, and report.md with the jobs without results (`failed` lines) under its table."""
+    """report.csv, and report.md with the jobs without results (`failed` lines) and the sweep's annealed
+    samples (`annealed` lines) under its table."""
     setting_keys = [k for k in keys if k != SEED_KEY]
     csv_path, md_path = out / "report.csv", out / "report.md"
     table = io.StringIO()
@@ -238,6 +261,8 @@ def write_tables(rows: list[Row], keys: list[str], metrics: list[str], failed: l
         lines.append("| " + " | ".join([*row.shown.values(), str(len(row.jobs)), *cells]) + " |")
     if failed:
         lines += ["", "Jobs without results:", "", *failed]
+    if annealed:
+        lines += ["", f"{ANNEALED}:", "", *annealed]
     write_text(md_path, "\n".join(lines) + "\n")
     return csv_path, md_path
 
@@ -306,7 +331,10 @@ def report(sweep_dir: Path, overrides: list[str] = ()) -> dict:
         console.print(f"sample_* columns: the last state of {' / '.join(sampled)} in "
                       f"{sum(1 for job in jobs if job.sampled)} of {len(jobs)} runs", markup=False, highlight=False,
                       soft_wrap=True)
-    csv_path, md_path = write_tables(rows, keys, metrics, failed, out)
+    annealed = annealed_samples(sweep_dir)
+    if annealed:
+        console.print(f"{ANNEALED}:\n" + "\n".join(annealed), markup=False, highlight=False, soft_wrap=True)
+    csv_path, md_path = write_tables(rows, keys, metrics, failed, annealed, out)
     plots = make_plots(rows, jobs, [k for k in keys if k != SEED_KEY], out,
                        record=output_name("eval", list(overrides)) if overrides else None)
     console.print(f"wrote {', '.join(p.name for p in [csv_path, md_path, *plots])} in {out}", markup=False,

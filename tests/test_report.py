@@ -119,7 +119,7 @@ def test_sampled_values_are_shown_short_and_kept_whole(tmp_path):
     setting = {"reg.weight": "0.0015676677195506068", "loss": "mse"}
     row = Row(setting, [Job(Path("0"), setting, {}, {"mse": 0.5})])
     assert row.label == "reg.weight=0.001568, loss=mse"
-    csv_path, md_path = write_tables([row], list(setting), ["mse"], [], tmp_path)
+    csv_path, md_path = write_tables([row], list(setting), ["mse"], [], [], tmp_path)
     assert csv_path.read_text().splitlines()[1].startswith("0.0015676677195506068,mse,1,0.5,")
     assert md_path.read_text().splitlines()[2] == "| 0.001568 | mse | 1 | 0.5 |"
 

@@ -304,7 +304,11 @@ def test_annealed_sample_command_steps_through_the_sweeps_models_largest_sigma_f
     run_cli("sample", str(noise_sweep), "sample.method=annealed", "sample.steps=20", cwd=noise_sweep)
     assert read(noise_sweep / f"{name}.json") == record  # the same seed, the same chains
     report = run_cli("report", str(noise_sweep), cwd=noise_sweep)  # the sweep's folder holds it; its jobs, 3
-    assert "3 runs" in report.stdout
+    last = rows[40]
+    line = (f"- {name}.json: 20 steps at each sigma 0.4, 0.2; the last state: {last['classes']} classes (commonest "
+            f"{last['top_share']:.2f}), sharpness {last['sharpness']:.3g}, nearest_mse {last['nearest_mse']:.3g}")
+    assert "3 runs" in report.stdout and "annealed Langevin through the sweep's models" in report.stdout
+    assert line in report.stdout and line in (noise_sweep / "report.md").read_text()
 
 
 @pytest.mark.parametrize("where,args,message", [
@@ -348,3 +352,18 @@ def test_a_run_configured_to_anneal_is_told_to_give_its_sweep(noise_sweep, tmp_p
     assert proc.returncode == 2 and "sample.method: annealed Langevin steps through the models of a sweep" in proc.stderr
     assert "give its sweep's folder, or sample.method=langevin" in proc.stderr
     assert not list(job.glob("sample*"))
+
+
+def test_report_names_a_broken_annealed_record_and_passes_over_other_json(noise_sweep, tmp_path):
+    import shutil
+
+    sweep = tmp_path / "sweep"
+    shutil.copytree(noise_sweep, sweep)
+    for path in sweep.glob("sample*.json"):
+        path.unlink()
+    (sweep / "sample_notes.json").write_text('{"what": "my own notes"}')  # not aelab's: passed over
+    assert "annealed Langevin" not in run_cli("report", str(sweep), cwd=sweep).stdout
+    (sweep / "sample_sample.method=annealed.json").write_text('{"sample": {"method": "annealed"}, "chain": []}')
+    proc = run_cli("report", str(sweep), cwd=sweep, check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+    assert "sample_sample.method=annealed.json is unreadable (not an aelab sample record); remove it" in proc.stderr
