@@ -170,6 +170,10 @@ def test_sample_chains_on_cuda_match_the_cpu(make_cfg):
     a, _ = langevin([(cpu.model, 0.0)], 0.5, start, 5, [5], torch.Generator("cpu").manual_seed(0))
     b, _ = langevin([(gpu.model, 0.0)], 0.5, start.to(gpu.device), 5, [5], torch.Generator(gpu.device).manual_seed(0))
     torch.testing.assert_close(b[5].cpu(), a[5], rtol=1e-4, atol=1e-5)
+    a, _ = langevin([(cpu.model, 0.0), (cpu.model, 0.0)], 0.5, start, 3, [6], torch.Generator("cpu").manual_seed(0))
+    b, _ = langevin([(gpu.model, 0.0), (gpu.model, 0.0)], 0.5, start.to(gpu.device), 3, [6],
+                    torch.Generator(gpu.device).manual_seed(0))  # annealed: two levels, three steps each
+    torch.testing.assert_close(b[6].cpu(), a[6], rtol=1e-4, atol=1e-5)
     rows, yardstick, states = sample(gpu, {"name": "gaussian", "noise_factor": 0.3})  # on the device
     assert states[50].device == gpu.device and [row["step"] for row in rows] == [0, 1, 2, 5, 10, 20, 50]
     assert all(0 <= row["nearest_mse"] < 1 for row in rows) and yardstick["classes"] >= 1
