@@ -43,6 +43,7 @@ class EvalSettings:
     probe: bool  # linear probes on codes and on pixels
     probe_max_samples: int
     features: int  # decoded one-hot codes to draw
+    feature_value: float | str  # the code value they are drawn at, or "typical": each unit's when it fires
     projector: int  # test codes in TensorBoard's Projector tab; 0: none
 
 
@@ -136,6 +137,16 @@ def set_matmul_precision(tf32: bool) -> None:
     torch.backends.cudnn.conv.fp32_precision = precision
 
 
+def feature_value(value) -> float | str:
+    """eval.feature_value: a code value > 0, or "typical" (each unit's value when it fires)."""
+    if value == "typical":
+        return value
+    try:
+        return number(value, "feature_value", low=0, low_open=True)
+    except ConfigError:
+        raise ConfigError(f"must be a code value > 0 or typical, got {value!r}", "feature_value") from None
+
+
 def eval_settings(node, image_shape: tuple[int, int, int]) -> EvalSettings:
     try:
         known_keys(node, EvalSettings, "eval")
@@ -153,6 +164,7 @@ def eval_settings(node, image_shape: tuple[int, int, int]) -> EvalSettings:
                             probe_max_samples=number(node.probe_max_samples, "probe_max_samples", low=10,
                                                      integer=True),
                             features=number(node.features, "features", low=1, integer=True),
+                            feature_value=feature_value(node.feature_value),
                             projector=number(node.projector, "projector", low=0, integer=True))
     except ConfigError as e:
         raise e.within("eval") from None

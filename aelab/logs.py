@@ -12,7 +12,7 @@ from PIL import Image
 
 from .build import GROUPS, EvalSettings, Parts
 from .data import Split
-from .metrics import GRID_PAD, denoised, feature_grid, grid, image_grid, principal_components
+from .metrics import GRID_PAD, denoised, feature_grid, grid, image_grid, principal_components, typical_activation
 from .runs import SAMPLE_MEASURES, write_whole
 
 HPARAM_GROUPS = (*GROUPS, "trainer")
@@ -170,11 +170,20 @@ def denoising_picture(parts: Parts, settings: EvalSettings, test: dict[str, floa
     return labelled(grid(torch.cat(rows).clamp(0, 1), parts.data.image_shape, columns=len(clean)), labels)
 
 
+def features_picture(parts: Parts, settings: EvalSettings, arrays: dict[str, Tensor]) -> Tensor:
+    """features.png: the first eval.features units decoded alone at eval.feature_value, or each at its
+    typical value on the test codes (`arrays`)."""
+    value = settings.feature_value
+    if value == "typical":
+        value = typical_activation(arrays["latent_activations"], settings.threshold).float()
+    return feature_grid(parts, settings.features, value)
+
+
 def save_pictures(parts: Parts, settings: EvalSettings, test: dict[str, float], arrays: dict[str, Tensor],
                   run_dir: Path) -> dict[str, Tensor]:
     """Reconstruction grid, decoded features, the test codes' layout, each test noise's inputs and outputs
     and the histograms as PNG files; the pictures, for TensorBoard."""
-    grids = {"reconstructions": image_grid(parts, parts.data.test.x), "features": feature_grid(parts, settings.features),
+    grids = {"reconstructions": image_grid(parts, parts.data.test.x), "features": features_picture(parts, settings, arrays),
              "latents": latent_picture(arrays["latent_activations"], parts.data.test.labels)}
     noisy = denoising_picture(parts, settings, test)
     if noisy is not None:

@@ -146,10 +146,11 @@ def feature_spread(parts: Parts, latent: Tensor, threshold: float) -> float | No
     """How much of the image each latent unit in use draws (the tutorial's "localized patterns" of sparse
     features, measured). For each unit active on some test input, d is what the code with that unit alone
     at its typical value (typical_activation) decodes to less what the zero code does: what the unit adds
-    to a picture when it fires (features.png draws it at 1, the tutorial's visualisation; through a
-    nonlinear decoder a unit that fires at 7 draws another picture). (sum d^2)^2 / (P sum d^4), the
-    participation ratio over the P pixels, is 1/P for a change of one pixel and 1 for the same change of
-    every pixel. The mean over those units; None where no unit is in use or none changes the picture."""
+    to a picture when it fires (features.png draws it at eval.feature_value, the tutorial's 1 unless told
+    typical; through a nonlinear decoder a unit that fires at 7 draws another picture). (sum d^2)^2 /
+    (P sum d^4), the participation ratio over the P pixels, is 1/P for a change of one pixel and 1 for
+    the same change of every pixel. The mean over those units; None where no unit is in use or none
+    changes the picture."""
     typical = typical_activation(latent, threshold)
     used = typical.isfinite().nonzero().flatten()
     if not len(used):
@@ -234,13 +235,17 @@ def denoised(parts: Parts, settings: EvalSettings) -> tuple[Tensor, dict[str, tu
 
 
 @torch.no_grad()
-def feature_grid(parts: Parts, count: int) -> Tensor:
-    """Decoded one-hot codes: what each of the first `count` latent units draws (the decoder basis)."""
+def feature_grid(parts: Parts, count: int, value: float | Tensor = 1.0) -> Tensor:
+    """Decoded one-hot codes: what each of the first `count` latent units draws (the decoder basis), each
+    at `value` (the tutorial's 1), or at its own (a (latent_dim,) tensor, typical_activation's: a unit
+    never active, NaN there, is drawn black)."""
     k = min(count, parts.model.latent_dim)
-    one_hot = torch.eye(k, parts.model.latent_dim, device=parts.device)
+    values = torch.as_tensor(value, dtype=torch.float32).expand(parts.model.latent_dim)[:k].to(parts.device)
+    fires = values.isfinite()
+    code = torch.eye(k, parts.model.latent_dim, device=parts.device) * values.nan_to_num(0.0)[:, None]
     with eval_mode(parts.model):
-        images = parts.model.decode(one_hot)[0].view(k, *parts.data.image_shape).clamp(0, 1)
-    return grid(images, parts.data.image_shape, stretch=True)
+        images = parts.model.decode(code)[0].view(k, *parts.data.image_shape).clamp(0, 1)
+    return grid(images * fires.view(-1, 1, 1, 1), parts.data.image_shape, stretch=True)
 
 
 def grid(images: Tensor, shape: tuple[int, int, int], columns: int | None = None, stretch: bool = False,

@@ -11,10 +11,10 @@ from torch import Tensor
 from torch.utils.tensorboard import SummaryWriter
 
 from . import checkpoint, console
-from .build import Parts, build, run_config
+from .build import EvalSettings, Parts, build, run_config
 from .checkpoint import Position
 from .faults import FiniteWatch, StopNow, StopSignals, environment
-from .logs import config_text, denoising_picture, log_final, log_terms, save_pictures, save_png
+from .logs import config_text, denoising_picture, features_picture, log_final, log_terms, save_pictures, save_png
 from .metrics import activity, analyse, image_grid
 from .objective import TERMS, batches, evaluate
 from .runs import output_name, read_results, write_json
@@ -128,19 +128,30 @@ def finish(parts: Parts, run_dir: Path) -> tuple[dict, dict[str, Tensor], dict[s
     return metrics, save_pictures(parts, parts.evaluation, test, arrays, run_dir), arrays
 
 
+def redraws_features(overrides: list[str], settings: EvalSettings) -> bool:
+    """Whether `aelab eval` overrides draw another features.png: they set which units or the value they
+    are drawn at, or the threshold the typical value is measured above."""
+    keys = {override.partition("=")[0] for override in overrides}
+    return bool(keys & {"eval.features", "eval.feature_value"}) or (
+        "eval.threshold" in keys and settings.feature_value == "typical")
+
+
 def evaluate_run(run_dir: Path, overrides: list[str]) -> dict:
     """`aelab eval`: reload a run's checkpoint, recompute the test metrics, print and save them."""
     cfg = run_config(run_dir, overrides)
     parts = build(cfg)
     checkpoint.load(parts, run_dir, "RUN_DIR", "evaluate another run, or train this one again", model_only=True)
-    test, _ = test_split(parts)
+    test, arrays = test_split(parts)
     stem = output_name("eval", overrides)
     written = [run_dir / f"{stem}.json"]
     write_json(written[0], {"overrides": overrides, "test": test})
-    picture = denoising_picture(parts, parts.evaluation, test)
-    if picture is not None:
-        written.append(run_dir / f"{stem}_denoising.png")
-        save_png(picture, written[-1])
+    pictures = {"denoising": denoising_picture(parts, parts.evaluation, test)}
+    if redraws_features(overrides, parts.evaluation):
+        pictures["features"] = features_picture(parts, parts.evaluation, arrays)
+    for name, picture in pictures.items():
+        if picture is not None:
+            written.append(run_dir / f"{stem}_{name}.png")
+            save_png(picture, written[-1])
     console.metrics_table(test, title=f"aelab eval: {run_dir}")
     console.console.print(f"wrote {', '.join(path.name for path in written)} in {run_dir}", markup=False,
                           highlight=False, soft_wrap=True)

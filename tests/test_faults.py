@@ -106,6 +106,7 @@ def assert_clean_failure(proc, code, text):
     (["trainer.compile=1"], "trainer.compile: must be true or false, got 1"),
     (["eval.probe=yes"], "eval.probe: must be true or false, got 'yes'"),
     (["eval.projector=-1"], "eval.projector: must be >= 0, got -1"),
+    (["eval.feature_value=abc"], "eval.feature_value: must be a code value > 0 or typical, got 'abc'"),
     (["eval.noise.gaussian=null"], "eval.noise.gaussian.noise_factor: missing value; add "
                                    "eval.noise.gaussian.noise_factor=... on the command line"),  # the fix: the whole key
     (["eval.noise={}"], "eval.noise: {} drops nothing"),
@@ -537,7 +538,7 @@ def test_checkpoint_write_is_atomic(tmp_path, make_cfg, monkeypatch):
 KEYS = [("reg=l1", "reg.weight"), ("reg=kl", "reg.rho"), ("corruption=masking", "corruption.prob"),
         ("corruption=gaussian", "corruption.noise_factor"), ("corruption=block", "corruption.size"),
         (None, "model.latent_dim"), (None, "trainer.epochs"), (None, "trainer.batch_size"),
-        (None, "optim.lr"), (None, "trainer.log_every"), (None, "eval.projector")]
+        (None, "optim.lr"), (None, "trainer.log_every"), (None, "eval.projector"), (None, "eval.feature_value")]
 INVALID = st.one_of(
     st.floats(max_value=-1e-6, allow_nan=False).map(repr),
     st.text("abcdefghijklmnopqrstuvwxyz_", min_size=1, max_size=8),

@@ -1,4 +1,5 @@
 """Test-split metrics against hand-built cases and closed forms."""
+import dataclasses
 import math
 
 import numpy as np
@@ -193,6 +194,39 @@ def test_feature_grid_decodes_one_hot_codes(make_cfg):
     tile = grid[0, 2:10, 2:10]
     expected = (first - first.min()) / (first.max() - first.min())  # normalize=True, scale_each=True
     torch.testing.assert_close(tile, expected, atol=1e-5, rtol=0)
+
+
+def test_feature_grid_draws_each_unit_at_the_value_given(make_cfg):
+    """eval.feature_value: one value for every unit, or each unit's own (typical), a unit never active
+    (NaN) drawn black."""
+    from aelab.logs import features_picture
+
+    parts = build(make_cfg("device=cpu"))
+
+    def tile(grid, index):  # the index-th 8x8 tile of a 4-across grid with 2-px padding
+        row, column = divmod(index, 4)
+        return grid[0, 2 + 10 * row:10 + 10 * row, 2 + 10 * column:10 + 10 * column]
+
+    def drawn(code):
+        with torch.no_grad():
+            image = parts.model.decode(code[None])[0].view(8, 8).clamp(0, 1)
+        return (image - image.min()) / (image.max() - image.min())
+
+    assert torch.equal(feature_grid(parts, 16, 1.0), feature_grid(parts, 16))
+    values = torch.full((32,), 3.0)
+    values[1] = torch.nan
+    values[2] = 0.25
+    grid = feature_grid(parts, 16, values)
+    torch.testing.assert_close(tile(grid, 0), drawn(3.0 * torch.eye(32)[0]), atol=1e-5, rtol=0)
+    torch.testing.assert_close(tile(grid, 2), drawn(0.25 * torch.eye(32)[2]), atol=1e-5, rtol=0)
+    assert torch.equal(tile(grid, 1), torch.zeros(8, 8))  # never active: black
+    assert not torch.allclose(tile(grid, 0), tile(feature_grid(parts, 16), 0), atol=1e-3)  # 3 draws another picture
+    latent = torch.rand(50, 32) * 2  # typical: each unit's 90th percentile above eval.threshold
+    latent[:, 5] = 0.0
+    typical = dataclasses.replace(parts.evaluation, feature_value="typical", features=16)
+    picture = features_picture(parts, typical, {"latent_activations": latent})
+    assert torch.equal(picture, feature_grid(parts, 16, typical_activation(latent, 0.1).float()))
+    assert torch.equal(tile(picture, 5), torch.zeros(8, 8))
 
 
 @pytest.mark.parametrize("count, shape, columns", [(16, (1, 8, 8), None), (7, (1, 8, 8), 3), (64, (1, 28, 28), 8),

@@ -359,6 +359,27 @@ def test_report_of_a_folder_without_runs_is_a_clear_error(tmp_path):
     assert proc.returncode == 2 and "no finished jobs" in proc.stderr and "Traceback" not in proc.stderr
 
 
+def test_eval_draws_features_again_when_told_another_value(sweep, tmp_path):
+    """eval.feature_value (or eval.features) on aelab eval: EVAL_features.png beside its record, the
+    run's own features.png kept; at the training value the same pixels, at typical other ones."""
+    job = tmp_path / "job"
+    shutil.copytree(sorted(p.parent for p in sweep.glob("*/metrics.json"))[0], job)
+    own = (job / "features.png").read_bytes()
+    proc = run_cli("eval", str(job), "eval.feature_value=1", "eval.probe=false", cwd=job)
+    assert "eval_eval.feature_value=1_eval.probe=false_features.png" in proc.stdout
+    proc = run_cli("eval", str(job), "eval.feature_value=typical", "eval.probe=false", cwd=job)
+    assert (job / "features.png").read_bytes() == own
+
+    def pixels(name):
+        with Image.open(job / name) as image:
+            return image.convert("L").tobytes()
+    at_one = pixels("eval_eval.feature_value=1_eval.probe=false_features.png")
+    assert at_one == pixels("features.png")
+    assert pixels("eval_eval.feature_value=typical_eval.probe=false_features.png") != at_one
+    run_cli("eval", str(job), "eval.threshold=0.2", "eval.probe=false", cwd=job)  # feature_value 1: the same picture
+    assert not list(job.glob("eval_eval.threshold=0.2*_features.png"))
+
+
 def test_eval_recomputes_metrics_with_other_noise_levels(sweep):
     job = sorted(p.parent for p in sweep.glob("*/metrics.json"))[0]
     stored = json.loads((job / "metrics.json").read_text())["test"]
