@@ -332,8 +332,9 @@ def annealed_run(sweep_dir: Path, overrides: list[str]) -> dict:
                         f"sample another sweep, or train job {job_number(job)} again", model_only=True)
         levels.append((model, sigma))
     sigmas = ", ".join(f"{sigma:g}" for sigma, _, _ in found)
-    steps, a = parts.sampling.steps, parts.sampling.step_size
-    console.console.print(f"annealed Langevin: {steps} steps at each sigma {sigmas} (jobs "
+    a = parts.sampling.step_size
+    steps = f"{parts.sampling.steps} step{'s' if parts.sampling.steps != 1 else ''}"
+    console.console.print(f"annealed Langevin: {steps} at each sigma {sigmas} (jobs "
                           f"{', '.join(job_number(job) for _, job, _ in found)})"
                           f"{'; left out: ' + ', '.join(left_out) if left_out else ''}",
                           markup=False, highlight=False, soft_wrap=True)
@@ -342,7 +343,7 @@ def annealed_run(sweep_dir: Path, overrides: list[str]) -> dict:
               "levels": [{"job": job.name, "sigma": sigma} for sigma, job, _ in found], "left_out": left_out,
               "chain": rows, "test_images": yardstick}
     title = (f"{sweep_dir.name}: annealed Langevin x <- x + {a:g}/2 (f_i(x) - x) + sqrt({a:g}) sigma_i z, "
-             f"{steps} steps at sigma_i {sigmas}, showing f_i(x), from {parts.sampling.start}")
+             f"{steps} at each sigma_i {sigmas}, showing f_i(x), from {parts.sampling.start}")
     publish(sweep_dir, output_name("sample", overrides), record, states, parts.data.image_shape, title,
             [f"step {row['step']}" + (f", σ {row['sigma']:g}" if row["sigma"] else "") for row in rows])
     return record
