@@ -319,6 +319,15 @@ def current_defaults() -> DictConfig:
     return OmegaConf.create(files("aelab.configs").joinpath("train.yaml").read_text())
 
 
+def device_option(name: str) -> DictConfig:
+    """The device group's option NAME as configs/device/NAME.yaml sets it (a name it lacks: just the
+    name, which build() refuses with the options)."""
+    from importlib.resources import files
+    if name not in DEVICES.names():
+        return OmegaConf.create({"name": name})
+    return OmegaConf.create(files("aelab.configs").joinpath("device", f"{name}.yaml").read_text())
+
+
 def run_config(run_dir: Path, overrides: list[str], allowed: tuple[str, ...] = EVAL_OVERRIDES,
                example: str = "eval.noise.gaussian.noise_factor=0.5") -> DictConfig:
     """A finished run's composed config (.hydra/config.yaml) with overrides of the keys under `allowed`
@@ -336,7 +345,10 @@ def run_config(run_dir: Path, overrides: list[str], allowed: tuple[str, ...] = E
     check_overrides(overrides, allowed, example)
     from .overrides import empty_merge, shape_error, similar_key, wrong_shape  # the command line's own rules
     for override in overrides:
-        key = override.partition("=")[0]
+        key, _, value = override.partition("=")
+        if key == "device":  # another option of the group: the run may have trained on a GPU this machine lacks
+            cfg.device = device_option(value)
+            continue
         try:
             update = OmegaConf.from_dotlist([override])
             empty_merge(cfg, key, OmegaConf.select(update, key))

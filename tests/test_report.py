@@ -380,6 +380,29 @@ def test_eval_draws_features_again_when_told_another_value(sweep, tmp_path):
     assert not list(job.glob("eval_eval.threshold=0.2*_features.png"))
 
 
+def test_a_run_trained_on_a_gpu_is_evaluated_and_sampled_here_with_device_cpu(sweep, tmp_path):
+    """A run whose config says device=cuda, on a machine without a GPU: the error names device=cpu, and
+    aelab eval / aelab sample take it (the device group's option, not only its keys)."""
+    import torch
+
+    job = tmp_path / "job"
+    shutil.copytree(sorted(p.parent for p in sweep.glob("*/metrics.json"))[0], job)
+    config = job / ".hydra" / "config.yaml"
+    config.write_text(config.read_text().replace("device:\n  name: cpu", "device:\n  name: cuda\n  index: null"))
+    if not torch.cuda.is_available():
+        proc = run_cli("eval", str(job), "eval.probe=false", cwd=job, check=False)
+        assert proc.returncode == 2 and "device: no CUDA GPU is visible to torch; use device=cpu" in proc.stderr
+    stored = json.loads((job / "metrics.json").read_text())["test"]
+    proc = run_cli("eval", str(job), "device=cpu", "eval.probe=false", cwd=job)
+    assert "wrote eval_device=cpu_eval.probe=false.json" in proc.stdout
+    again = json.loads((job / "eval_device=cpu_eval.probe=false.json").read_text())["test"]
+    assert again["mse"] == pytest.approx(stored["mse"], rel=1e-6)
+    run_cli("sample", str(job), "device=cpu", "sample.steps=2", "sample.count=4", cwd=job)
+    assert (job / "sample_device=cpu_sample.steps=2_sample.count=4.json").is_file()
+    bad = run_cli("eval", str(job), "device=../train", cwd=job, check=False)
+    assert bad.returncode == 2 and "device: unknown device '../train'; choose from: auto, cpu, cuda" in bad.stderr
+
+
 def test_eval_recomputes_metrics_with_other_noise_levels(sweep):
     job = sorted(p.parent for p in sweep.glob("*/metrics.json"))[0]
     stored = json.loads((job / "metrics.json").read_text())["test"]
