@@ -62,7 +62,8 @@ def check_overrides(overrides: list[str], allowed: tuple[str, ...], example: str
     """Each a KEY=VALUE override of a key under `allowed` (what aelab eval, sample and report take)."""
     for override in overrides:
         key, sep, _ = override.partition("=")
-        if not sep or not (key.startswith(allowed) or f"{key}." in allowed):  # device=cpu: an option of the group
+        switch = key == "device" and "device." in allowed  # device=cpu: the group's option (a GPU run on a CPU)
+        if not sep or not (key.startswith(allowed) or switch):
             raise ConfigError(f"takes KEY=VALUE overrides under {' or '.join(a + '*' for a in allowed)}, "
                               f"e.g. {example}; got '{override}'", "override")
 

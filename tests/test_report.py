@@ -401,6 +401,9 @@ def test_a_run_trained_on_a_gpu_is_evaluated_and_sampled_here_with_device_cpu(sw
     assert (job / "sample_device=cpu_sample.steps=2_sample.count=4.json").is_file()
     bad = run_cli("eval", str(job), "device=../train", cwd=job, check=False)
     assert bad.returncode == 2 and "device: unknown device '../train'; choose from: auto, cpu, cuda" in bad.stderr
+    for command, group in (("eval", "eval"), ("sample", "sample")):  # only the device group's option is taken
+        bad = run_cli(command, str(job), f"{group}=5", cwd=job, check=False)
+        assert bad.returncode == 2 and f"got '{group}=5'" in bad.stderr and "Traceback" not in bad.stderr
 
 
 def test_eval_recomputes_metrics_with_other_noise_levels(sweep):
