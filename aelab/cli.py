@@ -18,7 +18,8 @@ from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 from . import console
 from .overrides import check as check_overrides
 from .registry import ConfigError
-from .runs import FAILED, MODES, check_dirs, drop_if_nothing_ran, read_results, resume_args, resume_mode, write_json
+from .runs import (FAILED, MODES, check_dirs, drop_if_nothing_ran, override_values, read_results, resume_args, resume_mode,
+                   write_json)
 
 USAGE = """usage: aelab COMMAND [ARGS]
 
@@ -206,9 +207,8 @@ def eval_command(args: list[str]) -> int:
 def sample_command(args: list[str]) -> int:
     from .sample import annealed_run, sample_run
 
-    methods = [arg.partition("=")[2] for arg in args[1:] if arg.startswith("sample.method=")]
-    if args and not args[0].startswith("-") and methods and methods[-1] == "annealed":  # the sweep's jobs together
-        return guarded(lambda: annealed_run(Path(args[0]), args[1:]))
+    if args and not args[0].startswith("-") and override_values(args[1:]).get("sample.method") == "annealed":
+        return guarded(lambda: annealed_run(Path(args[0]), args[1:]))  # the sweep's jobs together
     return each_run(args, sample_run, "usage: aelab sample RUN_DIR|SWEEP_DIR [sample.KEY=VALUE ...]   "
                                       "e.g. sample.steps=200 sample.noise=0.3 sample.method=langevin")
 

@@ -160,17 +160,24 @@ def newest_sample(job_dir: Path) -> Path | None:
     return found[-1] if found else None
 
 
-def sample_metrics(path: Path) -> tuple[dict[str, float], str]:
+SAMPLE_FIX = "remove it, or write it again with aelab sample"
+
+
+def sample_metrics(path: Path, record: dict | None = None) -> tuple[dict[str, float], str]:
     """The measures of the chains' last recorded state, as sample_<measure>, and the sampling method
-    (records written before sample.method existed are the chain's)."""
-    fix = "remove it, or write it again with aelab sample"
+    (records written before sample.method existed are the chain's), of the record at `path` (`record`:
+    already read from it)."""
+    record = read_json(path, SAMPLE_FIX) if record is None else record
     try:
-        record = read_json(path, fix)
         last = record["chain"][-1]
         method = str(record.get("sample", {}).get("method", "chain"))
         return {f"sample_{name}": float(last[name]) for name in SAMPLE_MEASURES}, method
-    except (KeyError, IndexError, TypeError, ValueError):
-        raise ConfigError(f"{path} is unreadable (not an aelab sample record); {fix}", path.name) from None
+    except (KeyError, IndexError, TypeError, ValueError, AttributeError):
+        raise unreadable_sample(path) from None
+
+
+def unreadable_sample(path: Path) -> ConfigError:
+    return ConfigError(f"{path} is unreadable (not an aelab sample record); {SAMPLE_FIX}", path.name)
 
 
 def annealed_samples(sweep_dir: Path) -> list[str]:
@@ -178,16 +185,15 @@ def annealed_samples(sweep_dir: Path) -> list[str]:
     its levels and its chains' last state."""
     lines = []
     for path in sorted(sweep_dir.glob("sample*.json")):
-        record = read_json(path, "remove it, or write it again with aelab sample")
+        record = read_json(path, SAMPLE_FIX)
         settings = record.get("sample")
         if not isinstance(settings, dict) or settings.get("method") != "annealed":  # not an annealed record
             continue
-        measures, _ = sample_metrics(path)
+        measures, _ = sample_metrics(path, record)
         try:
-            sigmas, steps = [float(level["sigma"]) for level in record["levels"]], int(record["sample"]["steps"])
+            sigmas, steps = [float(level["sigma"]) for level in record["levels"]], int(settings["steps"])
         except (KeyError, TypeError, ValueError):
-            raise ConfigError(f"{path} is unreadable (not an aelab sample record); remove it, or write it again "
-                              f"with aelab sample", path.name) from None
+            raise unreadable_sample(path) from None
         lines.append(f"- {path.name}: {steps} steps at each sigma {', '.join(f'{s:g}' for s in sigmas)}; the last "
                      f"state: {measures['sample_classes']:g} classes (commonest {measures['sample_top_share']:.2f}), "
                      f"sharpness {measures['sample_sharpness']:.3g}, nearest_mse {measures['sample_nearest_mse']:.3g}")

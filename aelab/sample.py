@@ -247,14 +247,19 @@ def publish(folder: Path, name: str, record: dict, states: dict[int, Tensor], sh
                            f"TensorBoard: {name}/)")
 
 
+def one_run_to_anneal(run_dir: Path) -> ConfigError:
+    """sample.method=annealed given one run, from the command line or in its saved config."""
+    return ConfigError(f"annealed Langevin steps through the models of a sweep, one per gaussian sigma, and "
+                       f"{run_dir} is one run: give its sweep's folder, or sample.method=langevin", "sample.method")
+
+
 def sample_run(run_dir: Path, overrides: list[str]) -> dict:
     """`aelab sample`: reload a run's model, run the chains, print the measures, write NAME.json, NAME.png
     and the TensorBoard run NAME/."""
     cfg = run_config(run_dir, overrides, allowed=("sample.", "device."), example="sample.steps=200")
     parts = build(cfg)
     if parts.sampling.method == "annealed":
-        raise ConfigError(f"annealed Langevin steps through the models of a sweep, one per gaussian sigma, and "
-                          f"{run_dir} is one run: give its sweep's folder, or sample.method=langevin", "sample.method")
+        raise one_run_to_anneal(run_dir)
     corruption = chain_corruption(cfg, parts.sampling)  # decided once: the record, the title and the chain
     checkpoint.load(parts, run_dir, "RUN_DIR", "sample another run, or train this one again", model_only=True)
     if corruption["name"] == "none" or corruption.get("noise_factor") == 0:
@@ -319,18 +324,18 @@ def annealed_run(sweep_dir: Path, overrides: list[str]) -> dict:
     gaussian denoising models, sample.steps at each sigma from the largest to the smallest; written to
     the sweep's folder as `sample_run` writes a run's."""
     if (sweep_dir / "checkpoint.pt").is_file():
-        raise ConfigError(f"annealed Langevin steps through the models of a sweep, one per gaussian sigma, and "
-                          f"{sweep_dir} is one run: give its sweep's folder, or sample.method=langevin", "sample.method")
+        raise one_run_to_anneal(sweep_dir)
     found, left_out = noise_levels(sweep_dir, overrides)
     parts = build(found[0][2])  # the data, the device and the sample settings (the same overrides for every job)
     if parts.sampling.noise is not None:
         raise ConfigError("annealed Langevin takes each job's own training sigma; drop sample.noise", "sample.noise")
     levels = []
-    for sigma, job, cfg in found:
-        model = build_part("model", MODELS, cfg.model, input_shape=parts.data.image_shape).to(parts.device)
-        checkpoint.load(dataclasses.replace(parts, model=model), job, "SWEEP_DIR",
-                        f"sample another sweep, or train job {job_number(job)} again", model_only=True)
-        levels.append((model, sigma))
+    for sigma, job, cfg in found:  # the first job's model is parts.model, built from its config
+        level = parts if not levels else dataclasses.replace(
+            parts, model=build_part("model", MODELS, cfg.model, input_shape=parts.data.image_shape).to(parts.device))
+        checkpoint.load(level, job, "SWEEP_DIR", f"sample another sweep, or train job {job_number(job)} again",
+                        model_only=True)
+        levels.append((level.model, sigma))
     sigmas = ", ".join(f"{sigma:g}" for sigma, _, _ in found)
     a = parts.sampling.step_size
     steps = f"{parts.sampling.steps} step{'s' if parts.sampling.steps != 1 else ''}"
