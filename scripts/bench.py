@@ -222,8 +222,8 @@ def aelab_epochs(parts, epochs: int) -> tuple[float, str]:
 
 def optimizer_step_us(device: str, steps: int = 200) -> dict:
     """Microseconds per Adam step on the seed MLP's parameters (random gradients): torch's fused
-    kernel as is, and aelab's SplitFusedAdam (the same kernel, tensors cut into pieces). On CUDA each
-    step is replayed from a CUDA graph, as in training."""
+    kernel as is, and aelab's SplitFusedAdam (the same kernel, tensors cut into pieces on CUDA, whole
+    on the CPU). On CUDA each step is replayed from a CUDA graph, as in training."""
     from aelab.optim import SplitFusedAdam
     from aelab.steps import CudaGraphs, capturable
     out = {}

@@ -28,7 +28,7 @@ def train(model, optimizer, steps, seed=1):
 def test_same_parameters_and_state_as_torch_fused_adam(decoupled, weight_decay):
     ours, theirs = seed_mlp(), seed_mlp()
     kw = dict(lr=1e-3, betas=(0.8, 0.99), weight_decay=weight_decay, decoupled_weight_decay=decoupled)
-    mine = SplitFusedAdam(ours.parameters(), **kw)
+    mine = SplitFusedAdam(ours.parameters(), cut=True, **kw)  # cut on the CPU too (by default CUDA only)
     train(ours, mine, 7)
     reference = torch.optim.Adam(theirs.parameters(), fused=True, **kw)
     train(theirs, reference, 7)
@@ -48,7 +48,7 @@ def test_the_seed_mlp_is_cut_and_fills_one_launch():
     optimizer.step()
     state = [optimizer.state[p] for p in params]
     lists = split(params, [p.grad for p in params], [s["exp_avg"] for s in state],
-                  [s["exp_avg_sq"] for s in state], [s["step"] for s in state])
+                  [s["exp_avg_sq"] for s in state], [s["step"] for s in state], cut=True)
     assert len({len(column) for column in lists}) == 1
     assert len(params) < len(lists[0]) <= TENSORS_PER_LAUNCH  # 12 tensors → up to 36 pieces
     assert sum(t.numel() for t in lists[0]) == sum(p.numel() for p in params)
@@ -59,13 +59,26 @@ def test_the_seed_mlp_is_cut_and_fills_one_launch():
     assert weight.view(-1)[: lists[0][0].numel()].abs().sum() == 0
 
 
+def test_tensors_are_cut_on_cuda_only_by_default(monkeypatch):
+    """On the CPU the fused kernel parallelizes inside each tensor; pieces would only cost it."""
+    import aelab.optim
+    seen = []
+    monkeypatch.setattr(aelab.optim, "split", lambda *lists, cut: seen.append(cut) or split(*lists, cut=cut))
+    for cut, expected in ((None, False), (True, True), (False, False)):
+        model = seed_mlp()
+        train(model, SplitFusedAdam(model.parameters(), cut=cut), 1)
+        assert seen.pop() is expected
+    lists = split(*[[torch.zeros(200_000)]] * 4, [torch.zeros(())], cut=False)
+    assert [len(column) for column in lists] == [1] * 5
+
+
 def test_checkpoints_move_between_torch_adam_and_aelab_adam():
     """A torch Adam state_dict (older aelab checkpoints) resumes in aelab's Adam, and back."""
     ours, theirs = seed_mlp(), seed_mlp()
     reference = torch.optim.Adam(theirs.parameters(), fused=True)
     train(theirs, reference, 3)
     ours.load_state_dict(theirs.state_dict())
-    mine = SplitFusedAdam(ours.parameters())
+    mine = SplitFusedAdam(ours.parameters(), cut=True)
     mine.load_state_dict(copy.deepcopy(reference.state_dict()))  # as from a checkpoint file
     train(ours, mine, 4, seed=2)
     train(theirs, reference, 4, seed=2)
