@@ -40,6 +40,55 @@ def test_kl_is_zero_at_target_and_finite_at_saturation():
     assert math.isfinite(kl_term(torch.ones(4, 3), 0.05).item())
 
 
+def formula_kl(latent, rho, eps):
+    """The tutorial's kl_divergence_loss as written, with its clamp: autograd differentiates it."""
+    rho_hat = latent.mean(0).clamp(eps, 1 - eps)
+    return (rho * torch.log(rho / rho_hat) + (1 - rho) * torch.log((1 - rho) / (1 - rho_hat))).sum()
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_kl_value_and_gradient_match_autograd_of_the_formula(dtype):
+    """The closed-form backward against autograd through the formula, in float64 (and float32 against
+    that float64 reference), units inside (0, 1) and units whose mean the clamp moves (all 0, all 1)."""
+    gen = torch.Generator().manual_seed(0)
+    base = torch.rand(6, 7, generator=gen, dtype=torch.float64) * 0.3
+    base[:, 5], base[:, 6] = 0.0, 1.0  # rho_hat 0 and 1: clamped, no gradient
+    base[:, 4] = 0.05  # at the target: value 0 and slope 0 for that unit
+    for rho in (0.05, 0.3):
+        ref_latent = base.clone().requires_grad_(True)
+        ref = formula_kl(ref_latent, rho, max(1e-8, torch.finfo(dtype).eps))  # the clamp the dtype gets
+        (ref_grad,) = torch.autograd.grad(ref * 2.5, ref_latent)
+        latent = base.to(dtype).requires_grad_(True)
+        got = kl_term(latent, rho)
+        (grad,) = torch.autograd.grad(got * 2.5, latent)
+        tol = dict(rtol=1e-12, atol=1e-12) if dtype == torch.float64 else dict(rtol=2e-6, atol=2e-6)
+        torch.testing.assert_close(got.double(), ref.detach(), **tol)
+        torch.testing.assert_close(grad.double(), ref_grad, **tol)
+        assert grad[:, 5:].abs().sum() == 0 and (rho != 0.05 or grad[:, 4].abs().max() < 1e-6)
+        assert (grad[0] == grad[1]).all()  # each row gets 1/N of the slope
+
+
+def test_kl_near_its_target_is_as_precise_in_float32_as_the_formula():
+    """Per unit the term is a difference of two ~0.2 numbers; over 256 units near rho_hat = rho the
+    float32 error stays within a few float32 steps of 0.2 per unit, as the tutorial's formula's does."""
+    rho = 0.05
+    for delta in (1e-3, 1e-2, 1e-1):
+        latent = torch.full((4, 256), rho * (1 + delta), dtype=torch.float64)
+        ref = formula_kl(latent, rho, 1e-8).item()
+        assert ref == pytest.approx(256 * rho * delta**2 / (2 * (1 - rho)), rel=0.1)  # KL's second order
+        error = abs(kl_term(latent.float(), rho).item() - ref)
+        tutorial = abs(formula_kl(latent.float(), rho, torch.finfo(torch.float32).eps).item() - ref)
+        assert error < 256 * 3 * 1.5e-8 and error < 1.25 * tutorial + 1e-7, (delta, error, tutorial)
+
+
+def test_kl_gradient_is_first_order_only():
+    """Its backward is closed-form: asking for a second derivative is an error, not a wrong number."""
+    latent = torch.rand(4, 3, dtype=torch.float64, requires_grad=True)
+    (grad,) = torch.autograd.grad(kl_term(latent, 0.05), latent, create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable|does not require grad"):
+        grad.sum().backward()
+
+
 @pytest.mark.parametrize("hidden,enc,lat", [
     ([16, 12], "relu", "identity"),
     ([16, 12], "sigmoid", "sigmoid"),

@@ -177,6 +177,20 @@ def test_step_bookkeeping_costs_six_kernels(make_cfg, tmp_path, overrides):
     assert extra == Counter({"abs": 1, "lt": 1, "mul_": 1, "add_": 3}) and len(recorded.ops) == len(bare.ops) + 6
 
 
+def test_kl_penalty_costs_twenty_kernels_with_its_gradient(make_cfg):
+    """reg=kl's term and its closed-form gradient, over the same model with reg=none: 9 kernels for
+    the term, 2 to weight and add it, 7 backward, 1 to add its gradient to the decoder's (autograd
+    through the formula took 37)."""
+    def kernels(*overrides):
+        parts = build(make_cfg("device=cpu", "model.latent_activation=sigmoid", *overrides))
+        clean = parts.data.train.x[:32]
+        with Dispatched() as run:
+            loss_terms(parts, clean)["total"].backward()
+        return run.ops
+    extra = Counter(kernels("reg=kl")) - Counter(kernels())
+    assert sum(extra.values()) == 19 and "where" not in extra, extra
+
+
 def test_no_penalty_adds_no_kernels_to_the_objective(make_cfg):
     """reg=none: total is the reconstruction loss itself (not recon + 0 * 0), bit for bit."""
     parts = build(make_cfg("device=cpu"))
