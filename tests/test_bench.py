@@ -11,7 +11,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_bench_reports_every_loop_scaling_and_targets(tmp_path):
     out = tmp_path / "bench.json"
     proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench.py"), "--device", "cpu", "--steps", "2",
-                           "--epochs", "1", "--repeat", "1", "--n", "300", "--cases", "none,contractive",
+                           "--epochs", "1", "--repeat", "2", "--n", "300", "--cases", "none,contractive",
                            "--json", str(out)], capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
     report = json.loads(out.read_text())
