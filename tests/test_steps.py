@@ -177,7 +177,7 @@ def test_step_bookkeeping_costs_six_kernels(make_cfg, tmp_path, overrides):
     assert extra == Counter({"abs": 1, "lt": 1, "mul_": 1, "add_": 3}) and len(recorded.ops) == len(bare.ops) + 6
 
 
-def test_kl_penalty_costs_twenty_kernels_with_its_gradient(make_cfg):
+def test_kl_penalty_costs_nineteen_kernels_with_its_gradient(make_cfg):
     """reg=kl's term and its closed-form gradient, over the same model with reg=none: 9 kernels for
     the term, 2 to weight and add it, 7 backward, 1 to add its gradient to the decoder's (autograd
     through the formula took 37)."""
