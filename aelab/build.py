@@ -17,7 +17,7 @@ from .losses import LOSSES, ReconstructionLoss
 from .models import MODELS, Autoencoder
 from .optim import OPTIMIZERS
 from .registry import ConfigError, Registry, choice, flag, number
-from .runs import EVAL_OVERRIDES, check_overrides
+from .runs import EVAL_OVERRIDES, check_overrides, not_a_run
 from .regularizers import REGULARIZERS, Penalty
 
 GROUPS = {"data": DATASETS, "model": MODELS, "loss": LOSSES, "reg": REGULARIZERS,
@@ -334,8 +334,7 @@ def run_config(run_dir: Path, overrides: list[str], allowed: tuple[str, ...] = E
     (`aelab eval`: eval.* and device.*)."""
     path = run_dir / ".hydra" / "config.yaml"
     if not path.is_file() or not (run_dir / "checkpoint.pt").is_file():
-        raise ConfigError(f"{run_dir} is not an aelab run (it needs .hydra/config.yaml and checkpoint.pt); "
-                          f"pass a run dir under outputs/", "RUN_DIR")
+        raise not_a_run(run_dir, ".hydra/config.yaml", "RUN_DIR")
     cfg, defaults = OmegaConf.load(path), current_defaults()
     for section in ("trainer", "eval", "sample"):  # keys a run saved by an older aelab lacks take today's defaults
         for key, value in defaults[section].items():

@@ -2,6 +2,7 @@
 and the checks made on a run or sweep dir before Hydra makes it."""
 from __future__ import annotations
 
+import glob
 import json
 import os
 import shlex
@@ -29,6 +30,18 @@ MODES = {"--run": ("-r", "--run"), "-m": ("-m", "--multirun"), "--cfg": ("-c", "
 MULTIRUN = MODES["-m"]
 # the flags after which nothing runs: Hydra prints something and exits
 INFO_FLAGS = ("--help", "-h", "--hydra-help", "--version", *MODES["--cfg"], *MODES["--info"], *MODES["--shell-completion"])
+
+
+def not_a_run(run_dir: Path, needs: str, key: str) -> ConfigError:
+    """The error for a dir that is not a finished aelab run. A missing one may be a sweep job named by
+    number alone: its dir is named by number and overrides (0_reg.weight=0.1,reg=l1)."""
+    if run_dir.exists():
+        return ConfigError(f"{run_dir} is not an aelab run (it needs {needs} and checkpoint.pt); "
+                           f"pass a run dir under outputs/", key)
+    jobs = sorted(run_dir.parent.glob(glob.escape(run_dir.name) + "_*")) if run_dir.parent.is_dir() else []
+    where = (f"a sweep job's dir is named by its number and overrides: {jobs[0]}" if len(jobs) == 1
+             else "pass a run dir under outputs/")
+    return ConfigError(f"{run_dir}: no such dir; {where}", key)
 
 
 def write_whole(path: Path, write: Callable[[Path], object]) -> None:
@@ -126,8 +139,7 @@ def resume_args(args: list[str]) -> list[str]:
         return sweep_resume_args(run_dir, [a for a in args if not a.startswith("resume=")])
     overrides = run_dir / ".hydra" / "overrides.yaml"
     if not overrides.is_file() or not (run_dir / "checkpoint.pt").exists():
-        raise ConfigError(f"{run_dir} is not an aelab run (it needs .hydra/overrides.yaml and checkpoint.pt); "
-                          f"pass a run dir under outputs/", "resume")
+        raise not_a_run(run_dir, ".hydra/overrides.yaml", "resume")
     saved = [o for o in yaml.safe_load(overrides.read_text()) or [] if not o.startswith("resume=")]
     rest = [a for a in args if not a.startswith(("resume=", "hydra.run.dir="))]
     ran_with = override_values(saved)

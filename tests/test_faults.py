@@ -208,6 +208,22 @@ def test_resume_dir_that_is_not_a_run(tmp_path):
     assert_clean_failure(proc, 2, "resume: " + str(tmp_path / "empty") + " is not an aelab run")
 
 
+@pytest.mark.parametrize("command,prefix,key", [("eval", "", "RUN_DIR"), ("sample", "", "RUN_DIR"),
+                                                ("train", "resume=", "resume")])
+def test_sweep_job_named_by_number_alone_points_to_its_dir(capfd, tmp_path, command, prefix, key):
+    sweep = tmp_path / "sweep"
+    job = sweep / "1_reg.weight=0.1,reg=l1"
+    (job / ".hydra").mkdir(parents=True)
+    (sweep / "10_reg.weight=1,reg=l1").mkdir()  # not job 1's: "1" is a whole number
+    code, out, err = cli(capfd, command, prefix + str(sweep / "1"))
+    assert code == 2 and "Traceback" not in out + err
+    assert err.strip() == (f"error: {key}: {sweep / '1'}: no such dir; a sweep job's dir is named by its number and "
+                           f"overrides: {job}")
+    code, _, err = cli(capfd, command, prefix + str(sweep / "2"))
+    assert code == 2 and err.strip() == f"error: {key}: {sweep / '2'}: no such dir; pass a run dir under outputs/"
+    assert sorted(p.name for p in sweep.iterdir()) == ["10_reg.weight=1,reg=l1", "1_reg.weight=0.1,reg=l1"]
+
+
 def test_truncated_checkpoint_is_a_clear_error(tmp_path):
     run_dir = tmp_path / "run"
     run_cli("train", "trainer.epochs=1", f"hydra.run.dir={run_dir}", cwd=tmp_path)
