@@ -2,7 +2,6 @@
 and the checks made on a run or sweep dir before Hydra makes it."""
 from __future__ import annotations
 
-import glob
 import json
 import os
 import shlex
@@ -38,7 +37,7 @@ def not_a_run(run_dir: Path, needs: str, key: str) -> ConfigError:
     if run_dir.exists():
         return ConfigError(f"{run_dir} is not an aelab run (it needs {needs} and checkpoint.pt); "
                            f"pass a run dir under outputs/", key)
-    jobs = sorted(run_dir.parent.glob(glob.escape(run_dir.name) + "_*")) if run_dir.parent.is_dir() else []
+    jobs = sorted(run_dir.parent.glob(f"{run_dir.name}_*")) if run_dir.name.isdigit() else []
     where = (f"a sweep job's dir is named by its number and overrides: {jobs[0]}" if len(jobs) == 1
              else "pass a run dir under outputs/")
     return ConfigError(f"{run_dir}: no such dir; {where}", key)

@@ -221,7 +221,10 @@ def test_sweep_job_named_by_number_alone_points_to_its_dir(capfd, tmp_path, comm
                            f"overrides: {job}")
     code, _, err = cli(capfd, command, prefix + str(sweep / "2"))
     assert code == 2 and err.strip() == f"error: {key}: {sweep / '2'}: no such dir; pass a run dir under outputs/"
-    assert sorted(p.name for p in sweep.iterdir()) == ["10_reg.weight=1,reg=l1", "1_reg.weight=0.1,reg=l1"]
+    (sweep / "run_1").mkdir()  # a name that is not a number is no sweep job's: no hint
+    code, _, err = cli(capfd, command, prefix + str(sweep / "run"))
+    assert code == 2 and err.strip() == f"error: {key}: {sweep / 'run'}: no such dir; pass a run dir under outputs/"
+    assert sorted(p.name for p in sweep.iterdir()) == ["10_reg.weight=1,reg=l1", "1_reg.weight=0.1,reg=l1", "run_1"]
 
 
 def test_truncated_checkpoint_is_a_clear_error(tmp_path):
