@@ -1,11 +1,15 @@
-"""Shared fixtures: Hydra-composed configs, the CLI in a subprocess, and MNIST-layout data roots."""
+"""Shared fixtures: Hydra-composed configs, the CLI in process (and in a fresh one), and MNIST-layout data roots."""
 from __future__ import annotations
 
 import gzip
+import io
+import shutil
+import logging
 import os
 import struct
 import subprocess
 import sys
+from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +18,10 @@ import torch
 from hydra import compose, initialize_config_module
 
 SHARED_MNIST = Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist-t10k"
-FAST = ["trainer.epochs=1", "trainer.batch_size=64", "device=cpu"]
+# The small test preset: one epoch, no probes, no projector, few features drawn (what a test asserts
+# about those is asserted where it runs them).
+FAST = ["trainer.epochs=1", "trainer.batch_size=64", "device=cpu", "eval.probe=false", "eval.projector=0",
+        "eval.features=16"]
 
 
 @pytest.fixture
@@ -26,8 +33,36 @@ def make_cfg():
     return make
 
 
-def run_cli(*args: str, cwd: Path, check: bool = True, timeout: float = 600) -> subprocess.CompletedProcess:
-    """`aelab ARGS` as a user types it, in a fresh process."""
+def run_cli(*args: str, cwd: Path, check: bool = True) -> subprocess.CompletedProcess:
+    """`aelab ARGS` as a user types it, through the console script's entry point in this process (a
+    cold process pays seconds of imports): chdir to cwd, stdout and stderr captured, the exit code
+    as a process would give it. `run_process` is the same in a fresh process, for the few tests that
+    need one (signals, installs)."""
+    from aelab.cli import main
+
+    out, err, argv, here = io.StringIO(), io.StringIO(), sys.argv[:], os.getcwd()
+    root, handlers = logging.getLogger(), logging.getLogger().handlers[:]
+    os.chdir(cwd)
+    try:
+        with redirect_stdout(out), redirect_stderr(err):
+            try:
+                code = main(list(args))
+            except SystemExit as e:
+                code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    finally:
+        os.chdir(here)
+        sys.argv[:] = argv
+        for handler in set(root.handlers) - set(handlers):  # Hydra's job log: the run's train.log, our stdout
+            root.removeHandler(handler)
+            handler.close()
+    proc = subprocess.CompletedProcess(["aelab", *args], code, out.getvalue(), err.getvalue())
+    if check and proc.returncode != 0:
+        raise AssertionError(f"aelab {' '.join(args)} exited {proc.returncode}\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+def run_process(*args: str, cwd: Path, check: bool = True, timeout: float = 600) -> subprocess.CompletedProcess:
+    """`aelab ARGS` in a fresh process, as the console script runs it."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "HYDRA_FULL_ERROR": "0"}
     proc = subprocess.run([sys.executable, "-m", "aelab", *args], cwd=cwd, env=env, capture_output=True,
                           text=True, timeout=timeout)
@@ -89,6 +124,30 @@ def real_mnist_root(tmp_path_factory) -> Path:
     images = read_idx_gz(SHARED_MNIST / "t10k-images-idx3-ubyte.gz")
     labels = read_idx_gz(SHARED_MNIST / "t10k-labels-idx1-ubyte.gz")
     return torchvision_root(tmp_path_factory.mktemp("mnist"), "MNIST", images, labels, 8000)
+
+
+def copied(source: Path, tmp_path_factory) -> Path:
+    """A copy of a shared trained run or sweep, for a test that writes into it: the shared one stays as
+    trained, so no test's result depends on which tests ran before it."""
+    copy = tmp_path_factory.mktemp("copy") / source.name
+    shutil.copytree(source, copy)
+    return copy
+
+
+@pytest.fixture(scope="session")
+def l1_seed_sweep(tmp_path_factory) -> Path:
+    """Trained once per test session: reg=l1 at two weights x two seeds, 2 epochs (4 jobs, 2 settings).
+    Read it, or take the `sweep` fixture's copy to write into it."""
+    root = tmp_path_factory.mktemp("l1_seed_sweep")
+    run_cli("train", "-m", "reg=l1", "reg.weight=1e-3,1e-1", "trainer.seed=0,1", "trainer.epochs=2", "device=cpu",
+            "eval.probe_max_samples=300", f"hydra.sweep.dir={root / 'sweep'}", cwd=root)
+    return root / "sweep"
+
+
+@pytest.fixture
+def sweep(l1_seed_sweep, tmp_path_factory) -> Path:
+    """This test's own copy of the session's l1_seed_sweep."""
+    return copied(l1_seed_sweep, tmp_path_factory)
 
 
 @pytest.fixture(autouse=True)

@@ -1,11 +1,12 @@
-"""End to end through the real CLI, in subprocesses, as a user runs it."""
+"""End to end through the real CLI, as a user runs it: in this process through the console script's
+entry point, and one run and one sweep in a fresh process (`python -m aelab`)."""
 import json
 from pathlib import Path
 
 import numpy as np
 import pytest
 from aelab.build import GROUPS
-from conftest import FAST, events, run_cli
+from conftest import FAST, events, run_cli, run_process
 
 SIX_TAGS = {f"{split}/{term}" for split in ("train", "val") for term in ("total", "recon", "reg")}
 ROOT = Path(__file__).resolve().parents[1]
@@ -42,7 +43,7 @@ def test_train_help_and_cfg_job(tmp_path):
 
 def test_bce_kl_run_writes_events_metrics_and_checkpoint(tmp_path):
     run_dir = tmp_path / "run"
-    proc = run_cli("train", "loss=bce", "reg=kl", "trainer.epochs=2", "trainer.log_every=5", "device=cpu",
+    proc = run_process("train", "loss=bce", "reg=kl", "trainer.epochs=2", "trainer.log_every=5", "device=cpu",
                    "eval.noise.masking.prob=[0.1,0.5]", f"hydra.run.dir={run_dir}", cwd=tmp_path)
     assert proc.stdout.strip().splitlines()[-1] == "results in run; look at them: tensorboard --logdir run"
     acc = events(run_dir)
@@ -120,7 +121,7 @@ def test_devices(tmp_path):
 
 
 def test_two_job_multirun_makes_two_run_dirs(tmp_path):
-    proc = run_cli("train", "-m", "reg=l1", "reg.weight=1e-3,1e-1", *FAST, cwd=tmp_path)
+    proc = run_process("train", "-m", "reg=l1", "reg.weight=1e-3,1e-1", *FAST, cwd=tmp_path)
     (sweep,) = (tmp_path / "outputs" / "multirun").glob("*/*")
     where = sweep.relative_to(tmp_path)  # said last, as the user would type it where they are
     assert proc.stdout.strip().splitlines()[-1] == (
@@ -156,8 +157,8 @@ def test_bad_input_fails_with_a_clear_message(tmp_path, args, message):
 def test_remaining_keys_run_from_the_cli(tmp_path):
     """loss.reduction=sum, the Hutchinson estimator with several probes, on the conv model; eval.projector."""
     run_dir = tmp_path / "run"
-    run_cli("train", "model=conv", "loss.reduction=sum", "reg=contractive", "reg.method=hutchinson", "reg.samples=2",
-            "optim=adamw", "eval.projector=25", *FAST, f"hydra.run.dir={run_dir}", cwd=tmp_path)
+    run_cli("train", *FAST, "model=conv", "loss.reduction=sum", "reg=contractive", "reg.method=hutchinson",
+            "reg.samples=2", "optim=adamw", "eval.projector=25", f"hydra.run.dir={run_dir}", cwd=tmp_path)
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["test"]["recon"] == pytest.approx(metrics["test"]["mse"] * 64, rel=1e-4)  # sum over 8x8 pixels
     assert metrics["test"]["reg"] > 0 and metrics["test"]["sensitivity"] > 0

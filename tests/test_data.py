@@ -51,6 +51,7 @@ def test_torchvision_mnist_reads_the_real_test_set(real_mnist_root):
     assert torch.bincount(labels).tolist() == [980, 1135, 1032, 1010, 982, 892, 958, 1028, 974, 1009]
 
 
+@pytest.mark.slow
 def test_short_real_mnist_run_lowers_validation_loss(real_mnist_root, tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 

@@ -5,6 +5,8 @@ import pytest
 
 from conftest import run_cli
 
+pytestmark = pytest.mark.slow  # minutes of training on 8,000 images
+
 
 def train(tmp_path, root, name, *overrides):
     run_dir = tmp_path / name

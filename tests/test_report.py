@@ -1,4 +1,5 @@
-"""Sweeps end to end: multirun → aelab report (table, CSV, Markdown, plots); aelab eval; TensorBoard."""
+"""Sweeps end to end: multirun → aelab report (table, CSV, Markdown, plots); aelab eval; TensorBoard.
+`sweep` (conftest) is each test's own copy of one sweep trained once per session."""
 import csv
 import json
 import shutil
@@ -18,15 +19,6 @@ from aelab.runs import output_name
 from conftest import run_cli
 
 EXPERIMENTS = sorted(p.stem for p in (Path(__file__).resolve().parents[1] / "configs" / "experiment").glob("*.yaml"))
-
-
-@pytest.fixture(scope="module")
-def sweep(tmp_path_factory):
-    """reg=l1 at two weights x two seeds: 4 jobs, 2 settings."""
-    root = tmp_path_factory.mktemp("sweep")
-    run_cli("train", "-m", "reg=l1", "reg.weight=1e-3,1e-1", "trainer.seed=0,1", "trainer.epochs=2", "device=cpu",
-            "eval.probe_max_samples=300", f"hydra.sweep.dir={root / 'sweep'}", cwd=root)
-    return root / "sweep"
 
 
 def test_report_folds_seeds_and_writes_table_csv_markdown_plots(sweep):

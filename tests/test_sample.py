@@ -9,7 +9,7 @@ from aelab.build import build
 from aelab.corruptions import CORRUPTIONS
 from aelab.runs import SAMPLE_MEASURES
 from aelab.sample import chain, langevin, measure, nearest, recorded_steps
-from conftest import events, run_cli
+from conftest import copied, events, run_cli
 
 
 class Halve(torch.nn.Module):
@@ -146,7 +146,7 @@ def test_measures_of_training_images_themselves(make_cfg):
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
+def trained(tmp_path_factory):
     """Two trained runs on the digits, with and without gaussian training noise."""
     root = tmp_path_factory.mktemp("sample")
     made = {}
@@ -155,6 +155,12 @@ def runs(tmp_path_factory):
         run_cli("train", *overrides, "device=cpu", "trainer.epochs=15", "eval.probe=false",
                 f"hydra.run.dir={made[name]}", cwd=root)
     return made
+
+
+@pytest.fixture
+def runs(trained, tmp_path_factory):
+    """This test's own copies of the two trained runs: it writes its samples into them."""
+    return {name: copied(run_dir, tmp_path_factory) for name, run_dir in trained.items()}
 
 
 def read(path):
@@ -263,12 +269,18 @@ def test_sample_of_a_folder_that_is_no_run(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def noise_sweep(tmp_path_factory):
+def trained_noise_sweep(tmp_path_factory):
     """A sweep of gaussian denoising models at noise 0, 0.2 and 0.4 on the digits (jobs 0, 1, 2)."""
     root = tmp_path_factory.mktemp("levels")
     run_cli("train", "-m", "corruption=gaussian", "corruption.noise_factor=0,0.2,0.4", "device=cpu", "trainer.epochs=15",
             "eval.probe=false", f"hydra.sweep.dir={root / 'sweep'}", cwd=root)
     return root / "sweep"
+
+
+@pytest.fixture
+def noise_sweep(trained_noise_sweep, tmp_path_factory):
+    """This test's own copy of the noise sweep: annealed sampling writes into the sweep's folder."""
+    return copied(trained_noise_sweep, tmp_path_factory)
 
 
 def test_annealed_sample_command_steps_through_the_sweeps_models_largest_sigma_first(noise_sweep):

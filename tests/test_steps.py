@@ -173,8 +173,9 @@ def test_step_bookkeeping_costs_six_kernels(make_cfg, tmp_path, overrides):
         train_step(parts, clean)
     with Dispatched() as recorded:
         step(clean)
-    extra = Counter(recorded.ops) - Counter(bare.ops)
-    assert extra == Counter({"abs": 1, "lt": 1, "mul_": 1, "add_": 3}) and len(recorded.ops) == len(bare.ops) + 6
+    extra = Counter(recorded.ops) - Counter(bare.ops)  # an upper bound: a torch upgrade may fuse or split ops
+    assert sum(extra.values()) <= 6 and len(recorded.ops) <= len(bare.ops) + 6, extra
+    assert set(extra) <= {"abs", "lt", "mul_", "add_"} and "_local_scalar_dense" not in recorded.ops, extra
 
 
 def test_kl_penalty_costs_nineteen_kernels_with_its_gradient(make_cfg):
@@ -188,7 +189,7 @@ def test_kl_penalty_costs_nineteen_kernels_with_its_gradient(make_cfg):
             loss_terms(parts, clean)["total"].backward()
         return run.ops
     extra = Counter(kernels("reg=kl")) - Counter(kernels())
-    assert sum(extra.values()) == 19 and "where" not in extra, extra
+    assert sum(extra.values()) <= 19 and "where" not in extra, extra  # at most: a torch upgrade may fuse ops
 
 
 def test_no_penalty_adds_no_kernels_to_the_objective(make_cfg):
@@ -231,6 +232,7 @@ def test_the_trace_check_catches_a_host_read():
     assert found.graph_break_count == 1 and "item()" in str(found.break_reasons[0].reason)
 
 
+@pytest.mark.slow  # torch.compile's first compile takes seconds
 def test_compiled_objective_from_the_cli_trains_like_eager(tmp_path):
     """trainer.compile=true (torch.compile, inductor on CPU here): the same numbers, to float tolerance."""
     runs = {}

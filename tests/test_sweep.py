@@ -8,7 +8,7 @@ from hydra import compose, initialize_config_module
 from omegaconf import OmegaConf
 
 from aelab.devices import gpu_for_job
-from conftest import run_cli
+from conftest import run_cli, run_process
 
 SHORT = ["trainer.epochs=3", "device=cpu", "eval.probe=false"]
 # Jobs long enough to overlap on a busy 2-core machine: a worker process starts a few seconds after the
@@ -29,10 +29,11 @@ def assert_overlapping(jobs: list[dict]) -> None:
     assert a["started_at"] < b["finished_at"] and b["started_at"] < a["finished_at"], "jobs ran one after another"
 
 
+@pytest.mark.slow
 def test_joblib_launcher_runs_jobs_concurrently(tmp_path):
     plugin("hydra_joblib_launcher")
     sweep = tmp_path / "sweep"
-    run_cli("train", "-m", "launcher=parallel", "hydra.launcher.n_jobs=2", "reg=l1", "reg.weight=1e-3,1e-1", *CONCURRENT,
+    run_process("train", "-m", "launcher=parallel", "hydra.launcher.n_jobs=2", "reg=l1", "reg.weight=1e-3,1e-1", *CONCURRENT,
             f"hydra.sweep.dir={sweep}", cwd=tmp_path)
     jobs = finished_jobs(sweep)
     assert len(jobs) == 2
@@ -41,10 +42,11 @@ def test_joblib_launcher_runs_jobs_concurrently(tmp_path):
     assert "2 runs" in report.stdout and (sweep / "report.csv").is_file()
 
 
+@pytest.mark.slow
 def test_submitit_local_launcher_runs_jobs_concurrently(tmp_path):
     plugin("hydra_submitit_launcher")
     sweep = tmp_path / "sweep"
-    run_cli("train", "-m", "launcher=local", "corruption=gaussian", "corruption.noise_factor=0.1,0.3", *CONCURRENT,
+    run_process("train", "-m", "launcher=local", "corruption=gaussian", "corruption.noise_factor=0.1,0.3", *CONCURRENT,
             f"hydra.sweep.dir={sweep}", cwd=tmp_path)
     jobs = finished_jobs(sweep)
     assert len(jobs) == 2
@@ -86,6 +88,7 @@ def optuna_trials(storage: str, study: str) -> int:
     return len(optuna.load_study(study_name=study, storage=storage).trials)
 
 
+@pytest.mark.slow
 def test_optuna_study_in_memory(tmp_path):
     plugin("hydra_optuna_sweeper")
     sweep = tmp_path / "study"
@@ -102,6 +105,7 @@ def test_optuna_study_in_memory(tmp_path):
     assert again.returncode == 2 and "is an Optuna study" in again.stderr and "hydra.sweeper.storage" in again.stderr
 
 
+@pytest.mark.slow
 def test_optuna_study_resumes_from_sqlite(tmp_path):
     plugin("hydra_optuna_sweeper")
     storage = f"sqlite:///{tmp_path / 'study.db'}"
@@ -197,7 +201,7 @@ def test_misspelled_launcher_key_is_one_line_before_any_job(tmp_path, capsys):
     assert not (tmp_path / "sweep").exists()
 
 
-@pytest.mark.parametrize("launcher", ["basic", "parallel"])
+@pytest.mark.parametrize("launcher", ["basic", pytest.param("parallel", marks=pytest.mark.slow)])
 def test_a_diverged_job_does_not_stop_the_sweep(tmp_path, launcher):
     """lr=1e12 turns the loss NaN: that job leaves failed.json, the next job still runs, the sweep
     exits 3 naming it (also when joblib ran the jobs in other processes), and the report lists it
@@ -205,7 +209,8 @@ def test_a_diverged_job_does_not_stop_the_sweep(tmp_path, launcher):
     if launcher == "parallel":
         plugin("hydra_joblib_launcher")
     sweep = tmp_path / "sweep"
-    proc = run_cli("train", "-m", f"launcher={launcher}", "optim=sgd", "optim.lr=1e12,0.1", "trainer.epochs=1",
+    run = run_cli if launcher == "basic" else run_process  # joblib's workers write to the process's own stderr
+    proc = run("train", "-m", f"launcher={launcher}", "optim=sgd", "optim.lr=1e12,0.1", "trainer.epochs=1",
                    "device=cpu", f"hydra.sweep.dir={sweep}", "hydra.job.config.override_dirname.exclude_keys=[launcher]",
                    cwd=tmp_path, check=False)
     assert proc.returncode == 3 and "Traceback" not in proc.stderr
