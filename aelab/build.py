@@ -16,6 +16,7 @@ from .devices import DEVICES
 from .losses import LOSSES, ReconstructionLoss
 from .models import MODELS, Autoencoder
 from .optim import OPTIMIZERS
+from .keys import empty_merge, shape_error, similar_key, wrong_shape
 from .registry import ConfigError, Registry, choice, flag, number
 from .runs import EVAL_OVERRIDES, check_overrides, not_a_run
 from .regularizers import REGULARIZERS, Penalty
@@ -342,7 +343,6 @@ def run_config(run_dir: Path, overrides: list[str], allowed: tuple[str, ...] = E
                 cfg[section][key] = value
     OmegaConf.set_struct(cfg, True)
     check_overrides(overrides, allowed, example)
-    from .overrides import empty_merge, shape_error, similar_key, wrong_shape  # the command line's own rules
     for override in overrides:
         key, _, value = override.partition("=")
         if key == "device":  # another option of the group: the run may have trained on a GPU this machine lacks

@@ -10,7 +10,7 @@ else random images):
 - seed-faithful: the tutorial's loop as written (per-item PIL + ToTensor DataLoader, `.to(device)` per
   batch, an if/elif switch on the regularizer, the per-latent Jacobian loop for the contractive term);
 - seed TensorDataset: the same loop over a TensorDataset DataLoader;
-- aelab: `aelab.train.train_epoch` with the step `aelab train` makes (`aelab.steps.make_step`), on
+- aelab: `aelab.training.loop.train_epoch` with the step `aelab train` makes (`aelab.training.steps.make_step`), on
   parts built from aelab's configs: on CUDA the whole step replayed as a CUDA graph, and also timed
   eagerly (trainer.cuda_graph=off) to show what the graph buys.
 
@@ -194,11 +194,11 @@ def aelab_epochs(parts, epochs: int) -> tuple[float, str]:
     """samples/s of aelab's own epoch loop (train_epoch: shuffle, gather on device, step, NaN watch) in
     its best epoch (as the seed loops count their best run: this machine's load varies), and how the
     step ran (cuda graph or eager)."""
-    from aelab.checkpoint import Position
+    from aelab.training.checkpoint import Position
     from aelab.console import progress
-    from aelab.faults import FiniteWatch, StopSignals
-    from aelab.steps import make_step
-    from aelab.train import start_epoch, train_epoch
+    from aelab.training.faults import FiniteWatch, StopSignals
+    from aelab.training.steps import make_step
+    from aelab.training.loop import start_epoch, train_epoch
     from torch.utils.tensorboard import SummaryWriter
 
     with tempfile.TemporaryDirectory() as logs, progress(1) as bar, StopSignals() as stop:
@@ -225,7 +225,7 @@ def optimizer_step_us(device: str, steps: int = 200) -> dict:
     kernel as is, and aelab's SplitFusedAdam (the same kernel, tensors cut into pieces on CUDA, whole
     on the CPU). On CUDA each step is replayed from a CUDA graph, as in training."""
     from aelab.optim import SplitFusedAdam
-    from aelab.steps import CudaGraphs, capturable
+    from aelab.training.steps import CudaGraphs, capturable
     out = {}
     for name, make in (("torch fused Adam", lambda ps: torch.optim.Adam(ps, fused=True)),
                        ("aelab SplitFusedAdam", SplitFusedAdam)):

@@ -24,11 +24,11 @@ import numpy as np
 import torch
 
 import bench
-from aelab.checkpoint import Position
-from aelab.faults import FiniteWatch
-from aelab.objective import TERMS
-from aelab.steps import CudaGraphs, capturable, make_step, recorded_step, train_step
-from aelab.train import start_epoch
+from aelab.training.checkpoint import Position
+from aelab.training.faults import FiniteWatch
+from aelab.training.objective import TERMS
+from aelab.training.steps import CudaGraphs, capturable, make_step, recorded_step, train_step
+from aelab.training.loop import start_epoch
 
 CASES = {"none": [], "kl": ["reg=kl", "reg.weight=0.1"],
          "contractive": ["model=contractive", "reg=contractive", "reg.weight=0.1"]}
@@ -52,7 +52,7 @@ def per_call(label: str, fn: Callable[[], None], calls: int) -> float:
 
 
 def captured(parts, fn: Callable[[], None]) -> Callable[[], None]:
-    """fn warmed up and captured by aelab's own recipe (aelab.steps.CudaGraphs); returns the replay."""
+    """fn warmed up and captured by aelab's own recipe (aelab.training.steps.CudaGraphs); returns the replay."""
     graphs, call = CudaGraphs(), lambda _: fn()
     for _ in range(3):
         graphs.warm_up(call, None)

@@ -38,7 +38,7 @@ def run_cli(*args: str, cwd: Path, check: bool = True) -> subprocess.CompletedPr
     cold process pays seconds of imports): chdir to cwd, stdout and stderr captured, the exit code
     as a process would give it. `run_process` is the same in a fresh process, for the few tests that
     need one (signals, installs)."""
-    from aelab.cli import main
+    from aelab.cli.main import main
 
     out, err, argv, here = io.StringIO(), io.StringIO(), sys.argv[:], os.getcwd()
     root, handlers = logging.getLogger(), logging.getLogger().handlers[:]

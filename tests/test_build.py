@@ -4,8 +4,8 @@ import torch
 
 from aelab.build import build, check
 from aelab.registry import ConfigError
-from aelab.objective import evaluate, loss_terms
-from aelab.steps import train_step
+from aelab.training.objective import evaluate, loss_terms
+from aelab.training.steps import train_step
 
 
 def test_default_config_builds_the_seed_shape(make_cfg):

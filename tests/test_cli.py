@@ -59,9 +59,9 @@ def test_bce_kl_run_writes_events_metrics_and_checkpoint(tmp_path):
     assert "mse_masking" not in metrics["test"] and all(m > 0 for m in masked) and masked[0] != masked[1]
     assert (run_dir / ".hydra" / "config.yaml").exists() and (run_dir / "checkpoint.pt").exists()
     # each epoch logs how sparse the validation codes are: the last equals the saved model's own
-    from aelab import checkpoint
+    from aelab.training import checkpoint
     from aelab.build import build, run_config
-    from aelab.metrics import codes
+    from aelab.training.monitor import codes
     parts = build(run_config(run_dir, []))
     checkpoint.load(parts, run_dir)
     latent = codes(parts, parts.data.val.x)
@@ -169,7 +169,8 @@ def test_remaining_keys_run_from_the_cli(tmp_path):
 def test_terminal_text_is_printed_as_written(capsys, tmp_path):
     """Square brackets in messages and table cells are text, not rich markup ('aelab[sweep]', '[relu]')."""
     from aelab import console
-    from aelab.report import Job, Row, print_table
+    from aelab.sweeps.jobs import Job, Row
+    from aelab.sweeps.report import print_table
     console.error("install it with: pip install 'aelab[sweep]'")
     with console.progress(1) as bar:
         bar.log("cuda graph: capture failed ([bold]x[/])")

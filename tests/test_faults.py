@@ -14,10 +14,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from aelab import checkpoint
+from aelab.training import checkpoint
 from aelab.build import build, check_compatible
-from aelab.checkpoint import Position
-from aelab.cli import main
+from aelab.training.checkpoint import Position
+from aelab.cli.main import main
 from aelab.data import Split, Splits
 from aelab.registry import ConfigError
 from conftest import run_cli
@@ -280,7 +280,8 @@ def test_pictures_and_tables_are_written_whole_or_not_at_all(tmp_path, monkeypat
     plots) and a report's tables: a full disk mid-write keeps the earlier file and leaves no temporary one."""
     from matplotlib.figure import Figure
     from PIL import Image
-    from aelab.logs import pyplot, save_figure, save_png
+    from aelab.analysis.figures import pyplot, save_figure
+    from aelab.analysis.pictures import save_png
     from aelab.runs import write_text
 
     picture, table = tmp_path / "reconstructions.png", tmp_path / "report.csv"
@@ -351,9 +352,9 @@ def test_nan_loss_stops_at_once_naming_step_and_terms(tmp_path):
 
 
 def test_nan_after_a_good_epoch_keeps_the_good_checkpoint(tmp_path, make_cfg):
-    from aelab.faults import TrainingFault
+    from aelab.training.faults import TrainingFault
     from aelab.optim import SplitFusedAdam
-    from aelab.train import run
+    from aelab.cli.job import run
 
     cfg = make_cfg("device=cpu", "trainer.epochs=3")
     parts_run = tmp_path / "run"
@@ -385,8 +386,8 @@ def test_signal_in_the_final_evaluation_stops_at_once_and_resume_finishes(tmp_pa
     """No step is left to finish: the signal stops the evaluation at once (through a library's
     `except Exception`, as scikit-learn's probes have), exit 128 + sig with the command that finishes
     the run; that command evaluates and writes metrics.json without training again."""
-    from aelab import train
-    from aelab.faults import TrainingFault
+    from aelab.cli import job as train  # the job: train, then finish (measure), then log_final
+    from aelab.training.faults import TrainingFault
 
     cfg = make_cfg("device=cpu", "trainer.epochs=2", "eval.probe=false")
     run_dir = tmp_path / "run"
@@ -418,7 +419,7 @@ def test_signal_in_the_final_evaluation_stops_at_once_and_resume_finishes(tmp_pa
 def test_a_signal_while_the_results_are_written_waits_for_them(tmp_path, make_cfg, monkeypatch):
     """TensorBoard's final entries and metrics.json are written in one go after the slow part: a
     SIGTERM then lets them finish (the run is complete), so no resume writes any of them twice."""
-    from aelab import train
+    from aelab.cli import job as train  # the job: train, then finish (measure), then log_final
 
     cfg = make_cfg("device=cpu", "trainer.epochs=1", "eval.probe=false")
     run_dir = tmp_path / "run"
@@ -439,11 +440,11 @@ def test_a_signal_while_the_results_are_written_waits_for_them(tmp_path, make_cf
 
 def test_ctrl_c_outside_a_training_loop_is_one_line(tmp_path, capfd, monkeypatch):
     """aelab eval or report interrupted: exit 130 and one line, not a KeyboardInterrupt traceback."""
-    import aelab.report
+    import aelab.sweeps.report
 
     def interrupted(sweep_dir, overrides):
         raise KeyboardInterrupt
-    monkeypatch.setattr(aelab.report, "report", interrupted)
+    monkeypatch.setattr(aelab.sweeps.report, "report", interrupted)
     code, out, err = cli(capfd, "report", str(tmp_path))
     assert code == 130 and err == "error: aelab report: interrupted (SIGINT) before it finished; " \
                                   "what it had written is kept\n"
@@ -451,11 +452,11 @@ def test_ctrl_c_outside_a_training_loop_is_one_line(tmp_path, capfd, monkeypatch
 
 
 def test_ctrl_c_before_training_leaves_no_empty_run_dir(tmp_path, capfd, monkeypatch):
-    import aelab.train
+    import aelab.cli.job
 
     def interrupted(cfg, run_dir, **kwargs):  # as if Ctrl-C came while the data loaded
         raise KeyboardInterrupt
-    monkeypatch.setattr(aelab.train, "run", interrupted)
+    monkeypatch.setattr(aelab.cli.job, "run", interrupted)
     code, out, err = cli(capfd, "train", f"hydra.run.dir={tmp_path / 'run'}")
     assert code == 130 and err.startswith("error: aelab train: interrupted (SIGINT)") and err.count("\n") == 1
     assert not (tmp_path / "run").exists()

@@ -8,7 +8,7 @@ import torch
 
 from aelab.build import build
 from aelab.regularizers import encoder_sensitivity
-from aelab.steps import GraphStep, train_step
+from aelab.training.steps import GraphStep, train_step
 from conftest import run_cli
 from test_steps import PARTS, train
 
@@ -157,7 +157,7 @@ def test_split_adam_is_torch_fused_adam_on_cuda(decoupled):
 def test_sample_chains_on_cuda_match_the_cpu(make_cfg):
     """aelab sample's chain and measures on the device: x <- f(x) from the same start gives the CPU's states."""
     from aelab.corruptions import CORRUPTIONS
-    from aelab.sample import chain, langevin, measure, sample
+    from aelab.analysis.sampling import chain, langevin, measure, sample
 
     overrides = ["corruption=gaussian", "corruption.noise_factor=0.3"]
     cpu, gpu = build(make_cfg("device=cpu", *overrides)), build(make_cfg("device=cuda", *overrides))

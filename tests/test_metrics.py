@@ -8,9 +8,10 @@ import torch
 
 from aelab.build import build
 from aelab.regularizers import encoder_sensitivity
-from aelab.metrics import (feature_grid, feature_spread, gradient_energy, grid, jacobian_rank, jacobian_spectrum,
-                           linear_probe, principal_components, reconstruction, sensitivity, sparsity,
-                           typical_activation)
+from aelab.analysis.metrics import (feature_grid, feature_spread, gradient_energy, jacobian_rank, jacobian_spectrum,
+                                    linear_probe, principal_components, reconstruction, sensitivity,
+                                    typical_activation)
+from aelab.training.monitor import grid, sparsity
 
 
 def test_sparsity_of_a_known_code():
@@ -63,9 +64,9 @@ def test_jacobian_rank_counts_the_directions_that_carry_the_jacobian():
 
 def trained_metrics(make_cfg, epochs: int | None, *overrides: str) -> dict:
     """The test metrics of a model trained `epochs` epochs (the config's own when None) on the digits."""
-    from aelab.metrics import analyse
-    from aelab.objective import batches
-    from aelab.steps import train_step
+    from aelab.analysis.metrics import analyse
+    from aelab.training.objective import batches
+    from aelab.training.steps import train_step
 
     parts = build(make_cfg("device=cpu", "eval.probe=false", *overrides))
     for epoch in range(epochs or parts.trainer.epochs):
@@ -129,7 +130,7 @@ def test_feature_spread_draws_each_unit_at_its_typical_value(make_cfg):
 def test_analyse_reports_the_feature_spread_of_the_units_in_use(make_cfg):
     """analyse() measures the decoder as built (untrained here): between one pixel's share and the whole
     image, the same as feature_spread from the test codes it reports."""
-    from aelab.metrics import analyse
+    from aelab.analysis.metrics import analyse
 
     parts = build(make_cfg("device=cpu", "model=sparse_l1", "reg=l1", "eval.probe=false"))
     found, arrays = analyse(parts, parts.evaluation)
@@ -199,7 +200,7 @@ def test_feature_grid_decodes_one_hot_codes(make_cfg):
 def test_feature_grid_draws_each_unit_at_the_value_given(make_cfg):
     """eval.feature_value: one value for every unit, or each unit's own (typical), a unit never active
     (NaN) drawn black."""
-    from aelab.logs import features_picture
+    from aelab.analysis.pictures import features_picture
 
     parts = build(make_cfg("device=cpu"))
 
@@ -237,7 +238,7 @@ def test_grid_lays_images_out_as_torchvision_does(count, shape, columns, tmp_pat
     from PIL import Image
     from torchvision.utils import make_grid, save_image
 
-    from aelab.logs import save_png
+    from aelab.analysis.pictures import save_png
     images = torch.rand(count, *shape) * 1.4 - 0.2
     for stretch in (False, True):
         ours = grid(images.flatten(1), shape, columns, stretch=stretch)
@@ -255,7 +256,7 @@ def test_grid_lays_images_out_as_torchvision_does(count, shape, columns, tmp_pat
 def test_row_labels_sit_at_the_middle_of_each_row_of_a_grid():
     """Three rows of 8x8 images: pixel rows 2-9, 12-19, 22-29 (2 px of padding), so the middles 5.5, 15.5,
     25.5; the one rule behind the row names of denoising.png, compare_reconstructions.png and sample.png."""
-    from aelab.logs import label_rows, pyplot
+    from aelab.analysis.figures import label_rows, pyplot
     picture = grid(torch.rand(6, 64), (1, 8, 8), columns=2)
     fig, ax = pyplot().subplots()
     label_rows(ax, picture.shape[1], ["a", "b", "c"], fontsize=7)
@@ -265,7 +266,7 @@ def test_row_labels_sit_at_the_middle_of_each_row_of_a_grid():
 
 
 def test_robustness_is_the_same_noise_for_every_model(make_cfg):
-    from aelab.metrics import analyse
+    from aelab.analysis.metrics import analyse
     a = build(make_cfg("device=cpu", "eval.probe=false"))
     b = build(make_cfg("device=cpu", "eval.probe=false", "trainer.seed=1"))
     b.model.load_state_dict(a.model.state_dict())
@@ -277,7 +278,7 @@ def test_robustness_is_the_same_noise_for_every_model(make_cfg):
 def test_a_list_of_test_noise_levels_measures_each(make_cfg):
     """eval.noise.gaussian.noise_factor=[0.1,0.5] measures mse_gaussian_0.1 and mse_gaussian_0.5, each the
     number a run tested at that one level gives (Exercise 5: a model tested at every noise level)."""
-    from aelab.metrics import analyse
+    from aelab.analysis.metrics import analyse
     levels = build(make_cfg("device=cpu", "eval.probe=false", "eval.noise.gaussian.noise_factor=[0.1,0.5]"))
     found = analyse(levels, levels.evaluation)[0]
     assert [m for m in found if m.startswith("mse_")] == ["mse_gaussian_0.1", "mse_gaussian_0.5", "mse_salt_pepper",
@@ -292,8 +293,9 @@ def test_a_list_of_test_noise_levels_measures_each(make_cfg):
 def test_denoising_picture_shows_the_inputs_each_test_noise_was_measured_on(make_cfg):
     """denoising.png's rows are the first test images as each eval.noise entry's mse_<label> corrupted them
     (the first batch, the same seed), above what the model made of them; labelled with the settings."""
-    from aelab.logs import denoising_picture
-    from aelab.metrics import GRID_IMAGES, analyse, denoised
+    from aelab.analysis.pictures import denoising_picture
+    from aelab.training.monitor import GRID_IMAGES
+    from aelab.analysis.metrics import analyse, denoised
     parts = build(make_cfg("device=cpu", "eval.probe=false", "trainer.batch_size=32",
                            "eval.noise.gaussian.noise_factor=[0.1,0.5]"))
     settings = parts.evaluation
@@ -323,7 +325,7 @@ def test_denoising_picture_shows_the_inputs_each_test_noise_was_measured_on(make
 
 def test_step_alignment_of_hand_made_steps():
     """The cosine between f(x̃) - x̃ and x - x̃, image by image (rows)."""
-    from aelab.metrics import step_alignment
+    from aelab.analysis.metrics import step_alignment
     clean = torch.tensor([[0.0, 1.0, 0.5, 0.5]]).repeat(5, 1)
     noisy = torch.tensor([[0.2, 0.7, 0.5, 0.9]]).repeat(5, 1)
     noisy[4] = clean[4]  # the corruption changed no pixel of the last image
@@ -341,7 +343,7 @@ def test_score_alignment_is_measured_for_gaussian_test_noise(make_cfg):
     """score_cos_gaussian_<level>: the mean step_alignment of the model's reconstructions of the same
     fixed-seed noisy test set that mse_gaussian_<level> scores; gaussian noise only (the score estimate)."""
     from aelab.corruptions import CORRUPTIONS
-    from aelab.metrics import analyse, step_alignment
+    from aelab.analysis.metrics import analyse, step_alignment
     parts = build(make_cfg("device=cpu", "eval.probe=false", "eval.noise.gaussian.noise_factor=[0.1,0.5]"))
     found = analyse(parts, parts.evaluation)[0]
     assert [m for m in found if m.startswith("score_cos")] == ["score_cos_gaussian_0.1", "score_cos_gaussian_0.5"]
@@ -357,7 +359,7 @@ def test_a_denoising_model_points_back_to_the_data_more_the_noisier_its_input(tm
     """The tutorial's score matching connection, measured: f(x̃) - x̃ of a model trained on gaussian
     noise 0.3 points back to the clean input the better, the larger the test noise (at small noise the
     model's own reconstruction error outweighs the noise it removes)."""
-    from aelab.train import run
+    from aelab.cli.job import run
     cfg = make_cfg("device=cpu", "trainer.epochs=15", "corruption=gaussian", "corruption.noise_factor=0.3",
                    "eval.probe=false", "eval.noise.gaussian.noise_factor=[0.1,0.3,0.5]")
     (tmp_path / "run").mkdir()
@@ -391,7 +393,7 @@ def test_latent_picture_puts_each_class_where_its_codes_lie():
     """Two classes of codes far apart along one unit: class 0's dots (the first colour) on the left of
     the picture, class 1's (the second) on the right, where principal component 1 puts them."""
     from matplotlib.colors import to_rgb
-    from aelab.logs import latent_picture
+    from aelab.analysis.pictures import latent_picture
 
     generator = torch.Generator().manual_seed(0)
     labels = torch.arange(200) % 2
@@ -416,7 +418,7 @@ def test_the_projector_holds_the_test_codes_once(tmp_path):
     (sprite.png); written again at the same step, the earlier ones are replaced, not kept beside."""
     from torch.utils.tensorboard import SummaryWriter
     from aelab.data import Split
-    from aelab.logs import log_embedding
+    from aelab.analysis.tensorboard import log_embedding
 
     latent, test = torch.rand(5, 3), Split(torch.rand(5, 64), torch.tensor([3, 1, 4, 1, 5]))
     for codes in (latent + 1, latent):
@@ -436,8 +438,8 @@ def test_the_projector_holds_the_test_codes_once(tmp_path):
 def test_eval_projector_sets_how_many_test_codes_the_projector_shows(make_cfg, tmp_path, shown):
     """eval.projector=N: the first N test codes (of the digits' 270), with their classes; 0: no Projector files."""
     from torch.utils.tensorboard import SummaryWriter
-    from aelab.logs import log_final
-    from aelab.metrics import codes
+    from aelab.analysis.tensorboard import log_final
+    from aelab.training.monitor import codes
 
     cfg = make_cfg("device=cpu", f"eval.projector={shown}")
     parts = build(cfg)

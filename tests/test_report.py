@@ -55,8 +55,8 @@ def test_side_by_side_shows_each_settings_own_pictures(sweep, tmp_path, monkeypa
     """compare_reconstructions.png / compare_features.png: one panel per setting, titled with it, showing
     the pixels of the picture its first run wrote; fewer than two settings: no comparison drawn."""
     import numpy as np
-    from aelab import plots
-    from aelab.report import fold, load_jobs, swept_keys
+    from aelab.sweeps import plots
+    from aelab.sweeps.jobs import fold, load_jobs, swept_keys
 
     jobs, _ = load_jobs(sweep)
     rows = fold(jobs, swept_keys(jobs))
@@ -78,8 +78,8 @@ def test_side_by_side_shows_each_settings_own_pictures(sweep, tmp_path, monkeypa
 def test_a_noise_sweep_compares_each_models_denoising_pictures(tmp_path, monkeypatch):
     """compare_denoising.png, for sweeps over the training noise: each setting's denoising.png, or with eval
     overrides the picture its `aelab eval` record wrote beside it (the inputs those metrics measured)."""
-    from aelab import plots
-    from aelab.report import Job, Row
+    from aelab.sweeps import plots
+    from aelab.sweeps.jobs import Job, Row
 
     rows = []
     for shift, level in enumerate(("0.1", "0.5")):
@@ -104,7 +104,8 @@ def test_a_noise_sweep_compares_each_models_denoising_pictures(tmp_path, monkeyp
 def test_sampled_values_are_shown_short_and_kept_whole(tmp_path):
     """An Optuna trial's reg.weight=0.0015676677195506068: 0.001568 in the table, Markdown and plots,
     whole in report.csv; typed values (1e-3, 0.25, mse) as typed."""
-    from aelab.report import Job, Row, short, write_tables
+    from aelab.sweeps.jobs import Job, Row, short
+    from aelab.sweeps.report import write_tables
 
     assert [short(v) for v in ("0.0015676677195506068", "0.35759468318620974", "1e-3", "0.25", "mse", "[256, 128]",
                                "123456789")] == ["0.001568", "0.3576", "1e-3", "0.25", "mse", "[256, 128]", "123456789"]
@@ -121,8 +122,8 @@ def test_long_settings_are_drawn_whole(tmp_path, monkeypatch):
     (was cut off by the figure's edge, with a tight-layout warning per plot), and the trade-off plot
     numbers its points and keys them below."""
     import warnings
-    from aelab import plots
-    from aelab.report import Job, Row
+    from aelab.sweeps import plots
+    from aelab.sweeps.jobs import Job, Row
 
     settings = [{"trainer.epochs": str(e), "model.hidden": "[256, 128]", "model": "sparse_l1", "reg.weight": w,
                  "experiment": "l1_sweep", "reg": "l1"} for e in (2, 30) for w in ("0.001", "0.1", "1")]
@@ -150,8 +151,9 @@ def test_panels_follow_what_was_swept(tmp_path, monkeypatch):
     """A loss sweep is drawn with what tells losses apart (MSE, MAE, sharpness: Exercise 1 asks which is
     sharpest), a noise sweep with what denoising costs and buys (sharpness, encoder sensitivity), a
     penalty sweep with sparsity; each terminal table shows sharpness where loss or corruption was swept."""
-    from aelab import plots
-    from aelab.report import LABELS, Job, Row, shown_metrics
+    from aelab.sweeps import plots
+    from aelab.sweeps.jobs import Job, LABELS, Row
+    from aelab.sweeps.report import shown_metrics
 
     titles = {}
 
@@ -177,8 +179,8 @@ def test_loss_curves_name_every_run_even_two_of_one_setting(sweep, tmp_path, mon
     """Two runs labelled alike (aelab report outputs over repeated runs) are two lines and two legend
     entries, each line the run's own train/total from its TensorBoard events; beside it each run's
     validation reconstruction loss and active fraction per epoch."""
-    from aelab import plots
-    from aelab.report import load_jobs
+    from aelab.sweeps import plots
+    from aelab.sweeps.jobs import load_jobs
 
     jobs = load_jobs(sweep)[0][:2]
     seen = {}
@@ -213,8 +215,8 @@ def test_many_long_lines_get_one_legend_below_and_no_two_alike(tmp_path, monkeyp
     whole (a legend in every panel covered the lines and ran off the figure), and the lines past the
     colour cycle's ten told apart by their dash."""
     import warnings
-    from aelab import plots
-    from aelab.report import Job, Row
+    from aelab.sweeps import plots
+    from aelab.sweeps.jobs import Job, Row
 
     rows = []
     for epochs in range(1, 13):
@@ -252,7 +254,7 @@ def _pairs(sweep):
 
 def test_where_and_how_a_job_ran_is_no_factor():
     """A job resumed on its own (resume=true), another launcher or data path: the same setting."""
-    from aelab.report import Job, swept_keys
+    from aelab.sweeps.jobs import Job, swept_keys
     typed = [{"reg.weight": "1e-3", "resume": "true", "launcher": "parallel"}, {"reg.weight": "1e-1"},
              {"reg.weight": "1e-1", "paths.data": "/data", "hydra/launcher": "joblib", "trainer.seed": "1"}]
     assert swept_keys([Job(Path(str(n)), o, {}, {}) for n, o in enumerate(typed)]) == ["reg.weight", "trainer.seed"]
@@ -261,7 +263,8 @@ def test_where_and_how_a_job_ran_is_no_factor():
 def test_a_key_a_job_did_not_set_shows_what_it_ran_with():
     """`aelab report outputs` over single runs: loss=bce in one, reg=l1 reg.weight=0.1 in the other.
     Each cell a run left at its default shows that default (was blank), read from its config."""
-    from aelab.report import Job, fmt, fold, swept_keys
+    from aelab.sweeps.jobs import fold, Job, swept_keys
+    from aelab.sweeps.report import fmt
     config = {"reg": {"weight": 0.0}, "eval": {"probe": False}}
     bce = Job(Path("a"), {"loss": "bce"}, config, {"mse": 0.1}, {"loss": "bce", "reg": "none"})
     l1 = Job(Path("b"), {"reg": "l1", "reg.weight": "0.1", "eval.probe": "true"}, config, {"mse": 0.2},
@@ -583,8 +586,8 @@ def test_noise_level_sweep_draws_train_noise_by_test_noise(tmp_path, monkeypatch
     in level order (0.25 before 1), each column's lowest error framed; the line plot draws a panel per
     setting of the other swept key, a line per test input, keyed once."""
     import warnings
-    from aelab import plots
-    from aelab.report import Job, Row
+    from aelab.sweeps import plots
+    from aelab.sweeps.jobs import Job, Row
 
     tests = {"mse": 0.01, "mse_gaussian_1": 0.05, "mse_gaussian_0.25": 0.02, "mse_masking": 0.03}
     rows = []
@@ -692,8 +695,8 @@ def test_contractive_trade_off_shows_what_noise_adds(tmp_path, monkeypatch):
     """recon_vs_sensitivity of a contractive sweep: the sensitivities span seven decades, so the axis is
     logarithmic (a linear one piled four of five points at zero); the points are one curve in order of
     sensitivity; the second panel draws, per test noise, its error minus the clean error."""
-    from aelab import plots
-    from aelab.report import Job, Row
+    from aelab.sweeps import plots
+    from aelab.sweeps.jobs import Job, Row
 
     measured = {"0.0001": (3.8, 0.022, 0.033), "0.001": (0.74, 0.0255, 0.034), "0.01": (0.076, 0.035, 0.040),
                 "0.1": (2.7e-4, 0.0739, 0.0739), "1": (3.8e-7, 0.0739, 0.0739)}

@@ -8,7 +8,7 @@ import torch
 from aelab.build import build
 from aelab.corruptions import CORRUPTIONS
 from aelab.runs import SAMPLE_MEASURES
-from aelab.sample import chain, langevin, measure, nearest, recorded_steps
+from aelab.analysis.sampling import chain, langevin, measure, nearest, recorded_steps
 from conftest import copied, events, run_cli
 
 
@@ -296,9 +296,9 @@ def test_annealed_sample_command_steps_through_the_sweeps_models_largest_sigma_f
     assert [row["sigma"] for row in rows.values()] == [None, 0.4, 0.4, 0.4, 0.4, 0.4, 0.2]
     assert rows[40]["nearest_mse"] < 0.2 * rows[0]["nearest_mse"]  # random pixels became digit-like images
     # the same chains drawn here from each job's own saved model, in that order
-    from aelab import checkpoint
+    from aelab.training import checkpoint
     from aelab.build import run_config
-    from aelab.sample import starts
+    from aelab.analysis.sampling import starts
     parts, levels = None, []
     for job, sigma in ((jobs[2], 0.4), (jobs[1], 0.2)):
         job_parts = build(run_config(job, ["sample.steps=20"], allowed=("sample.",)))

@@ -14,13 +14,13 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.tensorboard import SummaryWriter
 
 from aelab.build import build
-from aelab.checkpoint import Position
+from aelab.training.checkpoint import Position
 from aelab.console import progress
-from aelab.faults import FiniteWatch, StopSignals, TrainingFault
-from aelab.objective import TERMS, loss_terms
+from aelab.training.faults import FiniteWatch, StopSignals, TrainingFault
+from aelab.training.objective import TERMS, loss_terms
 from aelab.registry import ConfigError
-from aelab.steps import GraphStep, capturable, make_step, train_step
-from aelab.train import start_epoch, train_epoch
+from aelab.training.steps import GraphStep, capturable, make_step, train_step
+from aelab.training.loop import start_epoch, train_epoch
 from conftest import run_cli
 
 

@@ -166,7 +166,7 @@ def test_missing_plugin_is_a_clear_error(tmp_path, monkeypatch, capsys, absent):
     """No such plugin, or no hydra_plugins package at all (find_spec raises): one line, exit 2."""
     import importlib.util
 
-    from aelab.cli import main
+    from aelab.cli.main import main
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec",
                         lambda name, *a: absent(name) if name.startswith("hydra_plugins") else real(name, *a))
@@ -192,7 +192,7 @@ def test_requeued_job_resumes_automatically(tmp_path):
 
 def test_misspelled_launcher_key_is_one_line_before_any_job(tmp_path, capsys):
     plugin("hydra_joblib_launcher")
-    from aelab.cli import main
+    from aelab.cli.main import main
     code = main(["train", "-m", "launcher=parallel", "hydra.launcher.n_jbs=2", "reg=l1", "reg.weight=1,2",
                  f"hydra.sweep.dir={tmp_path / 'sweep'}"])
     err = capsys.readouterr().err

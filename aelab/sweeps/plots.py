@@ -6,8 +6,8 @@ import textwrap
 from collections import defaultdict
 from pathlib import Path
 
-from .logs import label_rows, pyplot, save_figure
-from .report import LABELS, SEED_KEY as SEED, Job, Row
+from ..analysis.figures import label_rows, pyplot, save_figure
+from .jobs import LABELS, SEED_KEY as SEED, Job, Row
 
 PANELS = ("mse", "population_sparsity", "sensitivity", "probe_latent")
 GROUP_PANELS = {"loss": ("mse", "mae", "sharpness", "probe_latent"),  # which loss reconstructs sharpest

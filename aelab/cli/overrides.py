@@ -3,9 +3,7 @@ names the key and the fix (Hydra's own reports span many lines, and in a sweep c
 from __future__ import annotations
 
 import copy
-import difflib
 import functools
-import json
 import re
 from typing import Callable, Iterator
 
@@ -16,12 +14,13 @@ from hydra.core.global_hydra import GlobalHydra
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.core.override_parser.types import Override
 from hydra.errors import HydraException
-from omegaconf import DictConfig, ListConfig, OmegaConf
-from omegaconf.errors import ConfigTypeError, OmegaConfBaseException
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
-from .console import first_line
-from .registry import ConfigError
-from .runs import MODES, MULTIRUN
+from ..console import first_line
+from ..keys import empty_merge, leaf_keys, shape_error, similar_key, wrong_shape
+from ..registry import ConfigError
+from .rundirs import MODES, MULTIRUN
 
 GRAMMAR = "https://hydra.cc/docs/advanced/override_grammar/basic/"
 
@@ -120,7 +119,7 @@ def check_jobs(jobs: list[list[str]], parser: OverridesParser, group_options: Ca
     """Every job's values, checked as its run would check them, before the first job starts: a bad
     value in a sweep's fifth job stops the sweep now, not after four jobs have trained. The config is
     composed once per choice of config groups; each job's key=value overrides are applied to a copy."""
-    from .build import check  # torch: imported here, once a sweep is about to run anyway
+    from ..build import check  # torch: imported here, once a sweep is about to run anyway
 
     composed: dict[tuple[str, ...], DictConfig] = {}
     loaded = {}  # each data set the jobs read, once
@@ -150,17 +149,6 @@ def sweep_values(override: Override, ends: bool = False) -> list[str]:
         interval = override.value()
         return [str(interval.start), str(interval.end)] if ends else [str(interval.start)]
     return [] if override.value() is None else [override.get_value_element_as_str()]
-
-
-def empty_merge(cfg: DictConfig, key: str, value) -> None:
-    """`eval.noise={}` would change nothing: an empty dict merges into a dict and drops none of its
-    entries. Said, with the way to drop them, instead of run as if nothing was typed."""
-    node = OmegaConf.select(cfg, key)
-    if isinstance(value, (dict, DictConfig)) and not value and isinstance(node, DictConfig) and node:
-        first = next(iter(node))
-        every = ", or every one with eval.noise=null" if key == "eval.noise" else ""
-        raise ConfigError(f"{{}} drops nothing: a dict merges into the entries there ({', '.join(map(str, node))}); "
-                          f"drop one with ~{key}.{first}{every}", key)
 
 
 def composition_error(error: BaseException, chosen: list[str]) -> ConfigError:
@@ -195,31 +183,6 @@ def composition_error(error: BaseException, chosen: list[str]) -> ConfigError:
     return ConfigError(f"no such key{hint}; to add a new key, write +{text}", key)
 
 
-def wrong_shape(error: BaseException | None) -> bool:
-    """OmegaConf's refusal to merge a list into a section of settings, or a dict into a list."""
-    return isinstance(error, ConfigTypeError) and "Cannot merge" in str(error)
-
-
-def shape_error(node, key: str, typed, value: str) -> ConfigError:
-    """A list where a section of settings goes (eval.noise.gaussian=[1,2]), or a dict where a list
-    goes (model.hidden={a:1}), with the shape it takes: `node` is the config's, `typed` the value as
-    read and `value` as typed. In a dict typed for a section, the key inside it that has the wrong
-    shape (eval={noise:[1]}: eval.noise)."""
-    while isinstance(typed, dict) and isinstance(node, DictConfig):
-        inner = next((k for k, v in typed.items() if k in node and isinstance(v, (dict, list))), None)
-        if inner is None:
-            break
-        key, node, typed = f"{key}.{inner}", node[inner], typed[inner]
-        value = json.dumps(typed, separators=(",", ":"))
-    if isinstance(node, DictConfig):
-        first = next(iter(leaf_keys(node)), "KEY")  # down to a setting: eval.noise → eval.noise.gaussian.noise_factor
-        return ConfigError(f"is a section of settings, not a value; set one of its keys, e.g. {key}.{first}={value}", key)
-    if isinstance(node, ListConfig):
-        example = json.dumps(OmegaConf.to_container(node), separators=(",", ":"))
-        return ConfigError(f"takes a list, e.g. {key}={example}; got {value}", key)
-    return ConfigError(f"cannot take {value} (a value of another shape than the config's)", key)
-
-
 def nearest_key(cfg: DictConfig, key: str) -> str | None:
     """A sibling spelled alike (reg.wieght → reg.weight), else the same name in another section
     (trainer.lr → optim.lr, epochs → trainer.epochs) or in another option of a group (noise_factor →
@@ -236,26 +199,6 @@ def nearest_key(cfg: DictConfig, key: str) -> str | None:
         if name in node:
             return f"{group}.{name}, with {group}={option}"
     return found[0] if found else None
-
-
-def similar_key(cfg: DictConfig, key: str) -> str | None:
-    """The key beside `key` spelled most alike (reg.wieght → reg.weight), or None."""
-    parent, _, name = key.rpartition(".")
-    node = OmegaConf.select(cfg, parent) if parent else cfg
-    siblings = [str(k) for k in node.keys()] if isinstance(node, DictConfig) else []
-    near = difflib.get_close_matches(name, siblings, n=1)
-    return (f"{parent}.{near[0]}" if parent else near[0]) if near else None
-
-
-def leaf_keys(cfg: DictConfig, prefix: str = "") -> list[str]:
-    """Dotted paths of the settings (the hydra section left out)."""
-    paths = []
-    for k, value in cfg.items():
-        path = f"{prefix}{k}"
-        if path == "hydra":
-            continue
-        paths += leaf_keys(value, f"{path}.") if isinstance(value, DictConfig) else [path]
-    return paths
 
 
 def other_options(cfg: DictConfig, groups: list[str]) -> Iterator[tuple[str, str, DictConfig]]:

@@ -15,11 +15,11 @@ from hydra.types import RunMode
 from omegaconf import DictConfig
 from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
-from . import console
+from .. import console
+from ..registry import ConfigError
+from ..runs import FAILED, override_values, read_results, write_json
 from .overrides import check as check_overrides
-from .registry import ConfigError
-from .runs import (FAILED, MODES, check_dirs, drop_if_nothing_ran, override_values, read_results, resume_args, resume_mode,
-                   write_json)
+from .rundirs import MODES, check_dirs, drop_if_nothing_ran, resume_args, resume_mode
 
 USAGE = """usage: aelab COMMAND [ARGS]
 
@@ -64,11 +64,11 @@ def shown(path: Path) -> str:
                            else path))
 
 
-@hydra.main(config_path="configs", config_name="train", version_base="1.3")
+@hydra.main(config_path="pkg://aelab.configs", config_name="train", version_base="1.3")
 def train(cfg: DictConfig) -> float:
     """One job; returns the validation reconstruction error (what a sweeper minimises)."""
-    from .faults import DIVERGED, TrainingFault
-    from .train import run  # torch is imported only once a job runs: --help stays fast
+    from ..training.faults import DIVERGED, TrainingFault
+    from .job import run  # torch is imported only once a job runs: --help stays fast
 
     hydra_cfg = HydraConfig.get()
     run_dir = Path(hydra_cfg.runtime.output_dir)
@@ -198,14 +198,14 @@ def each_run(args: list[str], action, usage: str) -> int:
 
 
 def eval_command(args: list[str]) -> int:
-    from .train import evaluate_run
+    from ..analysis.evaluate import evaluate_run
 
     return each_run(args, evaluate_run, "usage: aelab eval RUN_DIR|SWEEP_DIR [eval.KEY=VALUE ...]   "
                                         "e.g. eval.noise.gaussian.noise_factor=0.5")
 
 
 def sample_command(args: list[str]) -> int:
-    from .sample import annealed_run, sample_run
+    from ..analysis.sampling import annealed_run, sample_run
 
     if args and not args[0].startswith("-") and override_values(args[1:]).get("sample.method") == "annealed":
         return guarded(lambda: annealed_run(Path(args[0]), args[1:]))  # the sweep's jobs together
@@ -214,7 +214,7 @@ def sample_command(args: list[str]) -> int:
 
 
 def report_command(args: list[str]) -> int:
-    from .report import report
+    from ..sweeps.report import report
 
     if not args or args[0].startswith("-"):
         print("usage: aelab report SWEEP_DIR [eval.KEY=VALUE ...]   (the folder of an `aelab train -m` sweep; "

@@ -7,7 +7,7 @@ from typing import Iterator, Optional
 import torch
 from torch import Tensor
 
-from .build import Parts
+from ..build import Parts
 
 TERMS = ("total", "recon", "reg")
 

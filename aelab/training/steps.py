@@ -12,9 +12,9 @@ from typing import Callable, Iterator, Optional, Protocol
 import torch
 from torch import Tensor
 
-from .build import Parts
+from ..build import Parts
 from .checkpoint import Position
-from .console import first_line
+from ..console import first_line
 from .faults import FiniteWatch, TrainingFault
 from .objective import loss_terms, stacked
 

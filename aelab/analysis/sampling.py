@@ -26,15 +26,18 @@ from omegaconf import DictConfig, OmegaConf
 from rich.table import Table
 from torch import Tensor
 
-from . import checkpoint, console
-from .build import Parts, SampleSettings, build, build_part, run_config
-from .corruptions import CORRUPTIONS, Corruption
-from .logs import label_rows, log_sample, pyplot, save_figure
-from .metrics import gradient_energy, grid
-from .models import MODELS
-from .objective import eval_mode
-from .registry import ConfigError
-from .runs import SAMPLE_MEASURES, output_name, write_json
+from .. import console
+from ..build import Parts, SampleSettings, build, build_part, run_config
+from ..corruptions import CORRUPTIONS, Corruption
+from ..models import MODELS
+from ..registry import ConfigError
+from ..runs import SAMPLE_MEASURES, output_name, write_json
+from ..training import checkpoint
+from ..training.monitor import grid
+from ..training.objective import eval_mode
+from .figures import label_rows, pyplot, save_figure
+from .metrics import gradient_energy
+from .tensorboard import log_sample
 
 SHOWN_CHAINS = 8  # chains drawn step by step in sample.png
 

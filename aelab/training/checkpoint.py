@@ -11,9 +11,9 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor
 
-from .build import Parts
-from .registry import ConfigError
-from .runs import write_whole
+from ..build import Parts
+from ..registry import ConfigError
+from ..runs import write_whole
 
 FILE = "checkpoint.pt"
 

@@ -8,23 +8,18 @@ estimate, points back to the clean input) and linear-probe accuracy of the froze
 """
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
-from .build import EvalSettings, Parts
-from .corruptions import Corruption
-from .losses import LOSSES
-from .objective import batches, eval_mode
-from .regularizers import jacobian_rows
+from ..build import EvalSettings, Parts
+from ..corruptions import Corruption
+from ..losses import LOSSES
+from ..regularizers import jacobian_rows
+from ..training.monitor import GRID_IMAGES, codes, grid, sparsity
+from ..training.objective import batches, eval_mode
 
 RECON = ("mse", "bce", "mae")
-GRID_IMAGES = 8
-GRID_PAD = 2  # white pixels around each image of a grid picture
-ACTIVITY = ("population_sparsity", "dead_fraction", "mean_activation")
 
 
 def gradient_energy(images: Tensor) -> Tensor:
@@ -68,32 +63,6 @@ def reconstruction(parts: Parts, x: Tensor, corrupt: Corruption | None = None, s
     found = dict(zip((*RECON, "psnr"), (sums / len(x)).tolist()))
     score = {"score_cos": (aligned[0] / aligned[1]).item()} if aligned[1] > 0 else {}
     return {**found, "sharpness": (energy[0] / energy[1]).item(), **score}
-
-
-@torch.no_grad()
-def codes(parts: Parts, x: Tensor) -> Tensor:
-    """Latent codes of the clean inputs, (N, latent_dim)."""
-    with eval_mode(parts.model):
-        return torch.cat([parts.model.encode(clean)[0]
-                          for clean in batches(x, parts.trainer.batch_size, parts.device)])
-
-
-def sparsity(latent: Tensor, threshold: float) -> tuple[dict, Tensor]:
-    """Population sparsity (mean fraction of units active per sample), dead-unit fraction (never
-    active), mean activation; and the lifetime sparsity of each unit (fraction of samples it is active on)."""
-    active = (latent > threshold).float()
-    lifetime = active.mean(0)
-    return {"population_sparsity": active.mean(1).mean().item(),
-            "lifetime_sparsity": lifetime.mean().item(),
-            "dead_fraction": (lifetime == 0).float().mean().item(),
-            "mean_activation": latent.mean().item()}, lifetime
-
-
-def activity(parts: Parts, x: Tensor) -> dict[str, float]:
-    """Population sparsity, dead-unit fraction and mean activation of x's codes: logged each epoch on
-    the validation split, to follow how fast a penalty makes the code sparse (Exercise 3's dynamics)."""
-    found, _ = sparsity(codes(parts, x), parts.evaluation.threshold)
-    return {name: found[name] for name in ACTIVITY}
 
 
 def jacobian_spectrum(parts: Parts, x: Tensor) -> Tensor:
@@ -212,16 +181,6 @@ def analyse(parts: Parts, settings: EvalSettings) -> tuple[dict, dict[str, Tenso
 
 
 @torch.no_grad()
-def image_grid(parts: Parts, x: Tensor) -> Tensor:
-    """Rows: clean, corrupted, reconstructed (the first images of x, fixed-seed noise)."""
-    clean = x[:GRID_IMAGES].to(parts.device)
-    noisy = parts.corruption(clean, torch.Generator(parts.device).manual_seed(parts.trainer.seed))
-    with eval_mode(parts.model):
-        recon = parts.model(noisy).recon
-    return grid(torch.cat([clean, noisy, recon]).clamp(0, 1), parts.data.image_shape, columns=len(clean))
-
-
-@torch.no_grad()
 def denoised(parts: Parts, settings: EvalSettings) -> tuple[Tensor, dict[str, tuple[Tensor, Tensor]]]:
     """The first test images, clean; for each eval.noise entry, the same images as its mse_<label> measured
     them (the first test batch, corrupted from the same seed) and their reconstructions."""
@@ -246,23 +205,3 @@ def feature_grid(parts: Parts, count: int, value: float | Tensor = 1.0) -> Tenso
     with eval_mode(parts.model):
         images = parts.model.decode(code)[0].view(k, *parts.data.image_shape).clamp(0, 1)
     return grid(images * fires.view(-1, 1, 1, 1), parts.data.image_shape, stretch=True)
-
-
-def grid(images: Tensor, shape: tuple[int, int, int], columns: int | None = None, stretch: bool = False,
-         pad: int = GRID_PAD) -> Tensor:
-    """Images (any layout of N x shape, values in [0, 1]) as one RGB picture on the CPU, `columns`
-    across (default: a square), `pad` white pixels around each; torchvision's make_grid layout.
-    `stretch` maps each image's own range onto [0, 1] first."""
-    images = images.detach().reshape(-1, *shape).float().cpu()
-    if stretch:
-        low, high = images.amin((1, 2, 3), keepdim=True), images.amax((1, 2, 3), keepdim=True)
-        images = (images - low) / (high - low).clamp_min(1e-5)
-    if images.shape[1] == 1:
-        images = images.expand(-1, 3, -1, -1)
-    count, channels, height, width = images.shape
-    columns = min(columns or math.ceil(math.sqrt(count)), count)
-    rows = math.ceil(count / columns)
-    cells = torch.ones(rows * columns, channels, height + pad, width + pad)  # each image with its top-left margin
-    cells[:count, :, pad:, pad:] = images
-    picture = cells.view(rows, columns, channels, height + pad, width + pad).permute(2, 0, 3, 1, 4)
-    return F.pad(picture.reshape(channels, rows * (height + pad), columns * (width + pad)), (0, pad, 0, pad), value=1.0)

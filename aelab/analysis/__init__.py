@@ -1,0 +1,1 @@
+"""What a trained model learned: test metrics, pictures, TensorBoard entries, sampling. Uses the parts and training."""

@@ -1,0 +1,126 @@
+"""Run and sweep dirs on the command line: continuing one (`resume=RUN_DIR`, `resume=SWEEP_DIR`), and
+the checks made on a run or sweep dir before Hydra makes it."""
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import yaml
+from omegaconf import DictConfig
+
+from ..registry import ConfigError
+from ..runs import RESULTS, not_a_run, override_values
+
+HYDRA_ONLY = {".hydra", "train.log"}  # what a run dir holds before its job has written anything
+# how long and where a resumed run goes on, and how it is measured: not what it trains
+RESUME_MAY_CHANGE = ("trainer.epochs", "trainer.log_every", "trainer.cuda_graph", "trainer.compile", "trainer.tf32",
+                     "device", "eval", "sample", "hydra")
+# Hydra's flags that choose what a call does, one per call: the name aelab's messages give → how it is typed
+MODES = {"--run": ("-r", "--run"), "-m": ("-m", "--multirun"), "--cfg": ("-c", "--cfg"), "--info": ("-i", "--info"),
+         "--shell-completion": ("-sc", "--shell-completion")}
+MULTIRUN = MODES["-m"]
+# the flags after which nothing runs: Hydra prints something and exits
+INFO_FLAGS = ("--help", "-h", "--hydra-help", "--version", *MODES["--cfg"], *MODES["--info"], *MODES["--shell-completion"])
+
+
+def drop_if_nothing_ran(cfg: DictConfig, run_dir: Path) -> None:
+    """A new run dir that holds only Hydra's own files is removed: leave no empty run behind."""
+    if cfg.resume is False and set(p.name for p in run_dir.iterdir()) <= HYDRA_ONLY:
+        shutil.rmtree(run_dir, ignore_errors=True)
+
+
+def resume_mode(value, run_dir: Path) -> bool | str:
+    """resume=false|true|auto → whether to load run_dir's checkpoint ("done": nothing left to do)."""
+    held = [name for name in RESULTS if (run_dir / name).exists()]
+    if value == "auto":
+        return "done" if "metrics.json" in held else "checkpoint.pt" in held
+    if value is True:
+        return True
+    if value is False:
+        if held:
+            raise ConfigError(f"{run_dir} already holds an aelab run; choose a new dir, or continue it with "
+                              f"aelab train resume={run_dir}", "hydra.run.dir")
+        return False
+    raise ConfigError(f"must be false, auto, or a run dir (aelab train resume=RUN_DIR), got {value!r}", "resume")
+
+
+def resume_args(args: list[str]) -> list[str]:
+    """`resume=RUN_DIR` → that run's own overrides, in its own dir, with resume on."""
+    wanted = [a for a in args if a.startswith("resume=")]
+    if not wanted:
+        return args
+    value = wanted[-1].split("=", 1)[1]
+    if value.lower() in ("auto", "false"):
+        return args
+    if value.lower() == "true":
+        raise ConfigError("give the run dir to continue: aelab train resume=outputs/DATE/TIME", "resume")
+    run_dir = Path(value).expanduser()
+    if (run_dir / "multirun.yaml").is_file() or any(run_dir.glob("*/.hydra/hydra.yaml")):
+        return sweep_resume_args(run_dir, [a for a in args if not a.startswith("resume=")])
+    overrides = run_dir / ".hydra" / "overrides.yaml"
+    if not overrides.is_file() or not (run_dir / "checkpoint.pt").exists():
+        raise not_a_run(run_dir, ".hydra/overrides.yaml", "resume")
+    saved = [o for o in yaml.safe_load(overrides.read_text()) or [] if not o.startswith("resume=")]
+    rest = [a for a in args if not a.startswith(("resume=", "hydra.run.dir="))]
+    ran_with = override_values(saved)
+    for arg in rest:
+        key, _, value = arg.partition("=")
+        key = key.lstrip("+~")
+        if not any(key == k or key.startswith(k + ".") for k in RESUME_MAY_CHANGE) and ran_with.get(key) != value:
+            allowed = ", ".join(k + (".*" if k in ("eval", "sample", "hydra") else "") for k in RESUME_MAY_CHANGE)
+            raise ConfigError(f"{arg} would change what {run_dir} trains (its results would mix two settings); "
+                              f"a resumed run may change only {allowed}: start a new run for {arg}", "resume")
+    return [*saved, *rest, f"hydra.run.dir={quoted(str(run_dir))}", "resume=true"]
+
+
+def sweep_resume_args(sweep_dir: Path, rest: list[str]) -> list[str]:
+    """`resume=SWEEP_DIR` → the sweep as it was started, in its dir, every job with resume=auto: a
+    finished job is kept, a stopped one continues from its checkpoint, one that never ran starts."""
+    record = sweep_dir / "multirun.yaml"  # Optuna's sweeper writes none: read a job's record to tell
+    hydra_cfg = yaml.safe_load((record if record.is_file() else next(sweep_dir.glob("*/.hydra/hydra.yaml"))
+                                ).read_text())["hydra"]
+    if "optuna" in str((hydra_cfg.get("sweeper") or {}).get("_target_", "")):
+        raise ConfigError(f"{sweep_dir} is an Optuna study, whose trials are sampled afresh each time; to continue "
+                          f"a study, give it hydra.sweeper.storage=sqlite:///FILE.db and run the same command again",
+                          "resume")
+    if not record.is_file():
+        raise ConfigError(f"{sweep_dir} has no multirun.yaml, the record of how its sweep was started; continue "
+                          f"one of its jobs with aelab train resume=JOB_DIR", "resume")
+    rest = [a for a in rest if a not in MULTIRUN]
+    changed = [a for a in rest if not a.startswith("hydra.")]
+    if changed:
+        raise ConfigError(f"a sweep continues as it was started; {' '.join(changed)} would make other jobs: start "
+                          f"a new sweep for them (only hydra.* keys, e.g. hydra.launcher.n_jobs, may change)", "resume")
+    typed = hydra_cfg["overrides"]
+    kept = [o for o in typed["hydra"] if not o.startswith(("hydra.mode=", "hydra.sweep.dir="))]
+    task = [o for o in typed["task"] if not o.startswith("resume=")]
+    return ["-m", *kept, *task, *rest, f"hydra.sweep.dir={quoted(str(sweep_dir))}", "resume=auto"]
+
+
+def quoted(value: str) -> str:
+    """A value as one quoted Hydra override value: a sweep job's dir name holds '=' and ','."""
+    return "'" + value.replace("'", "\\'") + "'"
+
+
+def check_dirs(args: list[str]) -> None:
+    """The run or sweep dir, before Hydra makes it: one that holds results is never written into, and
+    one that cannot be made (under a file, on a read-only disk) is refused with the key to change."""
+    if {"resume=true", "resume=auto"} & set(args) or set(INFO_FLAGS) & set(args):
+        return  # continuing: the dirs exist and hold this very run or sweep; or nothing will run
+    given = dict(arg.split("=", 1) for arg in args if arg.startswith(("hydra.run.dir=", "hydra.sweep.dir=")))
+    for key, value in given.items():
+        used = [p for name in RESULTS for p in Path(value).expanduser().glob(f"**/{name}")] if value else []
+        if used:
+            raise ConfigError(f"{value} already holds aelab results ({used[0]}); choose a new dir, "
+                              f"or continue a run with aelab train resume=RUN_DIR", key)
+    key = "hydra.sweep.dir" if set(MULTIRUN) & set(args) else "hydra.run.dir"
+    value = given.get(key) or "outputs"  # both default to a dir under ./outputs
+    path = Path(value).expanduser().absolute()
+    nearest = next(p for p in (path, *path.parents) if p.exists())
+    try:  # what Hydra will do, tried where it would fail: make a dir in the nearest existing one
+        os.rmdir(tempfile.mkdtemp(prefix=".aelab-check-", dir=nearest))
+    except OSError as e:
+        raise ConfigError(f"cannot make {value}: {nearest}: {e.strerror}; give a dir you can write in, "
+                          f"e.g. {key}=/tmp/aelab/{key.split('.')[1]}", key) from None

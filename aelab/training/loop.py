@@ -1,0 +1,82 @@
+"""The loop: for each epoch, train steps over a fresh shuffle, then validate, log and checkpoint."""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig
+from torch.utils.tensorboard import SummaryWriter
+
+from .. import console
+from ..build import Parts
+from . import checkpoint
+from .checkpoint import Position
+from .faults import FiniteWatch, StopSignals
+from .monitor import activity, image_grid
+from .objective import TERMS, batches, evaluate
+from .steps import Step, make_step
+
+
+def log_terms(writer: SummaryWriter, prefix: str, terms: dict[str, float], step: int) -> None:
+    for name, value in terms.items():
+        writer.add_scalar(f"{prefix}/{name}", value, step)
+
+
+def train_epoch(parts: Parts, pos: Position, step: Step, writer: SummaryWriter, bar: console.Bar,
+                watch: FiniteWatch, stop: StopSignals) -> None:
+    """Train on the rest of this epoch's shuffle; reads scalars back only every log_every steps."""
+    every = parts.trainer.log_every
+    for clean in batches(parts.data.train.x, parts.trainer.batch_size, parts.device, pos.order, pos.batch):
+        step(clean)
+        pos.step, pos.batch, pos.seen = pos.step + 1, pos.batch + 1, pos.seen + len(clean)
+        bar.advance()
+        if pos.step % every == 0:
+            watch.check()
+            means = dict(zip(TERMS, (pos.window / every).tolist()))
+            log_terms(writer, "train", means, pos.step)
+            bar.show(means)
+            pos.window.zero_()
+        if stop.requested:
+            return
+
+
+def start_epoch(parts: Parts, pos: Position) -> None:
+    """A fresh shuffle of the training split (on the device holding it) and zeroed epoch sums.
+
+    The sums are zeroed in place: a captured CUDA graph adds into these very tensors."""
+    x = parts.data.train.x
+    pos.order = torch.randperm(len(x), device=x.device)
+    pos.batch, pos.seen = 0, 0
+    if pos.epoch_sums is None:
+        pos.epoch_sums = torch.zeros(len(TERMS), device=parts.device)
+    pos.epoch_sums.zero_()
+    if pos.window is None:
+        pos.window = torch.zeros(len(TERMS), device=parts.device)
+
+
+def fit(parts: Parts, cfg: DictConfig, pos: Position, run_dir: Path, writer: SummaryWriter) -> tuple[float, str]:
+    """Train from `pos` to trainer.epochs, a checkpoint after each epoch; a SIGINT or SIGTERM saves one
+    mid-epoch and exits with the command that continues. Returns (seconds, the step's mode)."""
+    trainer, started = parts.trainer, time.perf_counter()
+    steps_per_epoch = -(-len(parts.data.train) // trainer.batch_size)
+    watch = FiniteWatch(parts.device, TERMS, run_dir / checkpoint.FILE, pos.step)
+    with console.progress(trainer.epochs * steps_per_epoch, pos.step) as bar, StopSignals() as stop:
+        step = make_step(parts, pos, watch, bar.log)
+        while pos.epoch < trainer.epochs:
+            if pos.order is None:
+                start_epoch(parts, pos)
+            train_epoch(parts, pos, step, writer, bar, watch, stop)
+            watch.check()
+            if stop.requested:
+                writer.close()
+                stop.exit(checkpoint.save(parts, cfg, pos, run_dir), pos.step)
+            pos.epoch, pos.order = pos.epoch + 1, None
+            val, codes = evaluate(parts, parts.data.val.x), activity(parts, parts.data.val.x)
+            log_terms(writer, "val", {**val, **codes}, pos.step)
+            writer.add_image("val/clean_corrupted_reconstructed", image_grid(parts, parts.data.val.x), pos.step)
+            checkpoint.save(parts, cfg, pos, run_dir)
+            train = dict(zip(TERMS, (pos.epoch_sums / pos.seen).tolist()))
+            bar.log(f"epoch {pos.epoch}/{trainer.epochs}  train {console.format_terms(train)}"
+                    f"  |  val {console.format_terms(val)}  active {codes['population_sparsity']:.3g}")
+    return time.perf_counter() - started, getattr(step, "mode", "eager")

@@ -1,0 +1,67 @@
+"""What the loop watches on the validation split after each epoch: how active the code is, and a
+picture of clean, corrupted and reconstructed inputs. The test metrics (analysis) build on the same."""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ..build import Parts
+from ..runs import GRID_PAD
+from .objective import batches, eval_mode
+
+GRID_IMAGES = 8
+ACTIVITY = ("population_sparsity", "dead_fraction", "mean_activation")
+
+
+@torch.no_grad()
+def codes(parts: Parts, x: Tensor) -> Tensor:
+    """Latent codes of the clean inputs, (N, latent_dim)."""
+    with eval_mode(parts.model):
+        return torch.cat([parts.model.encode(clean)[0]
+                          for clean in batches(x, parts.trainer.batch_size, parts.device)])
+
+
+def sparsity(latent: Tensor, threshold: float) -> tuple[dict, Tensor]:
+    """Population sparsity (mean fraction of units active per sample), dead-unit fraction (never
+    active), mean activation; and the lifetime sparsity of each unit (fraction of samples it is active on)."""
+    active = (latent > threshold).float()
+    lifetime = active.mean(0)
+    return {"population_sparsity": active.mean(1).mean().item(),
+            "lifetime_sparsity": lifetime.mean().item(),
+            "dead_fraction": (lifetime == 0).float().mean().item(),
+            "mean_activation": latent.mean().item()}, lifetime
+
+
+def activity(parts: Parts, x: Tensor) -> dict[str, float]:
+    """Population sparsity, dead-unit fraction and mean activation of x's codes: logged each epoch on
+    the validation split, to follow how fast a penalty makes the code sparse (Exercise 3's dynamics)."""
+    found, _ = sparsity(codes(parts, x), parts.evaluation.threshold)
+    return {name: found[name] for name in ACTIVITY}
+
+
+@torch.no_grad()
+def image_grid(parts: Parts, x: Tensor) -> Tensor:
+    """Rows: clean, corrupted, reconstructed (the first images of x, fixed-seed noise)."""
+    clean = x[:GRID_IMAGES].to(parts.device)
+    noisy = parts.corruption(clean, torch.Generator(parts.device).manual_seed(parts.trainer.seed))
+    with eval_mode(parts.model):
+        recon = parts.model(noisy).recon
+    return grid(torch.cat([clean, noisy, recon]).clamp(0, 1), parts.data.image_shape, columns=len(clean))
+
+
+def grid(images: Tensor, shape: tuple[int, int, int], columns: int | None = None, stretch: bool = False,
+         pad: int = GRID_PAD) -> Tensor:
+    """Images (any layout of N x shape, values in [0, 1]) as one RGB picture on the CPU, `columns`
+    across (default: a square), `pad` white pixels around each: torchvision's make_grid. `stretch` maps
+    each image's own range onto [0, 1] first."""
+    from torchvision.utils import make_grid  # its import takes a second: paid by the commands that draw
+
+    images = images.detach().reshape(-1, *shape).float().cpu()
+    columns = min(columns or math.ceil(math.sqrt(len(images))), len(images))
+    picture = make_grid(images, nrow=columns, padding=pad, normalize=stretch, scale_each=True, pad_value=1.0)
+    if len(images) == 1:  # make_grid hands a lone image back without its frame
+        picture = F.pad(picture, (pad, pad, pad, pad), value=1.0)
+    return picture
