@@ -20,6 +20,7 @@ from .keys import empty_merge, shape_error, similar_key, wrong_shape
 from .registry import ConfigError, Registry, choice, flag, number
 from .runs import EVAL_OVERRIDES, check_overrides, not_a_run
 from .regularizers import REGULARIZERS, Penalty
+from .samplers import SAMPLERS, Sampler
 
 GROUPS = {"data": DATASETS, "model": MODELS, "loss": LOSSES, "reg": REGULARIZERS,
           "corruption": CORRUPTIONS, "optim": OPTIMIZERS, "device": DEVICES}
@@ -50,8 +51,8 @@ class EvalSettings:
 
 @dataclass(frozen=True)
 class SampleSettings:  # `aelab sample`: chains drawn from a trained model
-    method: str  # chain: x <- f(C(x)); langevin: Langevin steps along the score estimate (f(x) - x) / sigma^2;
-    # annealed: Langevin steps through a sweep's models, one per sigma, largest first
+    method: Sampler  # chain: x <- f(C(x)); langevin: Langevin steps along the score estimate (f(x) - x) / sigma^2;
+    # annealed: Langevin steps through a sweep's models, one per sigma, largest first (samplers.SAMPLERS)
     steps: int  # steps of each chain (annealed: at each sigma)
     count: int  # chains, run side by side
     start: str  # noise: uniform random pixels; test: the first `count` test images
@@ -172,13 +173,13 @@ def eval_settings(node, image_shape: tuple[int, int, int]) -> EvalSettings:
 
 
 SAMPLE_STARTS = ("noise", "test")
-SAMPLE_METHODS = ("chain", "langevin", "annealed")
 
 
 def sample_settings(node) -> SampleSettings:
     try:
         known_keys(node, SampleSettings, "sample")
-        return SampleSettings(method=choice(node.method, "method", SAMPLE_METHODS),
+        method = SAMPLERS.get(choice(node.method, "method", tuple(SAMPLERS)))()
+        return SampleSettings(method=method,
                               steps=number(node.steps, "steps", low=1, integer=True),
                               count=number(node.count, "count", low=1, integer=True),
                               start=choice(node.start, "start", SAMPLE_STARTS),
@@ -363,3 +364,18 @@ def run_config(run_dir: Path, overrides: list[str], allowed: tuple[str, ...] = E
                                   f"see {path} for the keys", key) from None
             raise ConfigError(f"{str(e).splitlines()[0]}; see .hydra/config.yaml for the keys", key) from None
     return cfg
+
+
+def chain_corruption(cfg: DictConfig, settings: SampleSettings, image_shape: tuple[int, int, int]
+                     ) -> tuple[dict, Corruption]:
+    """The corruption `aelab sample`'s chain applies, as its config and built: the run's own, or gaussian
+    noise of sample.noise. A sampler whose step is scaled by a gaussian sigma needs one."""
+    if settings.noise is not None:
+        corruption = {"name": "gaussian", "noise_factor": settings.noise}
+    else:
+        corruption = OmegaConf.to_container(cfg.corruption, resolve=True)
+        if settings.method.needs_sigma and corruption["name"] != "gaussian":
+            raise ConfigError(f"sample.method={settings.method.name} needs the gaussian sigma of the score estimate "
+                              f"(f(x) - x) / sigma^2, and this run trained with corruption={corruption['name']}; "
+                              f"give one, e.g. sample.noise=0.3", "sample.noise")
+    return corruption, build_part("corruption", CORRUPTIONS, corruption, image_shape=image_shape)

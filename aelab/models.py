@@ -2,8 +2,9 @@
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Callable, Iterator, Optional
 
 import torch
 import torch.nn.functional as F
@@ -12,6 +13,16 @@ from torch import Tensor, nn
 from .registry import ConfigError, Registry, number
 
 MODELS = Registry("model")
+
+
+@contextmanager
+def eval_mode(model: nn.Module) -> Iterator[None]:
+    """The model in eval mode for the block, back in train mode after it."""
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train()
 
 
 @dataclass(frozen=True)

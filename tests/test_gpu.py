@@ -157,26 +157,28 @@ def test_split_adam_is_torch_fused_adam_on_cuda(decoupled):
 def test_sample_chains_on_cuda_match_the_cpu(make_cfg):
     """aelab sample's chain and measures on the device: x <- f(x) from the same start gives the CPU's states."""
     from aelab.corruptions import CORRUPTIONS
-    from aelab.analysis.sampling import chain, langevin, measure, sample
+    from aelab.analysis.sampling import measure, sample
+    from aelab.samplers import SAMPLERS, chain_walk, langevin_walk
 
     overrides = ["corruption=gaussian", "corruption.noise_factor=0.3"]
     cpu, gpu = build(make_cfg("device=cpu", *overrides)), build(make_cfg("device=cuda", *overrides))
     gpu.model.load_state_dict(cpu.model.state_dict())
     start, none = cpu.data.test.x[:16], CORRUPTIONS.get("none")()
-    a, _ = chain(cpu.model, none, start, 5, [5], torch.Generator("cpu").manual_seed(0))
-    b, _ = chain(gpu.model, none, start.to(gpu.device), 5, [5], torch.Generator(gpu.device).manual_seed(0))
+    a, _ = chain_walk(cpu.model, none, start, 5, [5], torch.Generator("cpu").manual_seed(0))
+    b, _ = chain_walk(gpu.model, none, start.to(gpu.device), 5, [5], torch.Generator(gpu.device).manual_seed(0))
     torch.testing.assert_close(b[5].cpu(), a[5], rtol=1e-4, atol=1e-5)
     assert measure(b[5], gpu)["nearest_mse"] == pytest.approx(measure(a[5], cpu)["nearest_mse"], rel=1e-4)
-    a, _ = langevin([(cpu.model, 0.0)], 0.5, start, 5, [5], torch.Generator("cpu").manual_seed(0))
-    b, _ = langevin([(gpu.model, 0.0)], 0.5, start.to(gpu.device), 5, [5], torch.Generator(gpu.device).manual_seed(0))
+    a, _ = langevin_walk([(cpu.model, 0.0)], 0.5, start, 5, [5], torch.Generator("cpu").manual_seed(0))
+    b, _ = langevin_walk([(gpu.model, 0.0)], 0.5, start.to(gpu.device), 5, [5], torch.Generator(gpu.device).manual_seed(0))
     torch.testing.assert_close(b[5].cpu(), a[5], rtol=1e-4, atol=1e-5)
-    a, _ = langevin([(cpu.model, 0.0), (cpu.model, 0.0)], 0.5, start, 3, [6], torch.Generator("cpu").manual_seed(0))
-    b, _ = langevin([(gpu.model, 0.0), (gpu.model, 0.0)], 0.5, start.to(gpu.device), 3, [6],
+    a, _ = langevin_walk([(cpu.model, 0.0), (cpu.model, 0.0)], 0.5, start, 3, [6], torch.Generator("cpu").manual_seed(0))
+    b, _ = langevin_walk([(gpu.model, 0.0), (gpu.model, 0.0)], 0.5, start.to(gpu.device), 3, [6],
                     torch.Generator(gpu.device).manual_seed(0))  # annealed: two levels, three steps each
     torch.testing.assert_close(b[6].cpu(), a[6], rtol=1e-4, atol=1e-5)
-    rows, yardstick, states = sample(gpu, {"name": "gaussian", "noise_factor": 0.3})  # on the device
+    gaussian = CORRUPTIONS.get("gaussian")(noise_factor=0.3)
+    rows, yardstick, states = sample(gpu, [(gpu.model, 0.3)], gaussian)  # on the device
     assert states[50].device == gpu.device and [row["step"] for row in rows] == [0, 1, 2, 5, 10, 20, 50]
     assert all(0 <= row["nearest_mse"] < 1 for row in rows) and yardstick["classes"] >= 1
-    gpu.sampling = dataclasses.replace(gpu.sampling, method="langevin")  # its noise drawn on the device too
-    rows, _, states = sample(gpu, {"name": "gaussian", "noise_factor": 0.3})
+    gpu.sampling = dataclasses.replace(gpu.sampling, method=SAMPLERS.get("langevin")())  # noise on the device too
+    rows, _, states = sample(gpu, [(gpu.model, 0.3)], gaussian)
     assert states[50].device == gpu.device and all(0 <= row["nearest_mse"] < 1 for row in rows)

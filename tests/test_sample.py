@@ -8,7 +8,8 @@ import torch
 from aelab.build import build
 from aelab.corruptions import CORRUPTIONS
 from aelab.runs import SAMPLE_MEASURES
-from aelab.analysis.sampling import chain, langevin, measure, nearest, recorded_steps
+from aelab.analysis.sampling import measure, nearest, recorded_steps
+from aelab.samplers import SAMPLERS, chain_walk, langevin_walk
 from conftest import copied, events, run_cli
 
 
@@ -23,6 +24,19 @@ class Halve(torch.nn.Module):
         return SimpleNamespace(recon=self.factor * x)
 
 
+@pytest.mark.parametrize("name", SAMPLERS.names())
+def test_every_sampler_is_chosen_by_its_name_and_keeps_the_recorded_steps(make_cfg, name):
+    """sample.method=NAME builds the registry's entry; its chains keep the start and each recorded step.
+    Without noise, at a = 2, each kind steps x <- f(x) (f halves): after 3 steps the chain shows x / 8,
+    Langevin the model's f of its state, x / 16."""
+    sampler = build(make_cfg("device=cpu", f"sample.method={name}")).sampling.method
+    assert sampler.name == name
+    start, none = torch.full((2, 4), 0.8), CORRUPTIONS.get("none")()
+    states, change = sampler.draw([(Halve(), 0.0)], none, 2.0, start, 3, [0, 1, 3], torch.Generator().manual_seed(0))
+    assert list(states) == [0, 1, 3] and change[0] is None
+    torch.testing.assert_close(states[3], start / {"chain": 8, "langevin": 16, "annealed": 16}[name])
+
+
 def test_recorded_steps_run_one_two_five_to_the_last():
     assert recorded_steps(50) == [0, 1, 2, 5, 10, 20, 50]
     assert recorded_steps(7) == [0, 1, 2, 5, 7]
@@ -32,19 +46,19 @@ def test_recorded_steps_run_one_two_five_to_the_last():
 
 def test_chain_applies_the_model_step_after_step_and_clamps():
     start, generator = torch.ones(3, 4), torch.Generator().manual_seed(0)
-    states, change = chain(Halve(), CORRUPTIONS.get("none")(), start, 5, [0, 1, 2, 5], generator)
+    states, change = chain_walk(Halve(), CORRUPTIONS.get("none")(), start, 5, [0, 1, 2, 5], generator)
     assert list(states) == [0, 1, 2, 5]
     for step in states:
         assert torch.equal(states[step], torch.full((3, 4), 0.5 ** step))
     assert change[1] == pytest.approx(0.25) and change[5] == pytest.approx((0.5 ** 5 - 0.5 ** 4) ** 2)
     assert change[0] is None  # the start made no step
-    doubled, _ = chain(Halve(2.0), CORRUPTIONS.get("none")(), torch.full((2, 2), 0.3), 3, [3], generator)
+    doubled, _ = chain_walk(Halve(2.0), CORRUPTIONS.get("none")(), torch.full((2, 2), 0.3), 3, [3], generator)
     assert torch.equal(doubled[3], torch.ones(2, 2))  # pixels stay in [0, 1]
 
 
 def test_chain_noise_follows_the_seed():
     noisy = CORRUPTIONS.get("gaussian")(noise_factor=0.3)
-    runs = [chain(Halve(0.9), noisy, torch.full((4, 9), 0.5), 4, [4], torch.Generator().manual_seed(seed))[0][4]
+    runs = [chain_walk(Halve(0.9), noisy, torch.full((4, 9), 0.5), 4, [4], torch.Generator().manual_seed(seed))[0][4]
             for seed in (1, 1, 2)]
     assert torch.equal(runs[0], runs[1]) and not torch.equal(runs[0], runs[2])
 
@@ -70,7 +84,7 @@ def test_langevin_samples_the_noised_density_the_score_describes(step_size):
     mu, tau, sigma = 0.5, 0.05, 0.1
     model, v = GaussianDenoiser(mu, tau, sigma), tau ** 2 + sigma ** 2
     start = torch.full((4096, 16), mu)
-    states, change = langevin([(model, sigma)], step_size, start, 80, [0, 80], torch.Generator().manual_seed(0))
+    states, change = langevin_walk([(model, sigma)], step_size, start, 80, [0, 80], torch.Generator().manual_seed(0))
     shown = states[80]
     stationary = v / (1 - step_size * sigma ** 2 / (4 * v))
     assert shown.mean().item() == pytest.approx(mu, abs=1e-3)
@@ -83,7 +97,7 @@ def test_the_corrupt_and_denoise_chain_has_another_stationary_law():
     """The same denoiser in x <- f(x + sigma z): variance c² sigma² / (1 - c²), not the noised density's."""
     mu, tau, sigma = 0.5, 0.05, 0.1
     model = GaussianDenoiser(mu, tau, sigma)
-    states, _ = chain(model, CORRUPTIONS.get("gaussian")(noise_factor=sigma), torch.full((4096, 16), mu), 40, [40],
+    states, _ = chain_walk(model, CORRUPTIONS.get("gaussian")(noise_factor=sigma), torch.full((4096, 16), mu), 40, [40],
                       torch.Generator().manual_seed(0))
     assert states[40].var().item() == pytest.approx(model.c ** 2 * sigma ** 2 / (1 - model.c ** 2), rel=0.03)
 
@@ -91,7 +105,7 @@ def test_the_corrupt_and_denoise_chain_has_another_stationary_law():
 def test_langevin_without_noise_relaxes_to_the_denoisers_fixed_point():
     """sigma 0: x <- x + (a/2)(f(x) - x) converges geometrically (factor 1 - (a/2)(1 - c)) to f's fixed point."""
     model = GaussianDenoiser(0.5, 0.05, 0.1)
-    states, change = langevin([(model, 0.0)], 1.0, torch.ones(3, 4), 5, [0, 1, 5], torch.Generator().manual_seed(0))
+    states, change = langevin_walk([(model, 0.0)], 1.0, torch.ones(3, 4), 5, [0, 1, 5], torch.Generator().manual_seed(0))
     rho = 1 - 0.5 * (1 - model.c)
     x5 = 0.5 + 0.5 * rho ** 5  # the state after 5 steps; shown: f of it
     assert torch.allclose(states[5], torch.full((3, 4), 0.5 + model.c * (x5 - 0.5)))
@@ -109,7 +123,7 @@ def test_annealed_langevin_follows_each_levels_law_in_turn():
     levels = [(GaussianDenoiser(mu, tau, sigma), sigma) for sigma in (0.1, 0.03, 0.005)]
     start = torch.zeros(4096, 16)
     record = [1, 100, 101, 200, 201, 300]  # each level's end, and the first step of the next (its own model's)
-    states, _ = langevin(levels, a, start, steps, record, torch.Generator().manual_seed(0))
+    states, _ = langevin_walk(levels, a, start, steps, record, torch.Generator().manual_seed(0))
     mean, var = 0.0, 0.0
     for step in range(1, 3 * steps + 1):
         model, sigma = levels[(step - 1) // steps]
@@ -118,7 +132,7 @@ def test_annealed_langevin_follows_each_levels_law_in_turn():
         if step in record[1:]:  # f_i(x): c_i times x's spread around mu
             assert states[step].mean().item() == pytest.approx(mu + model.c * (mean - mu), abs=1e-3)
             assert states[step].var().item() == pytest.approx(model.c ** 2 * var, rel=0.03)
-    alone, _ = langevin(levels[-1:], a, start, 3 * steps, [300], torch.Generator().manual_seed(0))
+    alone, _ = langevin_walk(levels[-1:], a, start, 3 * steps, [300], torch.Generator().manual_seed(0))
     assert alone[300].mean().item() < mu - 0.05
 
 
@@ -243,7 +257,7 @@ def test_a_plain_autoencoder_chain_runs_to_a_fixed_point(runs):
     (["sample.seed=abc"], "sample.seed: must be an integer, got 'abc'"),
     (["sample.count=0"], "sample.count: must be >= 1, got 0"),
     (["sample.start=test", "sample.count=100000"], "sample.count: must be <= the 270 test images"),
-    (["sample.method=gibbs"], "sample.method: must be one of chain, langevin, annealed, got 'gibbs'"),
+    (["sample.method=gibbs"], "sample.method: must be one of annealed, chain, langevin, got 'gibbs'"),
     (["sample.step_size=0"], "sample.step_size: must be in (0, 2], got 0"),
     (["sample.step_size=3"], "sample.step_size: must be in (0, 2], got 3"),
     (["sample.method=langevin"], "sample.noise: sample.method=langevin needs the gaussian sigma of the score "
@@ -305,7 +319,7 @@ def test_annealed_sample_command_steps_through_the_sweeps_models_largest_sigma_f
         checkpoint.load(job_parts, job, model_only=True)
         parts, levels = parts or job_parts, [*levels, (job_parts.model, sigma)]
     generator = torch.Generator().manual_seed(0)
-    states, _ = langevin(levels, 0.5, starts(parts, parts.sampling, generator), 20, [40], generator)
+    states, _ = langevin_walk(levels, 0.5, starts(parts, parts.sampling, generator), 20, [40], generator)
     assert measure(states[40], parts) == pytest.approx({k: rows[40][k] for k in measure(states[40], parts)})
     assert (noise_sweep / f"{name}.png").stat().st_size > 10_000
     board = events(noise_sweep / name)

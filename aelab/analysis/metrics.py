@@ -17,7 +17,8 @@ from ..corruptions import Corruption
 from ..losses import LOSSES
 from ..regularizers import jacobian_rows
 from ..training.monitor import GRID_IMAGES, codes, grid, sparsity
-from ..training.objective import batches, eval_mode
+from ..models import eval_mode
+from ..training.objective import batches
 
 RECON = ("mse", "bce", "mae")
 

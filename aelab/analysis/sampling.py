@@ -1,25 +1,18 @@
-"""`aelab sample`: images drawn from a trained autoencoder by a Markov chain, two kinds.
+"""`aelab sample`: images drawn from a trained autoencoder by the chain `sample.method` names
+(aelab.samplers), measured and published.
 
-The tutorial's score matching connection (Part 4): a denoising autoencoder trained at gaussian noise
-sigma estimates the data's score, (f(x̃) - x̃) / sigma² ≈ ∇_x log p(x). `sample.method=chain`
-alternately corrupts with the training corruption C and denoises, x ← f(C(x)): the chain whose
-stationary distribution the generalized denoising autoencoder estimates the data's with (Bengio et
-al., 2013); it works for any corruption. `sample.method=langevin` uses the score formula itself:
-Langevin steps x ← x + (a/2)·sigma²·s(x) + sqrt(a)·sigma·z sample the noised density whose score s
-is, and show the model's denoised f(x) of each state. Each chain starts from uniform random pixels
-(or a test image), and its states are measured against the training split: how close each is to its
-nearest training image (0: a copy of one; uniform random pixels: 0.19 on the digits, 0.29 on MNIST),
-how many classes those nearest images cover (do the chains find every digit, or collapse onto a
-few?), how sharp the states are next to the training images, and how much a step still changes them.
+Each chain starts from uniform random pixels (or a test image), and its states are measured against
+the training split: how close each is to its nearest training image (0: a copy of one; uniform random
+pixels: 0.19 on the digits, 0.29 on MNIST), how many classes those nearest images cover (do the chains
+find every digit, or collapse onto a few?), how sharp the states are next to the training images, and
+how much a step still changes them.
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import math
 import textwrap
 from pathlib import Path
-from typing import Callable, Optional
 
 import torch
 from omegaconf import DictConfig, OmegaConf
@@ -27,14 +20,14 @@ from rich.table import Table
 from torch import Tensor
 
 from .. import console
-from ..build import Parts, SampleSettings, build, build_part, run_config
-from ..corruptions import CORRUPTIONS, Corruption
+from ..build import Parts, SampleSettings, build, build_part, chain_corruption, run_config
+from ..corruptions import Corruption
 from ..models import MODELS
 from ..registry import ConfigError
 from ..runs import SAMPLE_MEASURES, output_name, write_json
+from ..samplers import Level
 from ..training import checkpoint
 from ..training.monitor import grid
-from ..training.objective import eval_mode
 from .figures import label_rows, pyplot, save_figure
 from .metrics import gradient_energy
 from .tensorboard import log_sample
@@ -52,64 +45,6 @@ def recorded_steps(steps: int) -> list[int]:
     return sorted(kept)
 
 
-Walk = Callable[[object], tuple[object, Tensor]]  # state -> (next state, the image it shows)
-Kept = tuple[dict[int, Tensor], dict[int, Optional[float]]]  # the images at the recorded steps, the change at each
-
-
-def walk(step: Walk, state, start: Tensor, steps: int, record: list[int]) -> Kept:
-    """Run `step` (state -> next state, the image it shows) `steps` times: the images at the steps in
-    `record` (0: the start) and, at each, the mean squared change its last step made (None at the start)."""
-    states, change, shown = {0: start}, {0: None}, start
-    for index in range(1, steps + 1):
-        state, new = step(state)
-        if index in record:
-            states[index], change[index] = new, (new - shown).pow(2).mean().item()
-        shown = new
-    return {s: states[s] for s in record}, {s: change[s] for s in record}
-
-
-@torch.no_grad()
-def chain(model: torch.nn.Module, corrupt: Corruption, start: Tensor, steps: int, record: list[int],
-          generator: torch.Generator) -> Kept:
-    """x ← clamp(f(corrupt(x)), 0, 1), `steps` times from `start`; kept and measured as `walk` says."""
-    def step(x: Tensor) -> tuple[Tensor, Tensor]:
-        new = model(corrupt(x, generator)).recon.clamp(0, 1)
-        return new, new
-    with eval_mode(model):
-        return walk(step, start, start, steps, record)
-
-
-Level = tuple[torch.nn.Module, float]  # a denoising autoencoder and the gaussian sigma it was trained at
-
-
-@torch.no_grad()
-def langevin(levels: list[Level], step_size: float, start: Tensor, steps: int, record: list[int],
-             generator: torch.Generator) -> Kept:
-    """Langevin dynamics on the noised data density whose score a denoising autoencoder trained at
-    gaussian sigma estimates, s(x) = (f(x) - x) / sigma²: with a step of a·sigma²,
-    x ← x + (a/2)·sigma²·s(x) + sqrt(a)·sigma·z, z ~ N(0, I). The state is a noisy image, unclamped;
-    the model sees it clamped to [0, 1], as it saw its training inputs (clamp(x + sigma·z)). What each
-    step shows is f(x), the model's denoised estimate of the noisy state.
-
-    Several levels (f, sigma), largest sigma first, are annealed Langevin dynamics (Song & Ermon,
-    2019): `steps` steps at each level in turn. Their step eps·sigma_i²/sigma_L² is a·sigma_i² here, the
-    same fraction a of each level's sigma²; a level's first step starts from its own model's f(x)."""
-    def denoise(model: torch.nn.Module, x: Tensor) -> Tensor:
-        return model(x.clamp(0, 1)).recon.clamp(0, 1)
-
-    def step(state: tuple[Tensor, Tensor, int]) -> tuple[tuple[Tensor, Tensor, int], Tensor]:
-        x, denoised, index = state
-        model, sigma = levels[index // steps]
-        if index and index % steps == 0:  # the next level's model takes over
-            denoised = denoise(model, x)
-        noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
-        x = x + step_size / 2 * (denoised - x) + math.sqrt(step_size) * sigma * noise
-        denoised = denoise(model, x)
-        return (x, denoised, index + 1), denoised
-    with contextlib.ExitStack() as stack:
-        for model, _ in levels:
-            stack.enter_context(eval_mode(model))
-        return walk(step, (start, denoise(levels[0][0], start), 0), start, steps * len(levels), record)
 
 
 @torch.no_grad()
@@ -154,29 +89,20 @@ def starts(parts: Parts, settings: SampleSettings, generator: torch.Generator) -
     return torch.rand((settings.count, *test.shape[1:]), generator=generator, device=parts.device)
 
 
-def draw(parts: Parts, corruption: dict, levels: list[Level], start: Tensor, record: list[int],
-         generator: torch.Generator) -> Kept:
-    """parts.sampling's chains from `start`: corrupt-and-denoise with `corruption`, Langevin steps at its
-    gaussian sigma, or annealed Langevin steps through `levels`."""
-    settings = parts.sampling
-    if levels or settings.method == "langevin":
-        return langevin(levels or [(parts.model, corruption["noise_factor"])], settings.step_size, start,
-                        settings.steps, record, generator)
-    corrupt = build_part("corruption", CORRUPTIONS, corruption, image_shape=parts.data.image_shape)
-    return chain(parts.model, corrupt, start, settings.steps, record, generator)
-
-
-def sample(parts: Parts, corruption: dict, levels: list[Level] = ()) -> tuple[list[dict], dict, dict[int, Tensor]]:
-    """The chains of parts.sampling with the chain's `corruption` (its config), or annealed through
-    `levels` (sample.steps at each; each level's last step is kept too, and each row says its sigma):
-    one row of measures per recorded step, the same measures of as many test images (the yardstick),
-    and the recorded states."""
+def sample(parts: Parts, levels: list[Level], corrupt: Corruption | None = None
+           ) -> tuple[list[dict], dict, dict[int, Tensor]]:
+    """The chains of parts.sampling's method through the (model, sigma) `levels` (annealed: sample.steps
+    at each, each level's last step kept too and each row saying its sigma), `corrupt` the chain's
+    corruption: one row of measures per recorded step, the same measures of as many test images (the
+    yardstick), and the recorded states."""
     settings = parts.sampling
     generator = torch.Generator(parts.device).manual_seed(settings.seed)
-    ends = [settings.steps * (k + 1) for k in range(len(levels))]
-    record = sorted({*recorded_steps(settings.steps * max(len(levels), 1)), *ends})
-    states, change = draw(parts, corruption, levels, starts(parts, settings, generator), record, generator)
-    sigma = lambda step: {"sigma": levels[(step - 1) // settings.steps][1] if step else None} if levels else {}  # noqa: E731
+    annealed = settings.method.over_sweep
+    ends = [settings.steps * (k + 1) for k in range(len(levels))] if annealed else []
+    record = sorted({*recorded_steps(settings.steps * len(levels)), *ends})
+    states, change = settings.method.draw(levels, corrupt, settings.step_size, starts(parts, settings, generator),
+                                          settings.steps, record, generator)
+    sigma = lambda step: {"sigma": levels[(step - 1) // settings.steps][1] if step else None} if annealed else {}  # noqa: E731
     rows = [{"step": step, **sigma(step), **measure(states[step], parts), "change": change[step]} for step in record]
     yardstick = measure(parts.data.test.x[:settings.count].to(parts.device), parts)
     return rows, yardstick, states
@@ -216,28 +142,6 @@ def picture(states: dict[int, Tensor], shape: tuple[int, int, int], path, title:
     save_figure(fig, path, dpi=100)
 
 
-def chain_corruption(cfg: DictConfig, settings: SampleSettings) -> dict:
-    """The chain's corruption as its config: the run's own, or gaussian noise of sample.noise. Langevin
-    steps need a gaussian sigma: it scales the score estimate."""
-    if settings.noise is not None:
-        return {"name": "gaussian", "noise_factor": settings.noise}
-    corruption = OmegaConf.to_container(cfg.corruption, resolve=True)
-    if settings.method == "langevin" and corruption["name"] != "gaussian":
-        raise ConfigError(f"sample.method=langevin needs the gaussian sigma of the score estimate (f(x) - x) / "
-                          f"sigma^2, and this run trained with corruption={corruption['name']}; give one, "
-                          f"e.g. sample.noise=0.3", "sample.noise")
-    return corruption
-
-
-def formula(settings: SampleSettings, corruption: dict) -> str:
-    """One chain step, in words, for the picture's title and the notes."""
-    if settings.method == "langevin":
-        a = settings.step_size
-        return f"Langevin x <- x + {a:g}/2 (f(x) - x) + sqrt({a:g}) {corruption['noise_factor']:g} z, showing f(x)"
-    described = " ".join(f"{k}={v}" for k, v in corruption.items() if k != "name")
-    return f"x <- f(C(x)), C = {corruption['name']} {described}".rstrip()
-
-
 def publish(folder: Path, name: str, record: dict, states: dict[int, Tensor], shape: tuple[int, int, int],
             title: str, labels: list[str]) -> None:
     """What `aelab sample` leaves in `folder`: NAME.png, NAME.json and the TensorBoard run NAME/, and
@@ -261,18 +165,20 @@ def sample_run(run_dir: Path, overrides: list[str]) -> dict:
     and the TensorBoard run NAME/."""
     cfg = run_config(run_dir, overrides, allowed=("sample.", "device."), example="sample.steps=200")
     parts = build(cfg)
-    if parts.sampling.method == "annealed":
+    settings = parts.sampling
+    if settings.method.over_sweep:
         raise one_run_to_anneal(run_dir)
-    corruption = chain_corruption(cfg, parts.sampling)  # decided once: the record, the title and the chain
+    corruption, corrupt = chain_corruption(cfg, settings, parts.data.image_shape)  # the record, the title, the chain
     checkpoint.load(parts, run_dir, "RUN_DIR", "sample another run, or train this one again", model_only=True)
+    formula = settings.method.formula(settings.step_size, corruption)
     if corruption["name"] == "none" or corruption.get("noise_factor") == 0:
-        console.console.print(f"the chain adds no noise ({formula(parts.sampling, corruption)}): it runs to a fixed "
-                              "point of the model; for a stochastic chain give it noise, e.g. sample.noise=0.3",
+        console.console.print(f"the chain adds no noise ({formula}): it runs to a fixed point of the model; for a "
+                              "stochastic chain give it noise, e.g. sample.noise=0.3",
                               markup=False, highlight=False, soft_wrap=True)
-    rows, yardstick, states = sample(parts, corruption)
+    rows, yardstick, states = sample(parts, [(parts.model, corruption.get("noise_factor", 0.0))], corrupt)
     record = {"overrides": overrides, "sample": OmegaConf.to_container(cfg.sample, resolve=True),
               "corruption": corruption, "chain": rows, "test_images": yardstick}
-    title = f"{run_dir.name}: {formula(parts.sampling, corruption)}, from {parts.sampling.start}"
+    title = f"{run_dir.name}: {formula}, from {settings.start}"
     publish(run_dir, output_name("sample", overrides), record, states, parts.data.image_shape, title,
             [f"step {row['step']}" for row in rows])
     return record
@@ -346,12 +252,12 @@ def annealed_run(sweep_dir: Path, overrides: list[str]) -> dict:
                           f"{', '.join(job_number(job) for _, job, _ in found)})"
                           f"{'; left out: ' + ', '.join(left_out) if left_out else ''}",
                           markup=False, highlight=False, soft_wrap=True)
-    rows, yardstick, states = sample(parts, {}, levels)
+    rows, yardstick, states = sample(parts, levels)
     record = {"overrides": overrides, "sample": OmegaConf.to_container(found[0][2].sample, resolve=True),
               "levels": [{"job": job.name, "sigma": sigma} for sigma, job, _ in found], "left_out": left_out,
               "chain": rows, "test_images": yardstick}
-    title = (f"{sweep_dir.name}: annealed Langevin x <- x + {a:g}/2 (f_i(x) - x) + sqrt({a:g}) sigma_i z, "
-             f"{steps} at each sigma_i {sigmas}, showing f_i(x), from {parts.sampling.start}")
+    title = (f"{sweep_dir.name}: {parts.sampling.method.formula(a, {})}, {steps} at each sigma_i {sigmas}, "
+             f"showing f_i(x), from {parts.sampling.start}")
     publish(sweep_dir, output_name("sample", overrides), record, states, parts.data.image_shape, title,
             [f"step {row['step']}" + (f", σ {row['sigma']:g}" if row["sigma"] else "") for row in rows])
     return record

@@ -207,7 +207,10 @@ def eval_command(args: list[str]) -> int:
 def sample_command(args: list[str]) -> int:
     from ..analysis.sampling import annealed_run, sample_run
 
-    if args and not args[0].startswith("-") and override_values(args[1:]).get("sample.method") == "annealed":
+    from ..samplers import SAMPLERS
+
+    method = override_values(args[1:]).get("sample.method")
+    if args and not args[0].startswith("-") and method in SAMPLERS and SAMPLERS.get(method)().over_sweep:
         return guarded(lambda: annealed_run(Path(args[0]), args[1:]))  # the sweep's jobs together
     return each_run(args, sample_run, "usage: aelab sample RUN_DIR|SWEEP_DIR [sample.KEY=VALUE ...]   "
                                       "e.g. sample.steps=200 sample.noise=0.3 sample.method=langevin")

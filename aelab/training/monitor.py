@@ -10,7 +10,8 @@ from torch import Tensor
 
 from ..build import Parts
 from ..runs import GRID_PAD
-from .objective import batches, eval_mode
+from ..models import eval_mode
+from .objective import batches
 
 GRID_IMAGES = 8
 ACTIVITY = ("population_sparsity", "dead_fraction", "mean_activation")

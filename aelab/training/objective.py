@@ -1,13 +1,13 @@
 """The training objective on a batch and averaged over a split: the terms every part of aelab logs."""
 from __future__ import annotations
 
-from contextlib import contextmanager
 from typing import Iterator, Optional
 
 import torch
 from torch import Tensor
 
 from ..build import Parts
+from ..models import eval_mode
 
 TERMS = ("total", "recon", "reg")
 
@@ -35,16 +35,6 @@ def batches(x: Tensor, batch_size: int, device: torch.device, order: Optional[Te
     for begin in range(start * batch_size, len(x), batch_size):
         chunk = x[begin:begin + batch_size] if order is None else x[order[begin:begin + batch_size]]
         yield chunk.to(device, non_blocking=True)
-
-
-@contextmanager
-def eval_mode(model: torch.nn.Module) -> Iterator[None]:
-    """The model in eval mode for the block, back in train mode after it."""
-    model.eval()
-    try:
-        yield
-    finally:
-        model.train()
 
 
 def evaluate(parts: Parts, x: Tensor) -> dict[str, float]:
