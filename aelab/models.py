@@ -15,6 +15,11 @@ from .registry import ConfigError, Registry, number
 MODELS = Registry("model")
 
 
+def device_of(model: nn.Module) -> torch.device:
+    """Where the model's parameters live: where the metrics run its batches."""
+    return next(model.parameters()).device
+
+
 @contextmanager
 def eval_mode(model: nn.Module) -> Iterator[None]:
     """The model in eval mode for the block, back in train mode after it."""

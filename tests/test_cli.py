@@ -64,7 +64,7 @@ def test_bce_kl_run_writes_events_metrics_and_checkpoint(tmp_path):
     from aelab.training.monitor import codes
     parts = build(run_config(run_dir, []))
     checkpoint.load(parts, run_dir)
-    latent = codes(parts, parts.data.val.x)
+    latent = codes(parts.model, parts.data.val.x, parts.trainer.batch_size)
     active = latent > 0.1
     expected = {"population_sparsity": active.float().mean().item(), "mean_activation": latent.mean().item(),
                 "dead_fraction": (active.sum(0) == 0).float().mean().item()}
@@ -77,7 +77,7 @@ def test_bce_kl_run_writes_events_metrics_and_checkpoint(tmp_path):
     assert (run_dir / "latents.png").is_file() and "test/latents" in acc.Tags()["images"]
     (folder,) = (run_dir / f"{metrics['steps']:05d}").iterdir()
     test = parts.data.test
-    assert np.loadtxt(folder / "tensors.tsv", delimiter="\t") == pytest.approx(codes(parts, test.x).numpy(), abs=1e-6)
+    assert np.loadtxt(folder / "tensors.tsv", delimiter="\t") == pytest.approx(codes(parts.model, test.x, parts.trainer.batch_size).numpy(), abs=1e-6)
     assert (folder / "metadata.tsv").read_text().split() == [str(label) for label in test.labels.tolist()]
     assert f"{metrics['steps']:05d}/{folder.name}/sprite.png" in (run_dir / "projector_config.pbtxt").read_text()
 

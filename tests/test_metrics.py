@@ -31,7 +31,7 @@ def test_sparsity_of_a_known_code():
 def test_sensitivity_of_a_linear_encoder_is_its_frobenius_norm(make_cfg):
     parts = build(make_cfg("device=cpu", "model.hidden=[]", "model.latent_activation=identity"))
     w = parts.model.enc_layers[0].weight
-    spectrum = jacobian_spectrum(parts, parts.data.test.x)
+    spectrum = jacobian_spectrum(parts.model, parts.data.test.x, parts.trainer.batch_size)
     assert sensitivity(spectrum) == pytest.approx(w.pow(2).sum().item(), rel=1e-5)
 
 
@@ -42,7 +42,7 @@ def test_jacobian_spectrum_is_the_svd_of_the_encoder_jacobian(make_cfg, model):
     closed form for MLPs, batched autograd otherwise)."""
     parts = build(make_cfg("device=cpu", model))
     x = parts.data.test.x[:20]
-    spectrum = jacobian_spectrum(parts, x)
+    spectrum = jacobian_spectrum(parts.model, x, parts.trainer.batch_size)
     assert spectrum.shape == (20, min(parts.model.latent_dim, x.shape[1]))
     for i in (0, 7, 19):
         jac = torch.autograd.functional.jacobian(lambda v: parts.model.encode(v[None])[0][0], x[i])
@@ -104,9 +104,9 @@ def test_feature_spread_is_the_share_of_pixels_a_unit_draws_on(make_cfg):
         layer.weight.copy_(columns)
         layer.bias.uniform_()  # the zero code's picture, which every unit's drawing is measured from
     latent = torch.tensor([[0.5, 0.0, 3.0, 0.1, 0.2], [0.0, 2.0, 0.0, -1.0, 0.0]])  # unit 3 never above 0.1
-    assert feature_spread(parts, latent, threshold=0.1) == pytest.approx((1 / 64 + 1 + 49 / 19 / 64) / 3)
-    assert feature_spread(parts, latent * torch.tensor([0, 0, 0, 1, 1]), threshold=0.1) is None  # unit 4 draws nothing
-    assert feature_spread(parts, torch.zeros(2, 5), threshold=0.1) is None
+    assert feature_spread(parts.model, latent, threshold=0.1) == pytest.approx((1 / 64 + 1 + 49 / 19 / 64) / 3)
+    assert feature_spread(parts.model, latent * torch.tensor([0, 0, 0, 1, 1]), threshold=0.1) is None  # unit 4 draws nothing
+    assert feature_spread(parts.model, torch.zeros(2, 5), threshold=0.1) is None
 
 
 def test_feature_spread_draws_each_unit_at_its_typical_value(make_cfg):
@@ -124,7 +124,7 @@ def test_feature_spread_draws_each_unit_at_its_typical_value(make_cfg):
     def share(value: float) -> float:
         d = (torch.sigmoid(layer.bias + value * layer.weight[:, 0]) - torch.sigmoid(layer.bias)).double().pow(2)
         return (d.sum().pow(2) / d.pow(2).sum() / 64).item()
-    assert feature_spread(parts, latent, 0.1) == pytest.approx(share(1.7)) and share(1.7) != pytest.approx(share(1.0))
+    assert feature_spread(parts.model, latent, 0.1) == pytest.approx(share(1.7)) and share(1.7) != pytest.approx(share(1.0))
 
 
 def test_analyse_reports_the_feature_spread_of_the_units_in_use(make_cfg):
@@ -135,7 +135,7 @@ def test_analyse_reports_the_feature_spread_of_the_units_in_use(make_cfg):
     parts = build(make_cfg("device=cpu", "model=sparse_l1", "reg=l1", "eval.probe=false"))
     found, arrays = analyse(parts, parts.evaluation)
     assert 1 / 64 < found["feature_spread"] < 1
-    assert found["feature_spread"] == feature_spread(parts, arrays["latent_activations"], parts.evaluation.threshold)
+    assert found["feature_spread"] == feature_spread(parts.model, arrays["latent_activations"], parts.evaluation.threshold)
 
 
 def test_a_stronger_l1_penalty_spreads_each_units_drawing(make_cfg):
@@ -154,7 +154,7 @@ def test_reconstruction_metrics_and_psnr(make_cfg):
     x = parts.data.test.x
     with torch.no_grad():
         recon = parts.model(x).recon
-    found = reconstruction(parts, x)
+    found = reconstruction(parts.model, x, parts.data.image_shape, parts.trainer.batch_size)
     per_image = (recon - x).pow(2).mean(1)
     assert found["mse"] == pytest.approx(per_image.mean().item(), rel=1e-5)
     assert found["mae"] == pytest.approx((recon - x).abs().mean().item(), rel=1e-5)
@@ -162,7 +162,7 @@ def test_reconstruction_metrics_and_psnr(make_cfg):
     images = lambda t: t.view(-1, *parts.data.image_shape)  # noqa: E731
     assert found["sharpness"] == pytest.approx((gradient_energy(images(recon)) / gradient_energy(images(x))).item(),
                                                rel=1e-5)
-    identity = reconstruction(parts, x, corrupt=lambda c, g=None: c)
+    identity = reconstruction(parts.model, x, parts.data.image_shape, parts.trainer.batch_size, corrupt=lambda c, g=None: c)
     assert identity["mse"] == pytest.approx(found["mse"], rel=1e-6)
 
 
@@ -188,7 +188,7 @@ def test_linear_probe_separates_separable_classes():
 
 def test_feature_grid_decodes_one_hot_codes(make_cfg):
     parts = build(make_cfg("device=cpu"))
-    grid = feature_grid(parts, 16)
+    grid = feature_grid(parts.model, 16, parts.data.image_shape)
     assert grid.shape[0] == 3 and grid.shape[1] == 4 * 8 + 5 * 2  # 4x4 tiles of 8x8 with 2-px padding
     with torch.no_grad():
         first = parts.model.decode(torch.eye(1, 32))[0].view(8, 8)
@@ -213,20 +213,20 @@ def test_feature_grid_draws_each_unit_at_the_value_given(make_cfg):
             image = parts.model.decode(code[None])[0].view(8, 8).clamp(0, 1)
         return (image - image.min()) / (image.max() - image.min())
 
-    assert torch.equal(feature_grid(parts, 16, 1.0), feature_grid(parts, 16))
+    assert torch.equal(feature_grid(parts.model, 16, parts.data.image_shape, 1.0), feature_grid(parts.model, 16, parts.data.image_shape))
     values = torch.full((32,), 3.0)
     values[1] = torch.nan
     values[2] = 0.25
-    grid = feature_grid(parts, 16, values)
+    grid = feature_grid(parts.model, 16, parts.data.image_shape, values)
     torch.testing.assert_close(tile(grid, 0), drawn(3.0 * torch.eye(32)[0]), atol=1e-5, rtol=0)
     torch.testing.assert_close(tile(grid, 2), drawn(0.25 * torch.eye(32)[2]), atol=1e-5, rtol=0)
     assert torch.equal(tile(grid, 1), torch.zeros(8, 8))  # never active: black
-    assert not torch.allclose(tile(grid, 0), tile(feature_grid(parts, 16), 0), atol=1e-3)  # 3 draws another picture
+    assert not torch.allclose(tile(grid, 0), tile(feature_grid(parts.model, 16, parts.data.image_shape), 0), atol=1e-3)  # 3 draws another picture
     latent = torch.rand(50, 32) * 2  # typical: each unit's 90th percentile above eval.threshold
     latent[:, 5] = 0.0
     typical = dataclasses.replace(parts.evaluation, feature_value="typical", features=16)
     picture = features_picture(parts, typical, {"latent_activations": latent})
-    assert torch.equal(picture, feature_grid(parts, 16, typical_activation(latent, 0.1).float()))
+    assert torch.equal(picture, feature_grid(parts.model, 16, parts.data.image_shape, typical_activation(latent, 0.1).float()))
     assert torch.equal(tile(picture, 5), torch.zeros(8, 8))
 
 
@@ -303,13 +303,13 @@ def test_denoising_picture_shows_the_inputs_each_test_noise_was_measured_on(make
                                        "gaussian_0.5": "gaussian noise_factor=0.5",
                                        "salt_pepper": "salt_pepper prob=0.2", "masking": "masking prob=0.3",
                                        "block": "block size=3 count=1"}
-    clean, shown = denoised(parts, settings)
+    clean, shown = denoised(parts.model, parts.data.test.x, settings.noise, 32, parts.trainer.seed)
     assert list(shown) == list(settings.noise) and torch.equal(clean, parts.data.test.x[:GRID_IMAGES])
     seen = []
     hook = parts.model.register_forward_hook(lambda module, args, out: seen.append(args[0]))
     for label, corrupt in settings.noise.items():
         seen.clear()
-        reconstruction(parts, parts.data.test.x, corrupt, parts.trainer.seed)
+        reconstruction(parts.model, parts.data.test.x, parts.data.image_shape, 32, corrupt, parts.trainer.seed)
         noisy, recon = shown[label]
         assert len(seen[0]) == 32 and torch.equal(noisy, seen[0][:GRID_IMAGES]) and not torch.equal(noisy, clean)
         with torch.no_grad():
@@ -352,7 +352,7 @@ def test_score_alignment_is_measured_for_gaussian_test_noise(make_cfg):
     with torch.no_grad():
         recon = parts.model(noisy).recon
     assert found["score_cos_gaussian_0.5"] == pytest.approx(step_alignment(recon, noisy, x).nanmean().item(), rel=1e-5)
-    assert "score_cos" not in reconstruction(parts, x, corrupt=lambda c, g=None: c)  # nothing to point back to
+    assert "score_cos" not in reconstruction(parts.model, x, parts.data.image_shape, parts.trainer.batch_size, corrupt=lambda c, g=None: c)  # nothing to point back to
 
 
 def test_a_denoising_model_points_back_to_the_data_more_the_noisier_its_input(tmp_path, make_cfg):
@@ -443,7 +443,7 @@ def test_eval_projector_sets_how_many_test_codes_the_projector_shows(make_cfg, t
 
     cfg = make_cfg("device=cpu", f"eval.projector={shown}")
     parts = build(cfg)
-    latent = codes(parts, parts.data.test.x)
+    latent = codes(parts.model, parts.data.test.x, parts.trainer.batch_size)
     arrays = {"latent_activations": latent, "lifetime_sparsity": torch.zeros(latent.shape[1])}
     writer = SummaryWriter(str(tmp_path))
     log_final(writer, cfg, parts, {"val": {"total": 0.1}, "test": {"mse": 0.1}}, {}, arrays, 12)

@@ -148,14 +148,15 @@ def test_nearest_finds_the_closest_reference_across_chunks():
 def test_measures_of_training_images_themselves(make_cfg):
     parts = build(make_cfg("device=cpu"))
     train = parts.data.train
-    found = measure(train.x, parts)  # each image is its own nearest: distance 0, every class, as sharp
+    shape = parts.data.image_shape
+    found = measure(train.x, train, shape)  # each image is its own nearest: distance 0, every class, as sharp
     assert found["nearest_mse"] == pytest.approx(0.0, abs=1e-6)
     assert found["classes"] == len(train.labels.unique())
     assert found["top_share"] == pytest.approx(train.labels.bincount().max().item() / len(train))
     assert found["sharpness"] == pytest.approx(1.0)
     sevens = train.x[train.labels == 7][:20]
-    assert measure(sevens, parts)["classes"] == 1 and measure(sevens, parts)["top_share"] == 1.0
-    blurred = measure(train.x.view(-1, 1, 8, 8).mean(-1, keepdim=True).expand(-1, 1, 8, 8).flatten(1), parts)
+    assert measure(sevens, train, shape)["classes"] == 1 and measure(sevens, train, shape)["top_share"] == 1.0
+    blurred = measure(train.x.view(-1, 1, 8, 8).mean(-1, keepdim=True).expand(-1, 1, 8, 8).flatten(1), train, shape)
     assert blurred["sharpness"] < found["sharpness"] and blurred["nearest_mse"] > 0.005
 
 
@@ -320,7 +321,8 @@ def test_annealed_sample_command_steps_through_the_sweeps_models_largest_sigma_f
         parts, levels = parts or job_parts, [*levels, (job_parts.model, sigma)]
     generator = torch.Generator().manual_seed(0)
     states, _ = langevin_walk(levels, 0.5, starts(parts, parts.sampling, generator), 20, [40], generator)
-    assert measure(states[40], parts) == pytest.approx({k: rows[40][k] for k in measure(states[40], parts)})
+    found = measure(states[40], parts.data.train, parts.data.image_shape)
+    assert found == pytest.approx({k: rows[40][k] for k in found})
     assert (noise_sweep / f"{name}.png").stat().st_size > 10_000
     board = events(noise_sweep / name)
     sigmas = board.Scalars("sample/sigma")

@@ -17,7 +17,7 @@ from ..corruptions import Corruption
 from ..losses import LOSSES
 from ..regularizers import jacobian_rows
 from ..training.monitor import GRID_IMAGES, codes, grid, sparsity
-from ..models import eval_mode
+from ..models import Autoencoder, device_of, eval_mode
 from ..training.objective import batches
 
 RECON = ("mse", "bce", "mae")
@@ -40,24 +40,26 @@ def step_alignment(recon: Tensor, noisy: Tensor, clean: Tensor) -> Tensor:
 
 
 @torch.no_grad()
-def reconstruction(parts: Parts, x: Tensor, corrupt: Corruption | None = None, seed: int = 0) -> dict:
+def reconstruction(model: Autoencoder, x: Tensor, image_shape: tuple[int, int, int], batch_size: int,
+                   corrupt: Corruption | None = None, seed: int = 0) -> dict:
     """Per-element MSE, BCE, MAE and mean per-image PSNR (peak 1) of reconstructing clean x; and the
     sharpness of the reconstructions: their gradient energy over that of the clean images (1: as sharp
     as the inputs; blur lowers it, speckle raises it). With a corruption, also `score_cos`: the mean
     step_alignment over the images it changed (absent if it changed none)."""
-    generator = torch.Generator(parts.device).manual_seed(seed)
+    device = device_of(model)
+    generator = torch.Generator(device).manual_seed(seed)
     losses = [LOSSES.get(name)() for name in RECON]
-    sums = torch.zeros(len(RECON) + 1, device=parts.device)
-    energy = torch.zeros(2, device=parts.device)  # reconstructions', clean images'
-    aligned = torch.zeros(2, device=parts.device)  # sum of the cosines, images changed
-    with eval_mode(parts.model):
-        for clean in batches(x, parts.trainer.batch_size, parts.device):
+    sums = torch.zeros(len(RECON) + 1, device=device)
+    energy = torch.zeros(2, device=device)  # reconstructions', clean images'
+    aligned = torch.zeros(2, device=device)  # sum of the cosines, images changed
+    with eval_mode(model):
+        for clean in batches(x, batch_size, device):
             noisy = clean if corrupt is None else corrupt(clean, generator)
-            fwd = parts.model(noisy)
+            fwd = model(noisy)
             per_image = (fwd.recon - clean).pow(2).mean(1).clamp_min(1e-10)
             psnr = (-10 * torch.log10(per_image)).sum()
             sums += torch.stack([*(loss(fwd, clean) * len(clean) for loss in losses), psnr])
-            energy += torch.stack([gradient_energy(images.reshape(-1, *parts.data.image_shape))
+            energy += torch.stack([gradient_energy(images.reshape(-1, *image_shape))
                                    for images in (fwd.recon, clean)])
             cosine = step_alignment(fwd.recon, noisy, clean)
             aligned += torch.stack([cosine.nansum(), cosine.isfinite().sum()])
@@ -66,13 +68,13 @@ def reconstruction(parts: Parts, x: Tensor, corrupt: Corruption | None = None, s
     return {**found, "sharpness": (energy[0] / energy[1]).item(), **score}
 
 
-def jacobian_spectrum(parts: Parts, x: Tensor) -> Tensor:
+def jacobian_spectrum(model: Autoencoder, x: Tensor, batch_size: int) -> Tensor:
     """The singular values of the encoder's Jacobian J_f(x) at each x, largest first: (N, min(k, d))."""
     values = []
-    with eval_mode(parts.model), torch.enable_grad():
-        for clean in batches(x, parts.trainer.batch_size, parts.device):
+    with eval_mode(model), torch.enable_grad():
+        for clean in batches(x, batch_size, device_of(model)):
             inputs = clean.clone().requires_grad_(True)
-            rows = jacobian_rows(parts.model.encode(inputs)[0], inputs, create_graph=False)
+            rows = jacobian_rows(model.encode(inputs)[0], inputs, create_graph=False)
             values.append(torch.linalg.svdvals(rows.flatten(2).transpose(0, 1)))
     return torch.cat(values)
 
@@ -112,7 +114,7 @@ def typical_activation(latent: Tensor, threshold: float, q: float = 0.9) -> Tens
 
 
 @torch.no_grad()
-def feature_spread(parts: Parts, latent: Tensor, threshold: float) -> float | None:
+def feature_spread(model: Autoencoder, latent: Tensor, threshold: float) -> float | None:
     """How much of the image each latent unit in use draws (the tutorial's "localized patterns" of sparse
     features, measured). For each unit active on some test input, d is what the code with that unit alone
     at its typical value (typical_activation) decodes to less what the zero code does: what the unit adds
@@ -125,10 +127,11 @@ def feature_spread(parts: Parts, latent: Tensor, threshold: float) -> float | No
     used = typical.isfinite().nonzero().flatten()
     if not len(used):
         return None
-    code = torch.zeros(len(used) + 1, latent.shape[1], device=parts.device)
-    code[torch.arange(1, len(used) + 1), used] = typical[used].float().to(parts.device)
-    with eval_mode(parts.model):
-        images = parts.model.decode(code)[0]
+    device = device_of(model)
+    code = torch.zeros(len(used) + 1, latent.shape[1], device=device)
+    code[torch.arange(1, len(used) + 1), used] = typical[used].float().to(device)
+    with eval_mode(model):
+        images = model.decode(code)[0]
     change = (images[1:] - images[:1]).flatten(1).double().pow(2)
     total = change.sum(1)
     drawn = total > 0
@@ -155,26 +158,26 @@ def linear_probe(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, t
 def analyse(parts: Parts, settings: EvalSettings) -> tuple[dict, dict[str, Tensor]]:
     """All test metrics (flat dict for metrics.json) and the arrays behind the pictures: the test codes,
     each unit's lifetime sparsity and each test image's Jacobian spectrum."""
-    test, seed = parts.data.test, parts.trainer.seed
-    metrics = reconstruction(parts, test.x)
-    latent = codes(parts, test.x)
+    model, test, seed, batch = parts.model, parts.data.test, parts.trainer.seed, parts.trainer.batch_size
+    metrics = reconstruction(model, test.x, parts.data.image_shape, batch)
+    latent = codes(model, test.x, batch)
     found, lifetime = sparsity(latent, settings.threshold)
     metrics.update(found)
-    spectrum = jacobian_spectrum(parts, test.x)
+    spectrum = jacobian_spectrum(model, test.x, batch)
     metrics["sensitivity"] = sensitivity(spectrum)
     metrics["jacobian_rank"] = jacobian_rank(spectrum)
-    spread = feature_spread(parts, latent, settings.threshold)
+    spread = feature_spread(model, latent, settings.threshold)
     if spread is not None:
         metrics["feature_spread"] = spread
     for label, corrupt in settings.noise.items():
-        noisy = reconstruction(parts, test.x, corrupt, seed)
+        noisy = reconstruction(model, test.x, parts.data.image_shape, batch, corrupt, seed)
         metrics[f"mse_{label}"] = noisy["mse"]
         if label.partition("_")[0] == "gaussian" and "score_cos" in noisy:  # gaussian, gaussian_0.3: the score
             metrics[f"score_cos_{label}"] = noisy["score_cos"]
     if settings.probe:
         train = parts.data.train
         as_np = lambda t: t.detach().cpu().numpy()  # noqa: E731
-        metrics["probe_latent"] = linear_probe(as_np(codes(parts, train.x)), as_np(train.labels), as_np(latent),
+        metrics["probe_latent"] = linear_probe(as_np(codes(model, train.x, batch)), as_np(train.labels), as_np(latent),
                                                as_np(test.labels), settings.probe_max_samples, seed)
         metrics["probe_pixels"] = linear_probe(as_np(train.x), as_np(train.labels), as_np(test.x),
                                                as_np(test.labels), settings.probe_max_samples, seed)
@@ -182,27 +185,30 @@ def analyse(parts: Parts, settings: EvalSettings) -> tuple[dict, dict[str, Tenso
 
 
 @torch.no_grad()
-def denoised(parts: Parts, settings: EvalSettings) -> tuple[Tensor, dict[str, tuple[Tensor, Tensor]]]:
-    """The first test images, clean; for each eval.noise entry, the same images as its mse_<label> measured
-    them (the first test batch, corrupted from the same seed) and their reconstructions."""
-    first = next(batches(parts.data.test.x, parts.trainer.batch_size, parts.device))
+def denoised(model: Autoencoder, x: Tensor, noise: dict[str, Corruption], batch_size: int, seed: int
+             ) -> tuple[Tensor, dict[str, tuple[Tensor, Tensor]]]:
+    """The first images of x, clean; for each `noise` entry (eval.noise's, by label), the same images as
+    its mse_<label> measured them (the first batch, corrupted from the same seed) and their reconstructions."""
+    device = device_of(model)
+    first = next(batches(x, batch_size, device))
     shown = {}
-    with eval_mode(parts.model):
-        for label, corrupt in settings.noise.items():
-            noisy = corrupt(first, torch.Generator(parts.device).manual_seed(parts.trainer.seed))[:GRID_IMAGES]
-            shown[label] = noisy, parts.model(noisy).recon
+    with eval_mode(model):
+        for label, corrupt in noise.items():
+            noisy = corrupt(first, torch.Generator(device).manual_seed(seed))[:GRID_IMAGES]
+            shown[label] = noisy, model(noisy).recon
     return first[:GRID_IMAGES], shown
 
 
 @torch.no_grad()
-def feature_grid(parts: Parts, count: int, value: float | Tensor = 1.0) -> Tensor:
+def feature_grid(model: Autoencoder, count: int, image_shape: tuple[int, int, int], value: float | Tensor = 1.0
+                 ) -> Tensor:
     """Decoded one-hot codes: what each of the first `count` latent units draws (the decoder basis), each
     at `value` (the tutorial's 1), or at its own (a (latent_dim,) tensor, typical_activation's: a unit
     never active, NaN there, is drawn black)."""
-    k = min(count, parts.model.latent_dim)
-    values = torch.as_tensor(value, dtype=torch.float32).expand(parts.model.latent_dim)[:k].to(parts.device)
+    k, device = min(count, model.latent_dim), device_of(model)
+    values = torch.as_tensor(value, dtype=torch.float32).expand(model.latent_dim)[:k].to(device)
     fires = values.isfinite()
-    code = torch.eye(k, parts.model.latent_dim, device=parts.device) * values.nan_to_num(0.0)[:, None]
-    with eval_mode(parts.model):
-        images = parts.model.decode(code)[0].view(k, *parts.data.image_shape).clamp(0, 1)
-    return grid(images * fires.view(-1, 1, 1, 1), parts.data.image_shape, stretch=True)
+    code = torch.eye(k, model.latent_dim, device=device) * values.nan_to_num(0.0)[:, None]
+    with eval_mode(model):
+        images = model.decode(code)[0].view(k, *image_shape).clamp(0, 1)
+    return grid(images * fires.view(-1, 1, 1, 1), image_shape, stretch=True)

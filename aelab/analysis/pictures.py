@@ -93,7 +93,8 @@ def denoising_picture(parts: Parts, settings: EvalSettings, test: dict[str, floa
     eval.noise."""
     if not settings.noise:
         return None
-    clean, shown = denoised(parts, settings)
+    clean, shown = denoised(parts.model, parts.data.test.x, settings.noise, parts.trainer.batch_size,
+                            parts.trainer.seed)
     rows, labels = [clean], [f"clean (test MSE {test['mse']:.4f})"]
     for label, (noisy, recon) in shown.items():
         rows += [noisy, recon]
@@ -107,14 +108,15 @@ def features_picture(parts: Parts, settings: EvalSettings, arrays: dict[str, Ten
     value = settings.feature_value
     if value == "typical":
         value = typical_activation(arrays["latent_activations"], settings.threshold).float()
-    return feature_grid(parts, settings.features, value)
+    return feature_grid(parts.model, settings.features, parts.data.image_shape, value)
 
 
 def save_pictures(parts: Parts, settings: EvalSettings, test: dict[str, float], arrays: dict[str, Tensor],
                   run_dir: Path) -> dict[str, Tensor]:
     """Reconstruction grid, decoded features, the test codes' layout, each test noise's inputs and outputs
     and the histograms as PNG files; the pictures, for TensorBoard."""
-    grids = {"reconstructions": image_grid(parts, parts.data.test.x), "features": features_picture(parts, settings, arrays),
+    shown = image_grid(parts.model, parts.data.test.x, parts.corruption, parts.data.image_shape, parts.trainer.seed)
+    grids = {"reconstructions": shown, "features": features_picture(parts, settings, arrays),
              "latents": latent_picture(arrays["latent_activations"], parts.data.test.labels)}
     noisy = denoising_picture(parts, settings, test)
     if noisy is not None:

@@ -22,6 +22,7 @@ from torch import Tensor
 from .. import console
 from ..build import Parts, SampleSettings, build, build_part, chain_corruption, run_config
 from ..corruptions import Corruption
+from ..data import Split
 from ..models import MODELS
 from ..registry import ConfigError
 from ..runs import SAMPLE_MEASURES, output_name, write_json
@@ -63,15 +64,13 @@ def nearest(images: Tensor, reference: Tensor, chunk: int = 8192) -> tuple[Tenso
     return best.clamp_min(0), index
 
 
-def measure(images: Tensor, parts: Parts) -> dict[str, float]:
+def measure(images: Tensor, train: Split, shape: tuple[int, int, int]) -> dict[str, float]:
     """How close (N, D) images are to the training split (mean per-pixel MSE to the nearest training
     image), how many classes those nearest images cover and the share of the commonest (chains that
     collapse onto one kind of image raise it), and the images' sharpness: their gradient energy per
     image over that of the training images."""
-    train = parts.data.train
     distance, index = nearest(images, train.x)
     _, counts = train.labels[index.to(train.labels.device)].unique(return_counts=True)
-    shape = parts.data.image_shape
     energy = gradient_energy(images.view(-1, *shape)) / len(images)
     reference = gradient_energy(train.x.view(-1, *shape)) / len(train.x)
     return {"nearest_mse": distance.mean().item(), "classes": len(counts),
@@ -103,8 +102,10 @@ def sample(parts: Parts, levels: list[Level], corrupt: Corruption | None = None
     states, change = settings.method.draw(levels, corrupt, settings.step_size, starts(parts, settings, generator),
                                           settings.steps, record, generator)
     sigma = lambda step: {"sigma": levels[(step - 1) // settings.steps][1] if step else None} if annealed else {}  # noqa: E731
-    rows = [{"step": step, **sigma(step), **measure(states[step], parts), "change": change[step]} for step in record]
-    yardstick = measure(parts.data.test.x[:settings.count].to(parts.device), parts)
+    train, shape = parts.data.train, parts.data.image_shape
+    rows = [{"step": step, **sigma(step), **measure(states[step], train, shape), "change": change[step]}
+            for step in record]
+    yardstick = measure(parts.data.test.x[:settings.count].to(parts.device), train, shape)
     return rows, yardstick, states
 
 

@@ -72,9 +72,12 @@ def fit(parts: Parts, cfg: DictConfig, pos: Position, run_dir: Path, writer: Sum
                 writer.close()
                 stop.exit(checkpoint.save(parts, cfg, pos, run_dir), pos.step)
             pos.epoch, pos.order = pos.epoch + 1, None
-            val, codes = evaluate(parts, parts.data.val.x), activity(parts, parts.data.val.x)
+            val_x = parts.data.val.x
+            val = evaluate(parts, val_x)
+            codes = activity(parts.model, val_x, parts.evaluation.threshold, trainer.batch_size)
             log_terms(writer, "val", {**val, **codes}, pos.step)
-            writer.add_image("val/clean_corrupted_reconstructed", image_grid(parts, parts.data.val.x), pos.step)
+            writer.add_image("val/clean_corrupted_reconstructed", image_grid(
+                parts.model, val_x, parts.corruption, parts.data.image_shape, trainer.seed), pos.step)
             checkpoint.save(parts, cfg, pos, run_dir)
             train = dict(zip(TERMS, (pos.epoch_sums / pos.seen).tolist()))
             bar.log(f"epoch {pos.epoch}/{trainer.epochs}  train {console.format_terms(train)}"

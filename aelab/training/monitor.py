@@ -8,9 +8,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..build import Parts
+from ..corruptions import Corruption
+from ..models import Autoencoder, device_of, eval_mode
 from ..runs import GRID_PAD
-from ..models import eval_mode
 from .objective import batches
 
 GRID_IMAGES = 8
@@ -18,11 +18,10 @@ ACTIVITY = ("population_sparsity", "dead_fraction", "mean_activation")
 
 
 @torch.no_grad()
-def codes(parts: Parts, x: Tensor) -> Tensor:
+def codes(model: Autoencoder, x: Tensor, batch_size: int) -> Tensor:
     """Latent codes of the clean inputs, (N, latent_dim)."""
-    with eval_mode(parts.model):
-        return torch.cat([parts.model.encode(clean)[0]
-                          for clean in batches(x, parts.trainer.batch_size, parts.device)])
+    with eval_mode(model):
+        return torch.cat([model.encode(clean)[0] for clean in batches(x, batch_size, device_of(model))])
 
 
 def sparsity(latent: Tensor, threshold: float) -> tuple[dict, Tensor]:
@@ -36,21 +35,23 @@ def sparsity(latent: Tensor, threshold: float) -> tuple[dict, Tensor]:
             "mean_activation": latent.mean().item()}, lifetime
 
 
-def activity(parts: Parts, x: Tensor) -> dict[str, float]:
+def activity(model: Autoencoder, x: Tensor, threshold: float, batch_size: int) -> dict[str, float]:
     """Population sparsity, dead-unit fraction and mean activation of x's codes: logged each epoch on
     the validation split, to follow how fast a penalty makes the code sparse (Exercise 3's dynamics)."""
-    found, _ = sparsity(codes(parts, x), parts.evaluation.threshold)
+    found, _ = sparsity(codes(model, x, batch_size), threshold)
     return {name: found[name] for name in ACTIVITY}
 
 
 @torch.no_grad()
-def image_grid(parts: Parts, x: Tensor) -> Tensor:
-    """Rows: clean, corrupted, reconstructed (the first images of x, fixed-seed noise)."""
-    clean = x[:GRID_IMAGES].to(parts.device)
-    noisy = parts.corruption(clean, torch.Generator(parts.device).manual_seed(parts.trainer.seed))
-    with eval_mode(parts.model):
-        recon = parts.model(noisy).recon
-    return grid(torch.cat([clean, noisy, recon]).clamp(0, 1), parts.data.image_shape, columns=len(clean))
+def image_grid(model: Autoencoder, x: Tensor, corrupt: Corruption, image_shape: tuple[int, int, int],
+               seed: int) -> Tensor:
+    """Rows: clean, corrupted, reconstructed (the first images of x, noise drawn from `seed`)."""
+    device = device_of(model)
+    clean = x[:GRID_IMAGES].to(device)
+    noisy = corrupt(clean, torch.Generator(device).manual_seed(seed))
+    with eval_mode(model):
+        recon = model(noisy).recon
+    return grid(torch.cat([clean, noisy, recon]).clamp(0, 1), image_shape, columns=len(clean))
 
 
 def grid(images: Tensor, shape: tuple[int, int, int], columns: int | None = None, stretch: bool = False,
