@@ -48,6 +48,11 @@ class EvalSettings:
     feature_value: float | str  # the code value they are drawn at, or "typical": each unit's when it fires
     projector: int  # test codes in TensorBoard's Projector tab; 0: none
 
+    @property
+    def typical_features(self) -> bool:
+        """features.png draws each unit at its own typical value when it fires, not at one code value."""
+        return self.feature_value == "typical"
+
 
 @dataclass(frozen=True)
 class SampleSettings:  # `aelab sample`: chains drawn from a trained model

@@ -33,7 +33,7 @@ def redraws_features(overrides: list[str], settings: EvalSettings) -> bool:
     are drawn at, or the threshold the typical value is measured above."""
     keys = {override.partition("=")[0] for override in overrides}
     return bool(keys & {"eval.features", "eval.feature_value"}) or (
-        "eval.threshold" in keys and settings.feature_value == "typical")
+        "eval.threshold" in keys and settings.typical_features)
 
 
 def evaluate_run(run_dir: Path, overrides: list[str]) -> dict:

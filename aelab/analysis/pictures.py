@@ -106,7 +106,7 @@ def features_picture(parts: Parts, settings: EvalSettings, arrays: dict[str, Ten
     """features.png: the first eval.features units decoded alone at eval.feature_value, or each at its
     typical value on the test codes (`arrays`)."""
     value = settings.feature_value
-    if value == "typical":
+    if settings.typical_features:
         value = typical_activation(arrays["latent_activations"], settings.threshold).float()
     return feature_grid(parts.model, settings.features, parts.data.image_shape, value)
 
