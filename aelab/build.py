@@ -384,3 +384,13 @@ def chain_corruption(cfg: DictConfig, settings: SampleSettings, image_shape: tup
                               f"(f(x) - x) / sigma^2, and this run trained with corruption={corruption['name']}; "
                               f"give one, e.g. sample.noise=0.3", "sample.noise")
     return corruption, build_part("corruption", CORRUPTIONS, corruption, image_shape=image_shape)
+
+
+def section(cfg: DictConfig, name: str) -> dict:
+    """A section of a run's config as plain data: for its records, and to compare runs."""
+    return OmegaConf.to_container(cfg[name], resolve=True)
+
+
+def build_model(cfg: DictConfig, image_shape: tuple[int, int, int], device: torch.device) -> Autoencoder:
+    """The model a run's config describes, on `device`, freshly initialized (its weights: a checkpoint's)."""
+    return build_part("model", MODELS, cfg.model, input_shape=image_shape).to(device)

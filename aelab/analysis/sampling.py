@@ -15,15 +15,14 @@ import textwrap
 from pathlib import Path
 
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from rich.table import Table
 from torch import Tensor
 
 from .. import console
-from ..build import Parts, SampleSettings, build, build_part, chain_corruption, run_config
+from ..build import Parts, SampleSettings, build, build_model, chain_corruption, run_config, section
 from ..corruptions import Corruption
 from ..data import Split
-from ..models import MODELS
 from ..registry import ConfigError
 from ..runs import SAMPLE_MEASURES, output_name, write_json
 from ..samplers import Level
@@ -177,7 +176,7 @@ def sample_run(run_dir: Path, overrides: list[str]) -> dict:
                               "stochastic chain give it noise, e.g. sample.noise=0.3",
                               markup=False, highlight=False, soft_wrap=True)
     rows, yardstick, states = sample(parts, [(parts.model, corruption.get("noise_factor", 0.0))], corrupt)
-    record = {"overrides": overrides, "sample": OmegaConf.to_container(cfg.sample, resolve=True),
+    record = {"overrides": overrides, "sample": section(cfg, "sample"),
               "corruption": corruption, "chain": rows, "test_images": yardstick}
     title = f"{run_dir.name}: {formula}, from {settings.start}"
     publish(run_dir, output_name("sample", overrides), record, states, parts.data.image_shape, title,
@@ -206,10 +205,10 @@ def noise_levels(sweep_dir: Path, overrides: list[str]) -> tuple[list[tuple[floa
     levels, left_out = {}, []
     for job in jobs:
         cfg = run_config(job, overrides, allowed=("sample.", "device."), example="sample.steps=200")
-        corruption = cfg.corruption
-        sigma = corruption.get("noise_factor") if corruption.name == "gaussian" else None
+        corruption = section(cfg, "corruption")
+        sigma = corruption.get("noise_factor") if corruption["name"] == "gaussian" else None
         if not sigma:
-            left_out.append(f"job {job_number(job)} (corruption={corruption.name}"
+            left_out.append(f"job {job_number(job)} (corruption={corruption['name']}"
                             f"{f', noise_factor={sigma}' if sigma is not None else ''})")
         elif sigma in levels:
             left_out.append(f"job {job_number(job)} (sigma {sigma:g} again; job {job_number(levels[sigma][0])} has it)")
@@ -220,7 +219,7 @@ def noise_levels(sweep_dir: Path, overrides: list[str]) -> tuple[list[tuple[floa
         raise ConfigError(f"annealed Langevin steps through models trained at two or more gaussian sigmas, and "
                           f"{sweep_dir} has {len(found)}; sweep corruption=gaussian corruption.noise_factor, e.g. "
                           f"+experiment=noise_levels (one sigma: sample.method=langevin on its run)", "SWEEP_DIR")
-    data = {sigma: OmegaConf.to_container(cfg.data, resolve=True) for sigma, _, cfg in found}
+    data = {sigma: section(cfg, "data") for sigma, _, cfg in found}
     for sigma, job, _ in found[1:]:
         if data[sigma] != data[found[0][0]]:
             raise ConfigError(f"job {job_number(job)} and job {job_number(found[0][1])} trained on different data "
@@ -242,7 +241,7 @@ def annealed_run(sweep_dir: Path, overrides: list[str]) -> dict:
     levels = []
     for sigma, job, cfg in found:  # the first job's model is parts.model, built from its config
         level = parts if not levels else dataclasses.replace(
-            parts, model=build_part("model", MODELS, cfg.model, input_shape=parts.data.image_shape).to(parts.device))
+            parts, model=build_model(cfg, parts.data.image_shape, parts.device))
         checkpoint.load(level, job, "SWEEP_DIR", f"sample another sweep, or train job {job_number(job)} again",
                         model_only=True)
         levels.append((level.model, sigma))
@@ -254,7 +253,7 @@ def annealed_run(sweep_dir: Path, overrides: list[str]) -> dict:
                           f"{'; left out: ' + ', '.join(left_out) if left_out else ''}",
                           markup=False, highlight=False, soft_wrap=True)
     rows, yardstick, states = sample(parts, levels)
-    record = {"overrides": overrides, "sample": OmegaConf.to_container(found[0][2].sample, resolve=True),
+    record = {"overrides": overrides, "sample": section(found[0][2], "sample"),
               "levels": [{"job": job.name, "sigma": sigma} for sigma, job, _ in found], "left_out": left_out,
               "chain": rows, "test_images": yardstick}
     title = (f"{sweep_dir.name}: {parts.sampling.method.formula(a, {})}, {steps} at each sigma_i {sigmas}, "
