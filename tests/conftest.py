@@ -135,6 +135,21 @@ def copied(source: Path, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def trained_run(tmp_path_factory) -> Path:
+    """Trained once per test session with the FAST preset: one finished run. Read it, or take the
+    `run_copy` fixture's copy to write into it."""
+    root = tmp_path_factory.mktemp("trained_run")
+    run_cli("train", *FAST, f"hydra.run.dir={root / 'run'}", cwd=root)
+    return root / "run"
+
+
+@pytest.fixture
+def run_copy(trained_run, tmp_path_factory) -> Path:
+    """This test's own copy of the session's trained_run."""
+    return copied(trained_run, tmp_path_factory)
+
+
+@pytest.fixture(scope="session")
 def l1_seed_sweep(tmp_path_factory) -> Path:
     """Trained once per test session: reg=l1 at two weights x two seeds, 2 epochs (4 jobs, 2 settings).
     Read it, or take the `sweep` fixture's copy to write into it."""

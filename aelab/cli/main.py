@@ -19,7 +19,7 @@ from .. import console
 from ..registry import ConfigError
 from ..runs import FAILED, override_values, read_results, write_json
 from .overrides import check as check_overrides
-from .rundirs import MODES, check_dirs, drop_if_nothing_ran, resume_args, resume_mode
+from .rundirs import MODES, check_dirs, drop_if_nothing_ran, kept_unless_trained, resume_args, resume_mode, resumed_dir
 
 USAGE = """usage: aelab COMMAND [ARGS]
 
@@ -155,7 +155,8 @@ def train_command(args: list[str]) -> int:
         check_dirs(overrides)
         check_overrides(overrides)
         sys.argv = ["aelab train", *overrides]
-        train()
+        with kept_unless_trained(resumed_dir(args)):
+            train()
     diverged_jobs.clear()
     finished_jobs.clear()
     swept.clear()

@@ -5,13 +5,15 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import yaml
 from omegaconf import DictConfig
 
 from ..registry import ConfigError
-from ..runs import RESULTS, not_a_run, override_values
+from ..runs import FAILED, RESULTS, not_a_run, override_values
 
 HYDRA_ONLY = {".hydra", "train.log"}  # what a run dir holds before its job has written anything
 # how long and where a resumed run goes on, and how it is measured: not what it trains
@@ -124,3 +126,47 @@ def check_dirs(args: list[str]) -> None:
     except OSError as e:
         raise ConfigError(f"cannot make {value}: {nearest}: {e.strerror}; give a dir you can write in, "
                           f"e.g. {key}=/tmp/aelab/{key.split('.')[1]}", key) from None
+
+
+def resumed_dir(args: list[str]) -> Path | None:
+    """The run or sweep dir a `resume=DIR` on the command line continues (None for none, auto or false)."""
+    values = [a.split("=", 1)[1] for a in args if a.startswith("resume=")]
+    return Path(values[-1]).expanduser() if values and values[-1].lower() not in ("auto", "false", "true") else None
+
+
+def records(job: Path) -> dict[Path, bytes]:
+    """What a resume that trains nothing must leave as it was: Hydra's .hydra/ records (rewritten before
+    the job starts) and the verdict of a diverged attempt."""
+    return {path: path.read_bytes() for path in [*sorted((job / ".hydra").glob("*")), job / FAILED] if path.is_file()}
+
+
+def stamp(job: Path) -> tuple[int, int] | None:
+    """When and how large the job's checkpoint was written: a job that trains writes it again."""
+    checkpoint = job / "checkpoint.pt"
+    return (checkpoint.stat().st_mtime_ns, checkpoint.stat().st_size) if checkpoint.exists() else None
+
+
+@contextmanager
+def kept_unless_trained(folder: Path | None) -> Iterator[None]:
+    """`aelab train resume=RUN_DIR` (or SWEEP_DIR) writes nothing into a run it does not train (one that
+    had finished, or a resume that fails): each such job's records are put back as they were, and a
+    sweep's multirun.yaml where no job trained."""
+    if folder is None:
+        yield
+        return
+    jobs = [folder] if (folder / ".hydra").is_dir() else sorted(p.parent for p in folder.glob("*/.hydra"))
+    kept, stamps = {job: records(job) for job in jobs}, {job: stamp(job) for job in jobs}
+    sweep = {path: path.read_bytes() for path in [folder / "multirun.yaml"] if path.is_file()}
+    try:
+        yield
+    finally:
+        untouched = [job for job in jobs if stamp(job) == stamps[job]]
+        for job in untouched:
+            for path in set(records(job)) - set(kept[job]):
+                path.unlink()
+            for path, text in kept[job].items():
+                if not path.is_file() or path.read_bytes() != text:
+                    path.write_bytes(text)
+        if len(untouched) == len(jobs):
+            for path, text in sweep.items():
+                path.write_bytes(text)
