@@ -342,7 +342,14 @@ def run_config(run_dir: Path, overrides: list[str], allowed: tuple[str, ...] = E
     path = run_dir / ".hydra" / "config.yaml"
     if not path.is_file() or not (run_dir / "checkpoint.pt").is_file():
         raise not_a_run(run_dir, ".hydra/config.yaml", "RUN_DIR")
-    cfg, defaults = OmegaConf.load(path), current_defaults()
+    fix = "it is the run's composed config, which aelab eval and sample read: put it back, or train the run again"
+    try:
+        cfg = OmegaConf.load(path)
+    except Exception as e:  # yaml's errors, and OmegaConf's on a document it cannot hold
+        raise ConfigError(f"{path} is unreadable ({' '.join(str(e).split()[:12])}); {fix}", "RUN_DIR") from None
+    if not isinstance(cfg, DictConfig) or not {"data", "model", "device"} <= set(cfg):
+        raise ConfigError(f"{path} is unreadable (it holds no run config: no data, model or device); {fix}", "RUN_DIR")
+    defaults = current_defaults()
     for section in ("trainer", "eval", "sample"):  # keys a run saved by an older aelab lacks take today's defaults
         for key, value in defaults[section].items():
             if key not in cfg.setdefault(section, {}):

@@ -8,6 +8,8 @@ import shlex
 from pathlib import Path
 from typing import Callable
 
+import yaml
+
 from .registry import ConfigError
 
 RESULTS = ("checkpoint.pt", "metrics.json")  # what makes a directory an aelab run
@@ -76,6 +78,19 @@ def read_json(path: Path, fix: str) -> dict:
     if not isinstance(record, dict):
         raise ConfigError(f"{path} is unreadable (not a JSON object); {fix}", path.name)
     return record
+
+
+def read_yaml(path: Path, kind: type, key: str, fix: str):
+    """A YAML record aelab or Hydra wrote (a run's .hydra/*.yaml, a sweep's multirun.yaml), which must
+    hold a `kind`; one edited by hand into something else is a ConfigError naming it and `fix`."""
+    try:
+        found = yaml.safe_load(path.read_text())
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
+        reason = " ".join(str(e).split()[:12])
+        raise ConfigError(f"{path} is unreadable ({reason}); {fix}", key) from None
+    if not isinstance(found, kind):
+        raise ConfigError(f"{path} is unreadable (it holds no {kind.__name__}); {fix}", key)
+    return found
 
 
 def read_results(run_dir: Path) -> dict:

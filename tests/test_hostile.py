@@ -41,3 +41,54 @@ def test_resume_of_a_finished_sweep_leaves_it_as_it_was(sweep, capfd):
     code, out, err = cli(capfd, "train", f"resume={sweep}")
     assert code == 0 and out.count("finished already, its results kept") == 4, err
     assert files(sweep) == before
+
+
+GARBAGE = "{unclosed: [1, 2\n"
+
+
+def assert_one_line(code, out, err, *texts):
+    assert code == 2 and "Traceback" not in out + err, err
+    assert err.startswith("error: ") and len(err.strip().splitlines()) == 1, err
+    for text in texts:
+        assert text in err, err
+
+
+def test_a_hand_broken_run_record_is_named_with_its_fix(run_copy, capfd):
+    """Garbage in .hydra/overrides.yaml (read by resume) or .hydra/config.yaml (read by aelab eval and
+    sample), or an empty config.yaml: one line naming the file, nothing written."""
+    overrides, config = run_copy / ".hydra" / "overrides.yaml", run_copy / ".hydra" / "config.yaml"
+    whole = config.read_text()
+    for path, text in ((overrides, GARBAGE), (overrides, "just a string\n")):
+        path.write_text(text)
+        before = files(run_copy)
+        assert_one_line(*cli(capfd, "train", f"resume={run_copy}"), f"resume: {path} is unreadable")
+        assert files(run_copy) == before
+    for text in (GARBAGE, ""):
+        config.write_text(text)
+        before = files(run_copy)
+        for command in ("eval", "sample"):
+            code, out, err = cli(capfd, command, str(run_copy))
+            assert_one_line(code, out, err, f"RUN_DIR: {config} is unreadable", "the run's composed config")
+            assert "+device" not in err
+        assert files(run_copy) == before
+    config.write_text(whole)
+
+
+def test_a_checkpoint_of_another_model_is_called_that(run_copy, capfd, make_cfg):
+    """A checkpoint.pt copied from a run of another architecture is whole, not truncated: say what it is."""
+    import torch
+    from aelab.build import build
+
+    other = build(make_cfg("device=cpu", "model.latent_dim=3"))
+    state = torch.load(run_copy / "checkpoint.pt", weights_only=True)
+    torch.save({**state, "model": other.model.state_dict()}, run_copy / "checkpoint.pt")
+    code, out, err = cli(capfd, "eval", str(run_copy))
+    assert_one_line(code, out, err, "holds the weights of another model", "size mismatch")
+    assert "truncated" not in err
+
+
+def test_a_hand_broken_multirun_yaml_is_named_with_its_fix(sweep, capfd):
+    (sweep / "multirun.yaml").write_text(GARBAGE)
+    before = files(sweep)
+    assert_one_line(*cli(capfd, "train", f"resume={sweep}"), f"resume: {sweep / 'multirun.yaml'} is unreadable")
+    assert files(sweep) == before

@@ -9,11 +9,10 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
-import yaml
 from omegaconf import DictConfig
 
 from ..registry import ConfigError
-from ..runs import FAILED, RESULTS, not_a_run, override_values
+from ..runs import FAILED, RESULTS, not_a_run, override_values, read_yaml
 
 HYDRA_ONLY = {".hydra", "train.log"}  # what a run dir holds before its job has written anything
 # how long and where a resumed run goes on, and how it is measured: not what it trains
@@ -64,7 +63,8 @@ def resume_args(args: list[str]) -> list[str]:
     overrides = run_dir / ".hydra" / "overrides.yaml"
     if not overrides.is_file() or not (run_dir / "checkpoint.pt").exists():
         raise not_a_run(run_dir, ".hydra/overrides.yaml", "resume")
-    saved = [o for o in yaml.safe_load(overrides.read_text()) or [] if not o.startswith("resume=")]
+    fix = "it lists the overrides the run was started with (one '- key=value' a line): put it back, or start a new run"
+    saved = [str(o) for o in read_yaml(overrides, list, "resume", fix) if not str(o).startswith("resume=")]
     rest = [a for a in args if not a.startswith(("resume=", "hydra.run.dir="))]
     ran_with = override_values(saved)
     for arg in rest:
@@ -81,8 +81,12 @@ def sweep_resume_args(sweep_dir: Path, rest: list[str]) -> list[str]:
     """`resume=SWEEP_DIR` → the sweep as it was started, in its dir, every job with resume=auto: a
     finished job is kept, a stopped one continues from its checkpoint, one that never ran starts."""
     record = sweep_dir / "multirun.yaml"  # Optuna's sweeper writes none: read a job's record to tell
-    hydra_cfg = yaml.safe_load((record if record.is_file() else next(sweep_dir.glob("*/.hydra/hydra.yaml"))
-                                ).read_text())["hydra"]
+    read = record if record.is_file() else next(sweep_dir.glob("*/.hydra/hydra.yaml"))
+    fix = (f"it records how the sweep was started: put it back, or continue one job with "
+           f"aelab train resume={sweep_dir}/JOB_DIR")
+    hydra_cfg = read_yaml(read, dict, "resume", fix).get("hydra")
+    if not isinstance(hydra_cfg, dict) or not isinstance(hydra_cfg.get("overrides"), dict):
+        raise ConfigError(f"{read} is unreadable (it holds no hydra.overrides); {fix}", "resume")
     if "optuna" in str((hydra_cfg.get("sweeper") or {}).get("_target_", "")):
         raise ConfigError(f"{sweep_dir} is an Optuna study, whose trials are sampled afresh each time; to continue "
                           f"a study, give it hydra.sweeper.storage=sqlite:///FILE.db and run the same command again",
@@ -96,8 +100,8 @@ def sweep_resume_args(sweep_dir: Path, rest: list[str]) -> list[str]:
         raise ConfigError(f"a sweep continues as it was started; {' '.join(changed)} would make other jobs: start "
                           f"a new sweep for them (only hydra.* keys, e.g. hydra.launcher.n_jobs, may change)", "resume")
     typed = hydra_cfg["overrides"]
-    kept = [o for o in typed["hydra"] if not o.startswith(("hydra.mode=", "hydra.sweep.dir="))]
-    task = [o for o in typed["task"] if not o.startswith("resume=")]
+    kept = [str(o) for o in typed.get("hydra") or [] if not str(o).startswith(("hydra.mode=", "hydra.sweep.dir="))]
+    task = [str(o) for o in typed.get("task") or [] if not str(o).startswith("resume=")]
     return ["-m", *kept, *task, *rest, f"hydra.sweep.dir={quoted(str(sweep_dir))}", "resume=auto"]
 
 

@@ -11,6 +11,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor
 
+from .. import console
 from ..build import Parts
 from ..registry import ConfigError
 from ..runs import write_whole
@@ -51,18 +52,33 @@ def load(parts: Parts, run_dir: Path, key: str = "resume", fix: str = "resume an
         raise ConfigError(f"{run_dir} has no {FILE} to resume from; start a new run without resume", "resume")
     try:
         state = torch.load(path, map_location=parts.device, weights_only=True)
-        parts.model.load_state_dict(state["model"])
-        if model_only:
-            return None
-        parts.optimizer.load_state_dict(state["optimizer"])
-        position = Position(**state["position"])
+        weights = state["model"]
     except (RuntimeError, EOFError, OSError, KeyError, TypeError, ValueError, pickle.UnpicklingError,
             zipfile.BadZipFile) as e:
-        reason = str(e).split(". ")[0].splitlines()[0] if str(e) else type(e).__name__
-        if not zipfile.is_zipfile(path):  # torch.save writes a zip archive; torch's own words would be about pickle
-            reason = "not a whole file written by torch.save"
-        raise ConfigError(f"{path} is unreadable or truncated ({reason}); {fix}", key) from None
+        raise unreadable(path, e, key, fix) from None
+    try:
+        parts.model.load_state_dict(weights)
+    except RuntimeError as e:  # whole, but another architecture's: missing keys or another shape
+        details = [line.strip() for line in str(e).splitlines()[1:] if line.strip()]
+        reason = details[0].split(": copying")[0] if details else console.first_line(e)
+        raise ConfigError(f"{path} holds the weights of another model ({reason}), not the one its run's config "
+                          f"describes; {fix}", key) from None
+    if model_only:
+        return None
+    try:
+        parts.optimizer.load_state_dict(state["optimizer"])
+        position = Position(**state["position"])
+    except (RuntimeError, KeyError, TypeError, ValueError) as e:
+        raise unreadable(path, e, key, fix) from None
     torch.set_rng_state(state["rng"]["cpu"].cpu())
     if state["rng"]["cuda"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all([s.cpu() for s in state["rng"]["cuda"]])
     return position
+
+
+def unreadable(path: Path, error: Exception, key: str, fix: str) -> ConfigError:
+    """A checkpoint torch cannot read back whole: cut short, or not torch.save's at all."""
+    reason = str(error).split(". ")[0].splitlines()[0] if str(error) else type(error).__name__
+    if not zipfile.is_zipfile(path):  # torch.save writes a zip archive; torch's own words would be about pickle
+        reason = "not a whole file written by torch.save"
+    return ConfigError(f"{path} is unreadable or truncated ({reason}); {fix}", key)
