@@ -11,7 +11,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from .corruptions import CORRUPTIONS, Corruption
-from .data import DATASETS, IMAGE_SHAPES, Splits
+from .data import DATASETS, IMAGE_SHAPES, DamagedFile, Splits
 from .devices import DEVICES
 from .losses import LOSSES, ReconstructionLoss
 from .models import MODELS, Autoencoder
@@ -304,7 +304,7 @@ def readable_data(node: DictConfig, loaded: dict[str, Splits | None]) -> Splits 
         try:
             loaded[key] = build_part("data", DATASETS, node)
         except ConfigError as e:
-            if e.key not in ("data.root", "data.download"):  # a bad split, say: every node would refuse it
+            if e.key not in ("data.root", "data.download") or isinstance(e, DamagedFile):  # every node would refuse it
                 raise
             loaded[key] = None
     return loaded[key]

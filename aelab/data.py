@@ -1,6 +1,7 @@
 """Datasets as float tensors in [0, 1], flattened to (N, C*H*W), split train/val/test with a seed."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -74,6 +75,44 @@ def digits(val_fraction: float = 0.15, test_fraction: float = 0.15, split_seed: 
     return Splits("digits", IMAGE_SHAPES["digits"], train, val, test)
 
 
+class DamagedFile(ConfigError):
+    """A data file that is here but cannot be read whole: refused on every machine, unlike a missing one."""
+
+
+IDX_FILES = {"train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+             "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")}
+
+
+def idx_count(path: Path, ndim: int) -> int:
+    """The number of items an idx file (MNIST's format: 0, 0, 0x08 for uint8, the number of dims, then
+    each dim as a big-endian uint32, then the bytes) holds, once its header and size agree; a damaged
+    file is a ConfigError naming it and the fix."""
+    fix = "delete it and set data.download=true, or put a whole copy there"
+    data = path.read_bytes()
+    if not data:
+        raise DamagedFile(f"{path} is empty; {fix}", "root")
+    if len(data) < 4 or data[:3] != b"\x00\x00\x08" or data[3] != ndim:
+        raise DamagedFile(f"{path} is not an idx file of {ndim}-dimensional uint8 data (it starts "
+                          f"{data[:4].hex()}, not 000008{ndim:02x}); {fix}", "root")
+    dims = [int.from_bytes(data[4 + 4 * i:8 + 4 * i], "big") for i in range(ndim)]
+    expected = 4 + 4 * ndim + math.prod(dims)
+    if len(data) != expected:
+        raise DamagedFile(f"{path} is cut short or too long ({len(data)} bytes; its header, {' x '.join(map(str, dims))}, "
+                          f"says {expected}); {fix}", "root")
+    return dims[0]
+
+
+def check_idx_files(raw: Path) -> None:
+    """Each of a torchvision MNIST-layout set's files that is there, whole, and the images and labels of
+    each split as many (torchvision's own reader fails on these with a traceback)."""
+    for images, labels in IDX_FILES.values():
+        if (raw / images).is_file() and (raw / labels).is_file():
+            counts = idx_count(raw / images, 3), idx_count(raw / labels, 1)
+            if counts[0] != counts[1]:
+                raise DamagedFile(f"{raw / images} holds {counts[0]} images and {raw / labels} {counts[1]} labels; "
+                                  f"delete both and set data.download=true, or put whole copies there", "root")
+
+
 def _torchvision(name: str, cls_name: str, root: str, download: bool, val_fraction: float,
                  split_seed: int) -> Splits:
     """A torchvision image set: its train file split into train/val, its test file as test."""
@@ -81,6 +120,7 @@ def _torchvision(name: str, cls_name: str, root: str, download: bool, val_fracti
 
     cls = getattr(torchvision.datasets, cls_name)
     root_path = Path(str(root)).expanduser()  # paths.data=5: the folder named 5
+    check_idx_files(root_path / cls_name / "raw")
     try:
         sets = [cls(str(root_path), train=t, download=bool(download)) for t in (True, False)]
     except RuntimeError as e:

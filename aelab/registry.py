@@ -19,8 +19,8 @@ class ConfigError(ValueError):
         """The same error with its key placed under a config group (`weight` → `reg.weight`), in the fix
         too where the fix names it (`add weight=...` → `add reg.weight=...`)."""
         if not self.key:
-            return ConfigError(self.message, group)
-        return ConfigError(self.message.replace(f" {self.key}=", f" {group}.{self.key}="), f"{group}.{self.key}")
+            return type(self)(self.message, group)
+        return type(self)(self.message.replace(f" {self.key}=", f" {group}.{self.key}="), f"{group}.{self.key}")
 
 
 class Registry:

@@ -2,7 +2,11 @@
 the key or file and the fix, exit code 2, never a traceback, and never loses or rewrites earlier results."""
 from pathlib import Path
 
+import numpy as np
+import pytest
+
 from aelab.cli.main import main
+from conftest import torchvision_root, write_idx
 
 
 def cli(capfd, *argv):
@@ -92,3 +96,47 @@ def test_a_hand_broken_multirun_yaml_is_named_with_its_fix(sweep, capfd):
     before = files(sweep)
     assert_one_line(*cli(capfd, "train", f"resume={sweep}"), f"resume: {sweep / 'multirun.yaml'} is unreadable")
     assert files(sweep) == before
+
+
+def damaged(path: Path, how: str) -> str:
+    """Damage an idx file as a failed download or a careless copy would; the words the error uses."""
+    data = path.read_bytes()
+    if how == "truncated":
+        path.write_bytes(data[:len(data) // 2])
+        return "is cut short"
+    if how == "magic":
+        path.write_bytes(b"\x1f\x8b" + data[2:])  # a gzip file's first bytes, say
+        return "is not an idx file"
+    if how == "count":  # the header claims one image less than the file holds
+        count = int.from_bytes(data[4:8], "big") - 1
+        path.write_bytes(data[:4] + count.to_bytes(4, "big") + data[8:])
+        return "is cut short or too long"
+    path.write_bytes(b"")
+    return "is empty"
+
+
+@pytest.mark.parametrize("how", ["truncated", "magic", "count", "empty"])
+@pytest.mark.parametrize("sweep", [False, True], ids=["run", "sweep"])
+def test_a_damaged_mnist_file_is_named_with_its_fix(tmp_path, capfd, how, sweep):
+    """A damaged idx file: one line naming it, what is wrong and the fix; no run or sweep dir left."""
+    rng = np.random.default_rng(0)
+    root = torchvision_root(tmp_path / "data", "MNIST", rng.integers(0, 256, (60, 28, 28)), rng.integers(0, 10, 60), 50)
+    path = root / "MNIST" / "raw" / "train-images-idx3-ubyte"
+    words = damaged(path, how)
+    args = ["-m", "reg.weight=0.1,1"] if sweep else []
+    code, out, err = cli(capfd, "train", *args, "data=mnist", f"paths.data={root}", "device=cpu",
+                         f"hydra.run.dir={tmp_path / 'run'}", f"hydra.sweep.dir={tmp_path / 'sweep'}")
+    assert_one_line(code, out, err, f"data.root: {path} {words}", "delete it and set data.download=true")
+    assert not (tmp_path / "run").exists() and not (tmp_path / "sweep").exists()
+
+
+def test_image_and_label_files_that_disagree_are_named(tmp_path, capfd):
+    rng = np.random.default_rng(0)
+    root = torchvision_root(tmp_path / "data", "MNIST", rng.integers(0, 256, (60, 28, 28)), rng.integers(0, 10, 60), 50)
+    raw = root / "MNIST" / "raw"
+    write_idx(raw / "t10k-labels-idx1-ubyte", rng.integers(0, 10, 7))  # 10 test images, 7 labels
+    code, out, err = cli(capfd, "train", "data=mnist", f"paths.data={root}", "device=cpu",
+                         f"hydra.run.dir={tmp_path / 'run'}")
+    assert_one_line(code, out, err, f"data.root: {raw / 't10k-images-idx3-ubyte'} holds 10 images and "
+                                    f"{raw / 't10k-labels-idx1-ubyte'} 7 labels")
+    assert not (tmp_path / "run").exists()
