@@ -140,3 +140,19 @@ def test_image_and_label_files_that_disagree_are_named(tmp_path, capfd):
     assert_one_line(code, out, err, f"data.root: {raw / 't10k-images-idx3-ubyte'} holds 10 images and "
                                     f"{raw / 't10k-labels-idx1-ubyte'} 7 labels")
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("args,text", [
+    (["hydra.job.name=../../x"], "hydra.job.name: names the run's log (NAME.log) in its dir; '../../x' would put it "
+                                 "outside: give a name without '/'"),
+    (["-m", "+tag=a/../../../x", "reg.weight=1,2"], "tag: a/../../../x would put a sweep job's dir outside the sweep "
+                                                    "dir (a job's dir is named by its overrides); give a value "
+                                                    "without '..'"),
+])
+def test_a_name_that_would_leave_its_dir_is_refused(tmp_path, capfd, monkeypatch, args, text):
+    inside = tmp_path / "a" / "b" / "c"
+    inside.mkdir(parents=True)
+    monkeypatch.chdir(inside)
+    code, out, err = cli(capfd, "train", *args, "hydra.run.dir=run", "hydra.sweep.dir=sweep")
+    assert_one_line(code, out, err, text)
+    assert [p.name for p in tmp_path.rglob("*")] == ["a", "b", "c"]  # nothing written, inside or out

@@ -71,8 +71,25 @@ def check(args: list[str]) -> None:
         if intervals and "optuna" not in cfg.hydra.sweeper._target_.lower():
             raise ConfigError("interval(...) is a search range for the Optuna sweeper: add hydra/sweeper=optuna "
                               "(pip install 'aelab[sweep]'), or list the values to sweep: a,b,c", intervals[0])
+        check_names(cfg, [a for a in args if not a.startswith("-")] if multirun else [])
         if multirun:
             check_sweep(cfg, parser, [a for a in args if not a.startswith("-")])
+
+
+def check_names(cfg: DictConfig, swept: list[str]) -> None:
+    """Names that make paths stay inside their dir: hydra.job.name names the run's log, and each
+    override of a sweep (but the excluded keys) names its job's dir."""
+    name = str(cfg.hydra.job.name)
+    if "/" in name or name in (".", ".."):
+        raise ConfigError(f"names the run's log (NAME.log) in its dir; '{name}' would put it outside: give a name "
+                          f"without '/'", "hydra.job.name")
+    excluded = set(cfg.hydra.job.config.override_dirname.exclude_keys)
+    for text in swept:
+        key, _, value = text.partition("=")
+        key = key.lstrip("+~")
+        if key not in excluded and not key.startswith("hydra") and ".." in value.replace("\\", "/").split("/"):
+            raise ConfigError(f"{value} would put a sweep job's dir outside the sweep dir (a job's dir is named by "
+                              f"its overrides); give a value without '..'", key)
 
 
 def composing(args: list[str]) -> list[str] | None:
