@@ -477,11 +477,21 @@ def wait_for_line(proc, text, timeout=120):
     raise AssertionError(f"process ended before printing '{text}'")
 
 
-def test_sigterm_in_a_fresh_process_checkpoints_and_names_the_resume(tmp_path):
-    """The smoke test of signals as a process gets them (the bitwise resume after each: the slow tier)."""
+def test_sigterm_in_a_fresh_process_checkpoints_and_names_the_resume(tmp_path, capfd):
+    """The smoke test of signals as a process gets them (the bitwise resume after each: the slow tier).
+    While it trains, its run dir is its own: a second `aelab train` into it, or a resume of it, is
+    refused naming its PID, and writes nothing there (issue 33 item 4)."""
     stopped = tmp_path / "stopped"
     proc = start([*LONG, "eval.probe=false", f"hydra.run.dir={stopped}"], tmp_path)
     wait_for_line(proc, "epoch 1/12")
+    hydra_records = {p: p.read_bytes() for p in (stopped / ".hydra").iterdir()}
+    for argv in ([*LONG, f"hydra.run.dir={stopped}"], [f"resume={stopped}"]):
+        code, out, err = cli(capfd, "train", *argv)
+        assert code == 2 and err.strip() == (f"error: hydra.run.dir: {stopped} is in use by process {proc.pid} "
+                                             f"(aelab train); wait for it to end, or stop it (Ctrl-C or kill "
+                                             f"{proc.pid}: it saves a checkpoint) and continue it with aelab train "
+                                             f"resume={stopped}"), err
+    assert {p: p.read_bytes() for p in (stopped / ".hydra").iterdir()} == hydra_records
     proc.send_signal(signal.SIGTERM)
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 143 and "stopped by SIGTERM" in err and f"aelab train resume={stopped}" in err, err

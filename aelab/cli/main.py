@@ -19,7 +19,8 @@ from .. import console
 from ..registry import ConfigError
 from ..runs import FAILED, override_values, read_results, write_json
 from .overrides import check as check_overrides
-from .rundirs import MODES, check_dirs, drop_if_nothing_ran, kept_unless_trained, resume_args, resume_mode, resumed_dir
+from .rundirs import (MODES, check_dirs, drop_if_nothing_ran, held, kept_unless_trained, refuse_if_busy, resume_args,
+                      resume_mode, resumed_dir, worked_in)
 
 USAGE = """usage: aelab COMMAND [ARGS]
 
@@ -80,8 +81,9 @@ def train(cfg: DictConfig) -> float:
             console.console.print(f"{run_dir}: finished already, its results kept", markup=False, highlight=False,
                                   soft_wrap=True)
             return done["val"]["recon"]
-        (run_dir / FAILED).unlink(missing_ok=True)  # an earlier attempt's verdict; this attempt writes its own
-        record = run(cfg, run_dir, resume=resume, job_num=job_num)
+        with held(run_dir if job_num is not None else None, "hydra.run.dir"):  # a run's: held by train_command
+            (run_dir / FAILED).unlink(missing_ok=True)  # an earlier attempt's verdict; this one writes its own
+            record = run(cfg, run_dir, resume=resume, job_num=job_num)
     except (ConfigError, OmegaConfBaseException) as e:
         drop_if_nothing_ran(cfg, run_dir)
         console.error(str(config_error(e)))
@@ -150,12 +152,14 @@ def require_plugins(args: list[str]) -> None:
 def train_command(args: list[str]) -> int:
     def launch() -> None:
         require_plugins(args)
+        folder, key = worked_in(args)
+        refuse_if_busy(folder, key)
         overrides = resume_args(args)
         one_mode(overrides)  # resume=SWEEP_DIR is a sweep (-m) too
         check_dirs(overrides)
         check_overrides(overrides)
         sys.argv = ["aelab train", *overrides]
-        with kept_unless_trained(resumed_dir(args)):
+        with held(folder, key), kept_unless_trained(resumed_dir(args)):
             train()
     diverged_jobs.clear()
     finished_jobs.clear()

@@ -2,6 +2,7 @@
 the checks made on a run or sweep dir before Hydra makes it."""
 from __future__ import annotations
 
+import fcntl
 import os
 import shutil
 import tempfile
@@ -14,7 +15,9 @@ from omegaconf import DictConfig
 from ..registry import ConfigError
 from ..runs import FAILED, RESULTS, not_a_run, override_values, read_yaml
 
-HYDRA_ONLY = {".hydra", "train.log"}  # what a run dir holds before its job has written anything
+LOCK = ".aelab.lock"  # locked (flock) by the process that trains in a run or sweep dir, its PID inside; the OS
+# releases the lock when that process ends, killed or not
+HYDRA_ONLY = {".hydra", "train.log", LOCK}  # what a run dir holds before its job has written anything
 # how long and where a resumed run goes on, and how it is measured: not what it trains
 RESUME_MAY_CHANGE = ("trainer.epochs", "trainer.log_every", "trainer.cuda_graph", "trainer.compile", "trainer.tf32",
                      "device", "eval", "sample", "hydra")
@@ -58,7 +61,7 @@ def resume_args(args: list[str]) -> list[str]:
     if value.lower() == "true":
         raise ConfigError("give the run dir to continue: aelab train resume=outputs/DATE/TIME", "resume")
     run_dir = Path(value).expanduser()
-    if (run_dir / "multirun.yaml").is_file() or any(run_dir.glob("*/.hydra/hydra.yaml")):
+    if is_sweep(run_dir):
         return sweep_resume_args(run_dir, [a for a in args if not a.startswith("resume=")])
     overrides = run_dir / ".hydra" / "overrides.yaml"
     if not overrides.is_file() or not (run_dir / "checkpoint.pt").exists():
@@ -174,3 +177,61 @@ def kept_unless_trained(folder: Path | None) -> Iterator[None]:
         if len(untouched) == len(jobs):
             for path, text in sweep.items():
                 path.write_bytes(text)
+
+
+def worked_in(args: list[str]) -> tuple[Path | None, str]:
+    """The run or sweep dir this command line trains in, where it names one (given, or resumed), and its
+    key; None for a dir Hydra names from the time, which no other process can be using."""
+    resumed = resumed_dir(args)
+    multirun = bool(set(MULTIRUN) & set(args)) or (resumed is not None and is_sweep(resumed))
+    key = "hydra.sweep.dir" if multirun else "hydra.run.dir"
+    given = [a.split("=", 1)[1] for a in args if a.startswith(f"{key}=")]
+    return resumed or (Path(given[-1]).expanduser() if given else None), key
+
+
+def is_sweep(folder: Path) -> bool:
+    """A sweep's folder (its multirun.yaml, or Optuna's jobs' records), not one run's."""
+    return (folder / "multirun.yaml").is_file() or any(folder.glob("*/.hydra/hydra.yaml"))
+
+
+def in_use(folder: Path, holder: str, key: str) -> ConfigError:
+    return ConfigError(f"{folder} is in use by process {holder} (aelab train); wait for it to end, or stop it "
+                       f"(Ctrl-C or kill {holder}: it saves a checkpoint) and continue it with aelab train "
+                       f"resume={folder}", key)
+
+
+def refuse_if_busy(folder: Path | None, key: str) -> None:
+    """Before anything is written: another process training in `folder` is said at once."""
+    lock = folder / LOCK if folder else None
+    if lock is None or not lock.is_file():
+        return
+    with open(lock) as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise in_use(folder, f.read().strip() or "?", key) from None
+        fcntl.flock(f, fcntl.LOCK_UN)
+
+
+@contextmanager
+def held(folder: Path | None, key: str) -> Iterator[None]:
+    """`folder` for this process alone while the block runs: a second process is refused, naming this
+    one's PID (refuse_if_busy); the lock goes when the block ends or the process dies."""
+    if folder is None:
+        yield
+        return
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / LOCK, "a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            raise in_use(folder, f.read().strip() or "?", key) from None
+        f.seek(0)
+        f.truncate()
+        f.write(str(os.getpid()))
+        f.flush()
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
