@@ -570,13 +570,17 @@ def test_checkpoint_write_is_atomic(tmp_path, make_cfg, monkeypatch):
     cfg = make_cfg("device=cpu")
     good = checkpoint.save(parts, cfg, Position(epoch=1, step=5), tmp_path).read_bytes()
 
-    def crash(obj, f, *a, **k):
-        Path(f).write_bytes(b"half a checkpoint")
-        raise OSError("disk full")
-    monkeypatch.setattr(torch, "save", crash)
+    real_write = Path.write_bytes
+
+    def crash(self, data):  # the file half written, then the disk is full
+        real_write(self, bytes(data)[:100])
+        raise OSError(28, "No space left on device", str(self))
+    monkeypatch.setattr(Path, "write_bytes", crash)
     with pytest.raises(OSError):
         checkpoint.save(parts, cfg, Position(epoch=2, step=10), tmp_path)
+    monkeypatch.undo()
     assert (tmp_path / "checkpoint.pt").read_bytes() == good
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint.pt"]  # no temporary file left
 
 
 KEYS = [("reg=l1", "reg.weight"), ("reg=kl", "reg.rho"), ("corruption=masking", "corruption.prob"),

@@ -156,3 +156,49 @@ def test_a_name_that_would_leave_its_dir_is_refused(tmp_path, capfd, monkeypatch
     code, out, err = cli(capfd, "train", *args, "hydra.run.dir=run", "hydra.sweep.dir=sweep")
     assert_one_line(code, out, err, text)
     assert [p.name for p in tmp_path.rglob("*")] == ["a", "b", "c"]  # nothing written, inside or out
+
+
+def test_a_full_disk_is_one_line_and_the_run_goes_on_from_where_it_was(tmp_path, capfd, monkeypatch):
+    """No space left while a checkpoint is written (epoch 2), then while the pictures are (the end):
+    one line that says so, where, and the command that continues; the last whole checkpoint is kept
+    and the resume, once there is room, finishes the run."""
+    import errno
+    import json
+
+    import torch
+    from PIL import Image
+
+    run_dir, real_write, real_save = tmp_path / "run", Path.write_bytes, Image.Image.save
+    full = {"checkpoints": 1}
+
+    def write_bytes(self, data):
+        if self.name == ".checkpoint.pt.tmp":
+            full["checkpoints"] -= 1
+            if full["checkpoints"] < 0:
+                raise OSError(errno.ENOSPC, "No space left on device", str(self))
+        return real_write(self, data)
+    monkeypatch.setattr(Path, "write_bytes", write_bytes)
+    code, out, err = cli(capfd, "train", "trainer.epochs=3", "eval.probe=false", "device=cpu",
+                         f"hydra.run.dir={run_dir}")
+    assert code == 4 and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    assert f"the disk is full: cannot write {run_dir / '.checkpoint.pt.tmp'} (No space left on device)" in err
+    assert f"free space, then continue with: aelab train resume={run_dir}" in err
+    assert torch.load(run_dir / "checkpoint.pt", weights_only=True)["position"]["epoch"] == 1
+    assert not (run_dir / ".checkpoint.pt.tmp").exists()
+
+    def no_room(self, fp, *args, **kwargs):  # a PNG file; TensorBoard's images go to memory first
+        if not isinstance(fp, (str, Path)):
+            return real_save(self, fp, *args, **kwargs)
+        raise OSError(errno.ENOSPC, "No space left on device", str(fp))
+    monkeypatch.setattr(Path, "write_bytes", real_write)
+    monkeypatch.setattr(Image.Image, "save", no_room)
+    code, out, err = cli(capfd, "train", f"resume={run_dir}")
+    assert code == 4 and "the disk is full: cannot write" in err and len(err.strip().splitlines()) == 1, err
+    assert not (run_dir / "metrics.json").exists()
+    assert torch.load(run_dir / "checkpoint.pt", weights_only=True)["position"]["epoch"] == 3
+    monkeypatch.setattr(Image.Image, "save", real_save)
+    code, out, err = cli(capfd, "train", f"resume={run_dir}")
+    assert code == 0 and json.loads((run_dir / "metrics.json").read_text())["epochs"] == 3, err
+    monkeypatch.setattr(Image.Image, "save", no_room)
+    code, out, err = cli(capfd, "eval", str(run_dir))  # the commands that measure a run say it too
+    assert code == 4 and err.startswith("error: the disk is full: cannot write") and "run it again" in err, err

@@ -15,12 +15,18 @@ from ..build import build
 from ..runs import read_results, write_json
 from ..training import checkpoint
 from ..training.checkpoint import Position
-from ..training.faults import StopNow, StopSignals, environment
+from ..training.faults import StopNow, StopSignals, environment, full_disk_stops
 from ..training.loop import fit
 
 
 def run(cfg: DictConfig, run_dir: Path, resume: bool = False, job_num: int | None = None) -> dict:
     """Train one configuration; write TensorBoard events, checkpoints and metrics.json to run_dir."""
+    with full_disk_stops(run_dir):
+        return train_and_measure(cfg, run_dir, resume, job_num)
+
+
+def train_and_measure(cfg: DictConfig, run_dir: Path, resume: bool, job_num: int | None) -> dict:
+    """run()'s steps: build, load a checkpoint to resume from, fit, measure, write the results."""
     started_at = time.time()
     parts = build(cfg, job_num)
     pos = checkpoint.load(parts, run_dir) if resume else Position()

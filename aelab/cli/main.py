@@ -1,6 +1,7 @@
 """`aelab COMMAND ...`: argv → the command; `aelab train` is a Hydra app over aelab's config groups."""
 from __future__ import annotations
 
+import errno
 import importlib.util
 import math
 import shlex
@@ -68,7 +69,7 @@ def shown(path: Path) -> str:
 @hydra.main(config_path="pkg://aelab.configs", config_name="train", version_base="1.3")
 def train(cfg: DictConfig) -> float:
     """One job; returns the validation reconstruction error (what a sweeper minimises)."""
-    from ..training.faults import DIVERGED, TrainingFault
+    from ..training.faults import DISK_FULL, DIVERGED, TrainingFault
     from .job import run  # torch is imported only once a job runs: --help stays fast
 
     hydra_cfg = HydraConfig.get()
@@ -92,7 +93,7 @@ def train(cfg: DictConfig) -> float:
         drop_if_nothing_ran(cfg, run_dir)
         raise
     except TrainingFault as e:
-        if job_num is not None and e.exit_code > 128:  # stopped by a signal: the sweep's later jobs never ran
+        if job_num is not None and (e.exit_code > 128 or e.exit_code == DISK_FULL):  # the sweep's later jobs never ran
             e = TrainingFault(f"{e}; or the whole sweep: aelab train resume={shlex.quote(hydra_cfg.sweep.dir)}",
                               e.exit_code)
         console.error(str(e) if job_num is None else f"job {job_num} ({run_dir.name}): {e}")
@@ -244,12 +245,19 @@ def config_error(error: Exception) -> ConfigError:
 
 
 def guarded(action) -> int:
-    """Run a command; a ConfigError (or OmegaConf's) is one line on stderr and exit code 2."""
+    """Run a command; a ConfigError (or OmegaConf's) is one line on stderr and exit code 2, a full disk
+    one line and exit code 4 (what was written before is kept: every file is written whole)."""
     try:
         action()
     except (ConfigError, OmegaConfBaseException) as e:
         console.error(str(config_error(e)))
         return 2
+    except OSError as e:
+        if e.errno != errno.ENOSPC:
+            raise
+        console.error(f"the disk is full: cannot write {e.filename or 'a file'} ({e.strerror}); what was written "
+                      f"before is kept: free space and run it again")
+        return 4  # training.faults.DISK_FULL (faults imports torch, which `aelab --help` need not load)
     return 0
 
 

@@ -1,6 +1,7 @@
 """Checkpoints that resume bit for bit: model, optimizer, RNG streams and the place in the epoch."""
 from __future__ import annotations
 
+import io
 import pickle
 import zipfile
 from dataclasses import asdict, dataclass
@@ -37,8 +38,9 @@ def save(parts: Parts, cfg: DictConfig, pos: Position, run_dir: Path) -> Path:
              "position": asdict(pos), "config": OmegaConf.to_container(cfg, resolve=True),
              "rng": {"cpu": torch.get_rng_state(),
                      "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}}
-    path = run_dir / FILE
-    write_whole(path, lambda tmp: torch.save(state, tmp))
+    path, buffer = run_dir / FILE, io.BytesIO()
+    torch.save(state, buffer)  # in memory: torch's own file writer reports a full disk as an "enforce fail"
+    write_whole(path, lambda tmp: tmp.write_bytes(buffer.getbuffer()))
     return path
 
 

@@ -1,21 +1,24 @@
 """Surviving faults: non-finite losses, SIGINT/SIGTERM (e.g. a SLURM preemption), and provenance."""
 from __future__ import annotations
 
+import errno
 import math
 import platform
 import shlex
 import signal
 import sys
 import threading
+from contextlib import contextmanager
 from importlib import metadata
 from pathlib import Path
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import torch
 from torch import Tensor
 
 
 DIVERGED = 3  # the exit code of a run stopped by a NaN or inf loss
+DISK_FULL = 4  # the exit code of a run stopped by a full disk
 
 
 class TrainingFault(RuntimeError):
@@ -134,3 +137,24 @@ def environment(device: torch.device, seed: int) -> dict:
     return {"seed": seed, "device": str(device), "gpu": gpu, "python": sys.version.split()[0],
             "platform": platform.platform(), "argv": sys.argv, "versions": versions,
             "cuda": torch.version.cuda, "threads": torch.get_num_threads()}
+
+
+def disk_full(error: OSError) -> str | None:
+    """What a full disk stopped, in words (None for another OSError): the file it could not write."""
+    if error.errno != errno.ENOSPC:
+        return None
+    return f"the disk is full: cannot write {error.filename or 'a file'} ({error.strerror})"
+
+
+@contextmanager
+def full_disk_stops(run_dir: Path) -> Iterator[None]:
+    """A full disk while a run writes is a TrainingFault (DISK_FULL) that says where and how to go on:
+    every file is written whole (runs.write_whole), so what was there before is kept."""
+    try:
+        yield
+    except OSError as e:
+        what = disk_full(e)
+        if what is None:
+            raise
+        raise TrainingFault(f"{what}; what was written before is kept: free space, then continue with: "
+                            f"aelab train resume={shlex.quote(str(run_dir))}", DISK_FULL) from None
