@@ -18,7 +18,7 @@ from .models import MODELS, Autoencoder
 from .optim import OPTIMIZERS
 from .keys import empty_merge, shape_error, similar_key, wrong_shape
 from .registry import ConfigError, Registry, choice, flag, number
-from .runs import EVAL_OVERRIDES, check_overrides, not_a_run
+from .runs import EVAL_OVERRIDES, check_overrides, current_defaults, not_a_run
 from .regularizers import REGULARIZERS, Penalty
 from .samplers import SAMPLERS, Sampler
 
@@ -318,12 +318,6 @@ def resident(data: Splits, device: torch.device, share: float = 0.5) -> Splits:
         if size > share * free:
             return data
     return data.to(device)
-
-
-def current_defaults() -> DictConfig:
-    """This aelab's own configs/train.yaml, as shipped in the package."""
-    from importlib.resources import files
-    return OmegaConf.create(files("aelab.configs").joinpath("train.yaml").read_text())
 
 
 def device_option(name: str) -> DictConfig:

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Callable
 
 import yaml
+from omegaconf import DictConfig, OmegaConf
 
 from .registry import ConfigError
 
@@ -91,6 +92,12 @@ def read_yaml(path: Path, kind: type, key: str, fix: str):
     if not isinstance(found, kind):
         raise ConfigError(f"{path} is unreadable (it holds no {kind.__name__}); {fix}", key)
     return found
+
+
+def current_defaults() -> DictConfig:
+    """This aelab's own configs/train.yaml, as shipped in the package."""
+    from importlib.resources import files
+    return OmegaConf.create(files("aelab.configs").joinpath("train.yaml").read_text())
 
 
 def read_results(run_dir: Path) -> dict:

@@ -50,7 +50,14 @@ def assert_clean_failure(proc, code, text):
                             "batch_size, seed"),  # added, it would be read by nothing
     (["+eval.probes=false"], "eval.probes: no such key (did you mean eval.probe?); eval has: threshold, noise"),
     (["model=mlp", "model.hiden=[64]"], "model.hiden: no such key (did you mean model.hidden?)"),
-    (["epochs=5"], "epochs: no such key (did you mean trainer.epochs?); to add a new key, write +epochs=5"),
+    (["epochs=5"], "epochs: no such key (did you mean trainer.epochs?); aelab train --cfg job lists the keys"),
+    (["regg=l1"], "regg: no such key (did you mean reg?); aelab train --cfg job lists the keys"),  # no +regg=l1
+    # a top-level key added with + only tags the run: one spelled like a key aelab reads is that key, mistyped
+    (["+epochs=2"], "epochs: no such key (did you mean trainer.epochs?); a top-level +KEY=VALUE only names the "
+                    "run, nothing reads it"),
+    (["+regg=l1"], "regg: no such key (did you mean reg?); a top-level +KEY=VALUE only names the run"),
+    # the config printed is checked as a run would check it, values too
+    (["--cfg", "job", "trainer.epochs=-3"], "trainer.epochs: must be >= 1, got -3"),
     (["trainer.lr=0.1"], "trainer.lr: no such key (did you mean optim.lr?)"),
     (["noise_factor=0.3"], "noise_factor: no such key (did you mean corruption.noise_factor, with corruption=gaussian?)"),
     (["reg.rho=0.1"], "reg.rho: no such key under reg=none; it is a key of reg=kl: add reg=kl"),

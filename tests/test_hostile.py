@@ -202,3 +202,51 @@ def test_a_full_disk_is_one_line_and_the_run_goes_on_from_where_it_was(tmp_path,
     monkeypatch.setattr(Image.Image, "save", no_room)
     code, out, err = cli(capfd, "eval", str(run_dir))  # the commands that measure a run say it too
     assert code == 4 and err.startswith("error: the disk is full: cannot write") and "run it again" in err, err
+
+
+def test_a_top_level_tag_still_names_the_run(tmp_path, capfd):
+    """+KEY=VALUE with a name unlike aelab's keys is a tag: it runs, and names a sweep's job dirs."""
+    code, out, err = cli(capfd, "train", "--cfg", "job", "+tag=baseline")
+    assert code == 0 and "tag: baseline" in out, err
+
+
+def test_report_with_an_eval_key_that_does_not_exist_names_it(sweep, capfd):
+    code, out, err = cli(capfd, "report", str(sweep), "eval.foo=1")
+    assert_one_line(code, out, err, "eval.foo: no such key; aelab eval takes eval.threshold, eval.probe")
+    assert "eval_eval.foo=1.json" not in err
+    code, out, err = cli(capfd, "report", str(sweep), "eval.treshold=0.2")
+    assert_one_line(code, out, err, "eval.treshold: no such key (did you mean eval.threshold?)")
+
+
+def test_ctrl_c_while_the_job_imports_torch_leaves_no_empty_run_dir(tmp_path, capfd, monkeypatch):
+    """Hydra makes the run dir before the job imports torch (seconds): a Ctrl-C then leaves nothing."""
+    import sys
+    import types
+
+    class Importing(types.ModuleType):
+        def __getattr__(self, name):
+            raise KeyboardInterrupt
+    monkeypatch.setitem(sys.modules, "aelab.cli.job", Importing("aelab.cli.job"))
+    code, out, err = cli(capfd, "train", f"hydra.run.dir={tmp_path / 'run'}")
+    assert code == 130 and err.startswith("error: aelab train: interrupted (SIGINT)") and err.count("\n") == 1, err
+    assert not (tmp_path / "run").exists()
+
+
+def test_sigterm_before_training_is_one_line_and_leaves_no_empty_run_dir(tmp_path, capfd, monkeypatch):
+    """SIGTERM before the training loop takes the signals over (importing torch, reading the data):
+    one line and exit 143, not a silent -15; no empty run dir."""
+    import os
+    import signal
+    import time
+
+    import aelab.cli.job
+
+    def terminated(cfg, run_dir, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(5)
+    monkeypatch.setattr(aelab.cli.job, "run", terminated)
+    before = signal.getsignal(signal.SIGTERM)
+    code, out, err = cli(capfd, "train", f"hydra.run.dir={tmp_path / 'run'}")
+    assert code == 143 and err.startswith("error: aelab train: stopped (SIGTERM) before it finished") and \
+        err.count("\n") == 1, err
+    assert not (tmp_path / "run").exists() and signal.getsignal(signal.SIGTERM) is before

@@ -5,6 +5,7 @@ import errno
 import importlib.util
 import math
 import shlex
+import signal
 import sys
 import time
 from pathlib import Path
@@ -69,13 +70,12 @@ def shown(path: Path) -> str:
 @hydra.main(config_path="pkg://aelab.configs", config_name="train", version_base="1.3")
 def train(cfg: DictConfig) -> float:
     """One job; returns the validation reconstruction error (what a sweeper minimises)."""
-    from ..training.faults import DISK_FULL, DIVERGED, TrainingFault
-    from .job import run  # torch is imported only once a job runs: --help stays fast
-
     hydra_cfg = HydraConfig.get()
     run_dir = Path(hydra_cfg.runtime.output_dir)
     job_num = hydra_cfg.job.num if hydra_cfg.mode == RunMode.MULTIRUN else None
     try:
+        from ..training.faults import DISK_FULL, DIVERGED, TrainingFault  # torch, imported once a job runs (--help
+        from .job import run  # stays fast); a Ctrl-C in these seconds leaves no empty run dir behind
         resume = resume_mode(cfg.resume, run_dir)
         if resume == "done":  # a requeued or repeated job that already finished
             done = read_results(run_dir)
@@ -289,11 +289,26 @@ def main(argv: list[str] | None = None) -> int:
     if command is None:
         console.error(f"unknown command '{args[0]}'; choose from: {', '.join(COMMANDS)} (or --help, --version)")
         return 2
+    previous = signal.signal(signal.SIGTERM, terminated)
     try:
         return command(args[1:])
-    except KeyboardInterrupt:  # outside a training loop, which saves a checkpoint first (StopSignals)
+    except Terminated:  # outside a training loop, which saves a checkpoint first (StopSignals)
+        console.error(f"aelab {args[0]}: stopped (SIGTERM) before it finished; what it had written is kept")
+        return 128 + signal.SIGTERM
+    except KeyboardInterrupt:
         console.error(f"aelab {args[0]}: interrupted (SIGINT) before it finished; what it had written is kept")
         return 130
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM outside a training loop (importing torch, reading the data): stopped as a Ctrl-C stops it,
+    an empty run dir removed on the way out, with one line instead of a silent exit."""
+
+
+def terminated(signum, frame) -> None:
+    raise Terminated
 
 
 if __name__ == "__main__":

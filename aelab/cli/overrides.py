@@ -2,6 +2,7 @@
 names the key and the fix (Hydra's own reports span many lines, and in a sweep come only as jobs run)."""
 from __future__ import annotations
 
+import copy
 import itertools
 import functools
 import re
@@ -12,7 +13,7 @@ from hydra.core.global_hydra import GlobalHydra
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.core.override_parser.types import Override
 from hydra.errors import HydraException
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
 
 from ..console import first_line
@@ -27,6 +28,7 @@ def check(args: list[str]) -> None:
     """Compose the config before Hydra starts, so that a misspelled option, key or override is one
     line naming the key and the fix (Hydra reports them over many lines, in a sweep only once jobs run).
     Every option of a swept group is checked, then every job's values (check_sweep)."""
+    printing = any(a in MODES["--cfg"] or a.startswith("--cfg=") for a in args)  # the config, to be used
     args = composing(args)
     if args is None:
         return  # Hydra's own flags (--help, --info, --config-name ...): Hydra reads those itself
@@ -62,6 +64,9 @@ def check(args: list[str]) -> None:
             raise composition_error(e, chosen) from None
         for key, value in zip(keys, typed):
             empty_merge(cfg, key, value)
+        for text, key in zip(chosen, keys):
+            if text.startswith("+") and not text.startswith("++") and "." not in key and not group_options(key):
+                tag_like_a_key(cfg, key)
         for section in top:  # a whole section of settings taken away
             if isinstance(base.get(section), DictConfig) and not isinstance(cfg.get(section), DictConfig):
                 node, options = base[section], group_options(section)
@@ -72,8 +77,23 @@ def check(args: list[str]) -> None:
             raise ConfigError("interval(...) is a search range for the Optuna sweeper: add hydra/sweeper=optuna "
                               "(pip install 'aelab[sweep]'), or list the values to sweep: a,b,c", intervals[0])
         check_names(cfg, [a for a in args if not a.startswith("-")] if multirun else [])
+        if printing and not multirun and chosen:
+            from ..build import check as check_values  # the values of the config it prints, as a run checks them
+            check_values(cfg, {})
         if multirun:
             check_sweep(cfg, parser, [a for a in args if not a.startswith("-")])
+
+
+def tag_like_a_key(cfg: DictConfig, key: str) -> None:
+    """`+KEY=VALUE` at the top adds a key nothing reads: a tag that names the run. One spelled like a
+    key aelab reads (+epochs, +regg) is that key mistyped, and would train without it: refused."""
+    bare = copy.deepcopy(cfg)
+    with open_dict(bare):
+        bare.pop(key, None)
+    near = nearest_key(bare, key)
+    if near and not near.endswith(".name"):  # every group has a name: a +name=... tag is no mistyped key
+        raise ConfigError(f"no such key (did you mean {near}?); a top-level +KEY=VALUE only names the run, nothing "
+                          f"reads it", key)
 
 
 def check_names(cfg: DictConfig, swept: list[str]) -> None:
@@ -184,10 +204,11 @@ def composition_error(error: BaseException, chosen: list[str]) -> ConfigError:
         return ConfigError(f"no such key under {owner[0]}={owner[1]}; it is a key of {owner[0]}={owner[2]}: "
                            f"add {owner[0]}={owner[2]}", key)
     near = rest and nearest_key(rest, key)
-    hint = f" (did you mean {near}?)" if near else ""
+    if near:  # a key aelab reads, mistyped or misplaced: adding this one (+KEY) would run with nothing reading it
+        return ConfigError(f"no such key (did you mean {near}?); aelab train --cfg job lists the keys", key)
     if "." in key and not key.startswith(("paths.", "hydra")):  # a section aelab reads key by key
-        return ConfigError(f"no such key{hint}; aelab train --cfg job lists the keys", key)
-    return ConfigError(f"no such key{hint}; to add a new key, write +{text}", key)
+        return ConfigError("no such key; aelab train --cfg job lists the keys", key)
+    return ConfigError(f"no such key; to add a new key, write +{text}", key)
 
 
 def nearest_key(cfg: DictConfig, key: str) -> str | None:

@@ -7,7 +7,12 @@ import csv
 import io
 from pathlib import Path
 
-from ..runs import EVAL_OVERRIDES, SAMPLE_MEASURES, check_overrides, output_name, read_json, write_text
+from omegaconf import OmegaConf
+
+from ..keys import similar_key
+from ..registry import ConfigError
+from ..runs import (EVAL_OVERRIDES, SAMPLE_MEASURES, check_overrides, current_defaults, output_name, read_json,
+                   write_text)
 from .jobs import (SAMPLE_FIX, SEED_KEY, Row, fold, load_jobs, metric_names, sample_metrics, swept_keys, unfinished_jobs,
                    unreadable_sample)
 
@@ -104,6 +109,17 @@ def shown_metrics(keys: list[str]) -> list[str]:
             *(f"sample_{name}" for name in SAMPLE_MEASURES)]
 
 
+def known_eval_keys(overrides: list[str]) -> None:
+    """The eval keys the overrides set exist (`aelab eval` would refuse the others: no record to report)."""
+    defaults, absent = current_defaults(), object()
+    for override in overrides:
+        key = override.partition("=")[0].lstrip("+~")
+        if key.startswith("eval.") and OmegaConf.select(defaults, key, default=absent) is absent:
+            near = similar_key(defaults, key)
+            raise ConfigError(f"no such key{f' (did you mean {near}?)' if near else ''}; aelab eval takes "
+                              f"{', '.join(f'eval.{k}' for k in defaults.eval)}", key)
+
+
 def report(sweep_dir: Path, overrides: list[str] = ()) -> dict:
     """Load, fold, print, and write report.csv, report.md and the plots into sweep_dir; with eval
     overrides, of the `aelab eval` records they name, into its folder report_<overrides>/ (the
@@ -111,6 +127,7 @@ def report(sweep_dir: Path, overrides: list[str] = ()) -> dict:
     from .plots import make_plots
 
     check_overrides(list(overrides), EVAL_OVERRIDES, "eval.threshold=0.2, as given to aelab eval SWEEP_DIR")
+    known_eval_keys(list(overrides))
     jobs, unreadable = load_jobs(sweep_dir, overrides)
     out = sweep_dir / output_name("report", list(overrides)) if overrides else sweep_dir
     out.mkdir(exist_ok=True)
