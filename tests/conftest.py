@@ -61,6 +61,19 @@ def run_cli(*args: str, cwd: Path, check: bool = True) -> subprocess.CompletedPr
     return proc
 
 
+def cli(capfd, *argv):
+    """`aelab ARGV` through the console script's entry point in this process, read with pytest's capfd:
+    (exit code, stdout, stderr)."""
+    from aelab.cli.main import main
+
+    try:
+        code = main(list(argv))
+    except SystemExit as e:
+        code = e.code
+    out, err = capfd.readouterr()
+    return code, out, err
+
+
 def run_process(*args: str, cwd: Path, check: bool = True, timeout: float = 600) -> subprocess.CompletedProcess:
     """`aelab ARGS` in a fresh process, as the console script runs it."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "HYDRA_FULL_ERROR": "0"}

@@ -17,23 +17,12 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from aelab.training import checkpoint
 from aelab.build import build, check_compatible
 from aelab.training.checkpoint import Position
-from aelab.cli.main import main
 from aelab.data import Split, Splits
 from aelab.registry import ConfigError
-from conftest import run_cli
+from conftest import cli, run_cli
 
 LONG = ["trainer.epochs=12", "trainer.batch_size=16", "trainer.log_every=7", "device=cpu",
         "corruption=gaussian", "reg=l1"]
-
-
-def cli(capfd, *argv):
-    """`aelab ARGV` through aelab.cli.main, the console script's entry point: (exit code, stdout, stderr)."""
-    try:
-        code = main(list(argv))
-    except SystemExit as e:
-        code = e.code
-    out, err = capfd.readouterr()
-    return code, out, err
 
 
 def assert_clean_failure(proc, code, text):

@@ -5,18 +5,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from aelab.cli.main import main
-from conftest import torchvision_root, write_idx
-
-
-def cli(capfd, *argv):
-    """`aelab ARGV` through the console script's entry point: (exit code, stdout, stderr)."""
-    try:
-        code = main(list(argv))
-    except SystemExit as e:
-        code = e.code
-    out, err = capfd.readouterr()
-    return code, out, err
+from conftest import cli, torchvision_root, write_idx
 
 
 def files(folder: Path) -> dict[Path, bytes]:
