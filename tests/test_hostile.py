@@ -239,3 +239,30 @@ def test_sigterm_before_training_is_one_line_and_leaves_no_empty_run_dir(tmp_pat
     assert code == 143 and err.startswith("error: aelab train: stopped (SIGTERM) before it finished") and \
         err.count("\n") == 1, err
     assert not (tmp_path / "run").exists() and signal.getsignal(signal.SIGTERM) is before
+
+
+def test_environment_json_records_the_aelab_command_of_each_job(l1_seed_sweep, monkeypatch, tmp_path, capfd):
+    """A SLURM job's process is submitit's (its argv names submitit's _submit.py): environment.json also
+    records the aelab command that runs the job, from the job's own overrides."""
+    import json
+    import shlex
+    import sys
+
+    import yaml
+
+    for job in sorted(l1_seed_sweep.glob("*/environment.json")):
+        overrides = yaml.safe_load((job.parent / ".hydra" / "overrides.yaml").read_text())
+        assert json.loads(job.read_text())["command"] == "aelab train " + shlex.join(overrides)
+    from aelab.cli import job as the_job
+    from aelab.training import faults
+    real = faults.environment
+
+    def as_submitit_runs_it(*args, **kwargs):  # what environment() sees in a SLURM job's process
+        monkeypatch.setattr(sys, "argv", ["/venv/lib/submitit/core/_submit.py", "/tmp/jobs"])
+        return real(*args, **kwargs)
+    monkeypatch.setattr(the_job, "environment", as_submitit_runs_it)
+    code, out, err = cli(capfd, "train", "trainer.epochs=1", "eval.probe=false", "reg=l1", "device=cpu",
+                         f"hydra.run.dir={tmp_path / 'run'}")
+    record = json.loads((tmp_path / "run" / "environment.json").read_text())
+    assert code == 0 and record["argv"][0].endswith("_submit.py"), err
+    assert record["command"] == "aelab train trainer.epochs=1 eval.probe=false reg=l1 device=cpu"  # its settings

@@ -19,13 +19,15 @@ from ..training.faults import StopNow, StopSignals, environment, full_disk_stops
 from ..training.loop import fit
 
 
-def run(cfg: DictConfig, run_dir: Path, resume: bool = False, job_num: int | None = None) -> dict:
-    """Train one configuration; write TensorBoard events, checkpoints and metrics.json to run_dir."""
+def run(cfg: DictConfig, run_dir: Path, resume: bool = False, job_num: int | None = None,
+        command: str | None = None) -> dict:
+    """Train one configuration; write TensorBoard events, checkpoints and metrics.json to run_dir.
+    `command`: the aelab command with the job's own settings, for environment.json."""
     with full_disk_stops(run_dir):
-        return train_and_measure(cfg, run_dir, resume, job_num)
+        return train_and_measure(cfg, run_dir, resume, job_num, command)
 
 
-def train_and_measure(cfg: DictConfig, run_dir: Path, resume: bool, job_num: int | None) -> dict:
+def train_and_measure(cfg: DictConfig, run_dir: Path, resume: bool, job_num: int | None, command: str | None) -> dict:
     """run()'s steps: build, load a checkpoint to resume from, fit, measure, write the results."""
     started_at = time.time()
     parts = build(cfg, job_num)
@@ -37,7 +39,7 @@ def train_and_measure(cfg: DictConfig, run_dir: Path, resume: bool, job_num: int
     writer = SummaryWriter(str(run_dir), purge_step=pos.step + 1 if resume else None)
     if not resume:
         writer.add_text("config", config_text(cfg))
-        write_json(run_dir / "environment.json", environment(parts.device, parts.trainer.seed))
+        write_json(run_dir / "environment.json", environment(parts.device, parts.trainer.seed, command))
     first_step = pos.step
     seconds, step_mode = fit(parts, cfg, pos, run_dir, writer)
     with StopNow(f"during the final evaluation; training is complete in {run_dir / checkpoint.FILE}; "

@@ -84,7 +84,8 @@ def train(cfg: DictConfig) -> float:
             return done["val"]["recon"]
         with held(run_dir if job_num is not None else None, "hydra.run.dir"):  # a run's: held by train_command
             (run_dir / FAILED).unlink(missing_ok=True)  # an earlier attempt's verdict; this one writes its own
-            record = run(cfg, run_dir, resume=resume, job_num=job_num)
+            command = shlex.join(["aelab", "train", *hydra_cfg.overrides.task])  # this job's, however launched
+            record = run(cfg, run_dir, resume=resume, job_num=job_num, command=command)
     except (ConfigError, OmegaConfBaseException) as e:
         drop_if_nothing_ran(cfg, run_dir)
         console.error(str(config_error(e)))

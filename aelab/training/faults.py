@@ -125,8 +125,9 @@ class StopNow(Signals):
                                 exit_code=128 + signum) from None
 
 
-def environment(device: torch.device, seed: int) -> dict:
-    """What a rerun needs to reproduce the numbers: seed, versions, device."""
+def environment(device: torch.device, seed: int, command: str | None = None) -> dict:
+    """What a rerun needs to reproduce the numbers: seed, versions, device, and the aelab command with the
+    run's own settings (argv is the process's: under SLURM, submitit's)."""
     versions = {}
     for package in ("aelab", "torch", "torchvision", "hydra-core", "omegaconf", "numpy", "scikit-learn"):
         try:
@@ -135,7 +136,7 @@ def environment(device: torch.device, seed: int) -> dict:
             versions[package] = None
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else None
     return {"seed": seed, "device": str(device), "gpu": gpu, "python": sys.version.split()[0],
-            "platform": platform.platform(), "argv": sys.argv, "versions": versions,
+            "platform": platform.platform(), "argv": sys.argv, "command": command, "versions": versions,
             "cuda": torch.version.cuda, "threads": torch.get_num_threads()}
 
 
