@@ -266,3 +266,13 @@ def test_environment_json_records_the_aelab_command_of_each_job(l1_seed_sweep, m
     record = json.loads((tmp_path / "run" / "environment.json").read_text())
     assert code == 0 and record["argv"][0].endswith("_submit.py"), err
     assert record["command"] == "aelab train trainer.epochs=1 eval.probe=false reg=l1 device=cpu"  # its settings
+
+
+def test_the_pictures_a_run_leaves_are_drawn_at_a_size_a_person_can_read(trained_run):
+    """On the 8x8 digits reconstructions.png was 82x32 pixels and features.png 62x62: now each is drawn
+    large, its rows labelled, as denoising.png is."""
+    from PIL import Image
+
+    for name in ("reconstructions.png", "features.png", "denoising.png"):
+        with Image.open(trained_run / name) as image:
+            assert image.width >= 400 and image.height >= 150, (name, image.size)

@@ -72,7 +72,7 @@ def test_side_by_side_shows_each_settings_own_pictures(sweep, tmp_path, monkeypa
                                                                                        else "L")))
         assert plots.side_by_side(rows[:1], name, tmp_path) is None
     strip = next(ax for ax in drawn["compare_reconstructions.png"].axes if ax.images)
-    assert [t.get_text() for t in strip.get_yticklabels()] == ["clean", "input", "output"]
+    assert not strip.axison  # the rows are named in each run's reconstructions.png itself, not again
 
 
 def test_a_noise_sweep_compares_each_models_denoising_pictures(tmp_path, monkeypatch):

@@ -11,7 +11,7 @@ from ..runs import output_name, write_json
 from ..training import checkpoint
 from ..training.objective import evaluate
 from .metrics import analyse
-from .pictures import denoising_picture, features_picture, save_pictures, save_png
+from .pictures import denoising_picture, features_png, save_pictures, save_png
 
 
 def test_split(parts: Parts) -> tuple[dict, dict]:
@@ -47,7 +47,7 @@ def evaluate_run(run_dir: Path, overrides: list[str]) -> dict:
     write_json(written[0], {"overrides": overrides, "test": test})
     pictures = {"denoising": denoising_picture(parts, parts.evaluation, test)}
     if redraws_features(overrides, parts.evaluation):
-        pictures["features"] = features_picture(parts, parts.evaluation, arrays)
+        pictures["features"] = features_png(parts, parts.evaluation, arrays)
     for name, picture in pictures.items():
         if picture is not None:
             written.append(run_dir / f"{stem}_{name}.png")

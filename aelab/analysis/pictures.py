@@ -2,6 +2,7 @@
 features, the test codes' layout, each test noise's inputs and outputs, and the histograms."""
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import torch
@@ -111,12 +112,26 @@ def features_picture(parts: Parts, settings: EvalSettings, arrays: dict[str, Ten
     return feature_grid(parts.model, settings.features, parts.data.image_shape, value)
 
 
+def features_png(parts: Parts, settings: EvalSettings, arrays: dict[str, Tensor]) -> Tensor:
+    """features.png as a person opens it: features_picture drawn large, each row named by its units."""
+    picture = features_picture(parts, settings, arrays)
+    count = min(settings.features, parts.model.latent_dim)
+    across = math.ceil(math.sqrt(count))  # grid()'s square
+    return labelled(picture, [f"units {first + 1}-{min(first + across, count)}" for first in range(0, count, across)])
+
+
+def reconstructions_png(parts: Parts) -> Tensor:
+    """reconstructions.png: the first test images, clean, as the model's input (corrupted as in training,
+    a fixed seed) and its output, drawn large with each row named."""
+    shown = image_grid(parts.model, parts.data.test.x, parts.corruption, parts.data.image_shape, parts.trainer.seed)
+    return labelled(shown, ["clean", "input", "output"])
+
+
 def save_pictures(parts: Parts, settings: EvalSettings, test: dict[str, float], arrays: dict[str, Tensor],
                   run_dir: Path) -> dict[str, Tensor]:
-    """Reconstruction grid, decoded features, the test codes' layout, each test noise's inputs and outputs
+    """Reconstructions, decoded features, the test codes' layout, each test noise's inputs and outputs
     and the histograms as PNG files; the pictures, for TensorBoard."""
-    shown = image_grid(parts.model, parts.data.test.x, parts.corruption, parts.data.image_shape, parts.trainer.seed)
-    grids = {"reconstructions": shown, "features": features_picture(parts, settings, arrays),
+    grids = {"reconstructions": reconstructions_png(parts), "features": features_png(parts, settings, arrays),
              "latents": latent_picture(arrays["latent_activations"], parts.data.test.labels)}
     noisy = denoising_picture(parts, settings, test)
     if noisy is not None:

@@ -6,7 +6,7 @@ import textwrap
 from collections import defaultdict
 from pathlib import Path
 
-from ..analysis.figures import label_rows, pyplot, save_figure
+from ..analysis.figures import pyplot, save_figure
 from .jobs import LABELS, SEED_KEY as SEED, Job, Row
 
 PANELS = ("mse", "population_sparsity", "sensitivity", "probe_latent")
@@ -280,7 +280,7 @@ def loss_curves(jobs: list[Job], labels: dict[Path, str], out: Path) -> Path | N
 
 COMPARED = {  # a run's picture → (panel width in inches, panels across, in colour, what the figure shows)
     "reconstructions": (6.0, 1, False, "test reconstructions"),  # wide strips: 1-3 across, by how many
-    "features": (2.6, 5, False, "decoded one-hot codes (learned features)"),
+    "features": (3.0, 5, False, "decoded one-hot codes (learned features)"),  # with their rows named
     "denoising": (4.5, 3, False, "each test noise's inputs and outputs"),  # labelled rows: wider, to read them
     "latents": (4.5, 3, True, "the test codes on their two leading principal components"),  # coloured by class
 }
@@ -301,7 +301,7 @@ def side_by_side(rows: list[Row], name: str, out: Path, source: str | None = Non
         return None
     plt = pyplot()
     width, across, colour, what = COMPARED[name]
-    wide = name == "reconstructions"  # a strip of three rows: clean, corrupted, reconstructed
+    wide = name == "reconstructions"  # a strip of three rows, clean, input, output, each named in the picture
     cols = (1 if len(found) <= 8 else 2 if len(found) <= 16 else 3) if wide else min(len(found), across)
     lines = -(-len(found) // cols)
     with Image.open(found[0][1]) as first:
@@ -318,9 +318,6 @@ def side_by_side(rows: list[Row], name: str, out: Path, source: str | None = Non
             pixels = np.asarray(image.convert("RGB" if colour else "L"))
         ax.imshow(pixels, **({} if colour else {"cmap": "gray", "vmin": 0, "vmax": 255}), interpolation="nearest")
         ax.set_title(title, fontsize=8)
-        if wide:  # metrics.image_grid's three rows
-            ax.set_axis_on()
-            label_rows(ax, pixels.shape[0], ["clean", "input", "output"], fontsize=7)
     fig.suptitle(f"{what}, one run per setting", fontsize=10)
     return save(fig, out / f"compare_{name}.png")
 
