@@ -186,7 +186,8 @@ def worked_in(args: list[str]) -> tuple[Path | None, str]:
     multirun = bool(set(MULTIRUN) & set(args)) or (resumed is not None and is_sweep(resumed))
     key = "hydra.sweep.dir" if multirun else "hydra.run.dir"
     given = [a.split("=", 1)[1] for a in args if a.startswith(f"{key}=")]
-    return resumed or (Path(given[-1]).expanduser() if given else None), key
+    named = given[-1] if given and "${" not in given[-1] else None  # an interpolation: Hydra resolves it, later
+    return resumed or (Path(named).expanduser() if named else None), key
 
 
 def is_sweep(folder: Path) -> bool:
