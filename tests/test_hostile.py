@@ -1,11 +1,12 @@
 """Hostile and clumsy input (issue 33's list, and docs/reliability.md's table): each is one line naming
 the key or file and the fix, exit code 2, never a traceback, and never loses or rewrites earlier results."""
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from conftest import cli, torchvision_root, write_idx
+from conftest import FAST, cli, torchvision_root, write_idx
 
 
 def files(folder: Path) -> dict[Path, bytes]:
@@ -276,3 +277,11 @@ def test_the_pictures_a_run_leaves_are_drawn_at_a_size_a_person_can_read(trained
     for name in ("reconstructions.png", "features.png", "denoising.png"):
         with Image.open(trained_run / name) as image:
             assert image.width >= 400 and image.height >= 150, (name, image.size)
+
+
+def test_a_run_dir_given_as_an_interpolation_is_left_to_hydra(tmp_path, capfd, monkeypatch):
+    """hydra.run.dir=runs/${now:%Y}: Hydra names the dir; aelab makes no folder named after the text."""
+    monkeypatch.chdir(tmp_path)
+    code, out, err = cli(capfd, "train", *FAST, "hydra.run.dir=runs/${now:%Y}")
+    assert code == 0, err
+    assert [p.name for p in (tmp_path / "runs").iterdir()] == [time.strftime("%Y")]
