@@ -26,6 +26,7 @@ import argparse
 import gzip
 import json
 import resource
+import signal
 import struct
 import sys
 import tempfile
@@ -212,6 +213,9 @@ def aelab_epochs(parts, epochs: int) -> tuple[float, str]:
             sync(parts.device)
             begin = time.perf_counter()
             train_epoch(parts, pos, step, writer, bar, watch, stop)
+            if stop.requested:  # SIGTERM or Ctrl-C: training would save a checkpoint; a benchmark just ends
+                print(f"bench: stopped by {signal.Signals(stop.received).name}", file=sys.stderr)
+                sys.exit(128 + stop.received)
             sync(parts.device)
             times.append(time.perf_counter() - begin)
             pos.order = None

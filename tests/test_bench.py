@@ -40,3 +40,30 @@ def test_bench_times_aelab_compiled(tmp_path):
     report = json.loads(out.read_text())
     assert report["compile"] is True and report["rows"][0]["aelab"] > 0
     assert "compile=True" in proc.stdout.splitlines()[0]
+
+
+def test_sigterm_stops_the_benchmark_in_aelabs_epochs(make_cfg, monkeypatch, capsys):
+    """bench.py times aelab's epochs inside StopSignals (as training does), which let a SIGTERM or a Ctrl-C
+    only end the epoch: `timeout` ran past its limit. Now the benchmark stops there, exit 128 + signal."""
+    import importlib.util
+    import os
+    import signal
+
+    import aelab.training.loop
+
+    spec = importlib.util.spec_from_file_location("bench", ROOT / "scripts" / "bench.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    real_epoch, epochs = aelab.training.loop.train_epoch, []
+
+    def signalled(*args):
+        epochs.append(1)
+        if len(epochs) == 1:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real_epoch(*args)
+    monkeypatch.setattr(aelab.training.loop, "train_epoch", signalled)
+    from aelab.build import build
+    with pytest.raises(SystemExit) as stopped:
+        bench.aelab_epochs(build(make_cfg("device=cpu")), 5)
+    assert stopped.value.code == 128 + signal.SIGTERM and len(epochs) == 1
+    assert "bench: stopped by SIGTERM" in capsys.readouterr().err
