@@ -2,6 +2,7 @@
 them whole (written to a temporary file, then renamed)."""
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shlex
@@ -43,6 +44,15 @@ def write_whole(path: Path, write: Callable[[Path], object]) -> None:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def disk_full(error: OSError) -> str | None:
+    """What a full disk stopped, in words (None for another OSError): the file that could not be written.
+    What was there before is kept: every record is written whole (write_whole)."""
+    if error.errno != errno.ENOSPC:
+        return None
+    return (f"the disk is full: cannot write {error.filename or 'a file'} ({error.strerror}); what was written "
+            f"before is kept")
 
 
 def write_text(path: Path, text: str) -> None:

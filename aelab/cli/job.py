@@ -15,7 +15,7 @@ from ..build import build
 from ..runs import read_results, write_json
 from ..training import checkpoint
 from ..training.checkpoint import Position
-from ..training.faults import StopNow, StopSignals, environment, full_disk_stops
+from ..training.faults import StopNow, StopSignals, environment
 from ..training.loop import fit
 
 
@@ -23,12 +23,6 @@ def run(cfg: DictConfig, run_dir: Path, resume: bool = False, job_num: int | Non
         command: str | None = None) -> dict:
     """Train one configuration; write TensorBoard events, checkpoints and metrics.json to run_dir.
     `command`: the aelab command with the job's own settings, for environment.json."""
-    with full_disk_stops(run_dir):
-        return train_and_measure(cfg, run_dir, resume, job_num, command)
-
-
-def train_and_measure(cfg: DictConfig, run_dir: Path, resume: bool, job_num: int | None, command: str | None) -> dict:
-    """run()'s steps: build, load a checkpoint to resume from, fit, measure, write the results."""
     started_at = time.time()
     parts = build(cfg, job_num)
     pos = checkpoint.load(parts, run_dir) if resume else Position()

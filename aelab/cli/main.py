@@ -1,7 +1,6 @@
 """`aelab COMMAND ...`: argv → the command; `aelab train` is a Hydra app over aelab's config groups."""
 from __future__ import annotations
 
-import errno
 import importlib.util
 import math
 import shlex
@@ -19,7 +18,7 @@ from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
 from .. import console
 from ..registry import ConfigError
-from ..runs import FAILED, override_values, read_results, write_json
+from ..runs import FAILED, disk_full, override_values, read_results, write_json
 from .overrides import check as check_overrides
 from .rundirs import (MODES, check_dirs, drop_if_nothing_ran, held, kept_unless_trained, refuse_if_busy, resume_args,
                       resume_mode, resumed_dir, worked_in)
@@ -74,7 +73,7 @@ def train(cfg: DictConfig) -> float:
     run_dir = Path(hydra_cfg.runtime.output_dir)
     job_num = hydra_cfg.job.num if hydra_cfg.mode == RunMode.MULTIRUN else None
     try:
-        from ..training.faults import DISK_FULL, DIVERGED, TrainingFault  # torch, imported once a job runs (--help
+        from ..training.faults import DISK_FULL, DIVERGED, TrainingFault, full_disk_stops  # torch, once a job runs (--help
         from .job import run  # stays fast); a Ctrl-C in these seconds leaves no empty run dir behind
         resume = resume_mode(cfg.resume, run_dir)
         if resume == "done":  # a requeued or repeated job that already finished
@@ -82,7 +81,8 @@ def train(cfg: DictConfig) -> float:
             console.console.print(f"{run_dir}: finished already, its results kept", markup=False, highlight=False,
                                   soft_wrap=True)
             return done["val"]["recon"]
-        with held(run_dir if job_num is not None else None, "hydra.run.dir"):  # a run's: held by train_command
+        # a sweep job holds its own dir (a run's is held by train_command); a full disk is one line
+        with held(run_dir if job_num is not None else None, "hydra.run.dir"), full_disk_stops(run_dir):
             (run_dir / FAILED).unlink(missing_ok=True)  # an earlier attempt's verdict; this one writes its own
             command = shlex.join(["aelab", "train", *hydra_cfg.overrides.task])  # this job's, however launched
             record = run(cfg, run_dir, resume=resume, job_num=job_num, command=command)
@@ -254,10 +254,10 @@ def guarded(action) -> int:
         console.error(str(config_error(e)))
         return 2
     except OSError as e:
-        if e.errno != errno.ENOSPC:
+        what = disk_full(e)
+        if what is None:
             raise
-        console.error(f"the disk is full: cannot write {e.filename or 'a file'} ({e.strerror}); what was written "
-                      f"before is kept: free space and run it again")
+        console.error(f"{what}: free space and run it again")
         return 4  # training.faults.DISK_FULL (faults imports torch, which `aelab --help` need not load)
     return 0
 

@@ -1,7 +1,6 @@
 """Surviving faults: non-finite losses, SIGINT/SIGTERM (e.g. a SLURM preemption), and provenance."""
 from __future__ import annotations
 
-import errno
 import math
 import platform
 import shlex
@@ -15,6 +14,8 @@ from typing import Iterator, Sequence
 
 import torch
 from torch import Tensor
+
+from ..runs import disk_full
 
 
 DIVERGED = 3  # the exit code of a run stopped by a NaN or inf loss
@@ -140,22 +141,14 @@ def environment(device: torch.device, seed: int, command: str | None = None) -> 
             "cuda": torch.version.cuda, "threads": torch.get_num_threads()}
 
 
-def disk_full(error: OSError) -> str | None:
-    """What a full disk stopped, in words (None for another OSError): the file it could not write."""
-    if error.errno != errno.ENOSPC:
-        return None
-    return f"the disk is full: cannot write {error.filename or 'a file'} ({error.strerror})"
-
-
 @contextmanager
 def full_disk_stops(run_dir: Path) -> Iterator[None]:
-    """A full disk while a run writes is a TrainingFault (DISK_FULL) that says where and how to go on:
-    every file is written whole (runs.write_whole), so what was there before is kept."""
+    """A full disk while a run writes is a TrainingFault (DISK_FULL) that says where and how to go on."""
     try:
         yield
     except OSError as e:
         what = disk_full(e)
         if what is None:
             raise
-        raise TrainingFault(f"{what}; what was written before is kept: free space, then continue with: "
-                            f"aelab train resume={shlex.quote(str(run_dir))}", DISK_FULL) from None
+        raise TrainingFault(f"{what}: free space, then continue with: aelab train resume={shlex.quote(str(run_dir))}",
+                            DISK_FULL) from None
