@@ -52,15 +52,11 @@ def resume_mode(value, run_dir: Path) -> bool | str:
 
 def resume_args(args: list[str]) -> list[str]:
     """`resume=RUN_DIR` → that run's own overrides, in its own dir, with resume on."""
-    wanted = [a for a in args if a.startswith("resume=")]
-    if not wanted:
+    run_dir = resumed_dir(args)
+    if run_dir is None:
+        if override_values(args).get("resume", "").lower() == "true":
+            raise ConfigError("give the run dir to continue: aelab train resume=outputs/DATE/TIME", "resume")
         return args
-    value = wanted[-1].split("=", 1)[1]
-    if value.lower() in ("auto", "false"):
-        return args
-    if value.lower() == "true":
-        raise ConfigError("give the run dir to continue: aelab train resume=outputs/DATE/TIME", "resume")
-    run_dir = Path(value).expanduser()
     if is_sweep(run_dir):
         return sweep_resume_args(run_dir, [a for a in args if not a.startswith("resume=")])
     overrides = run_dir / ".hydra" / "overrides.yaml"
@@ -136,9 +132,9 @@ def check_dirs(args: list[str]) -> None:
 
 
 def resumed_dir(args: list[str]) -> Path | None:
-    """The run or sweep dir a `resume=DIR` on the command line continues (None for none, auto or false)."""
-    values = [a.split("=", 1)[1] for a in args if a.startswith("resume=")]
-    return Path(values[-1]).expanduser() if values and values[-1].lower() not in ("auto", "false", "true") else None
+    """The run or sweep dir a `resume=DIR` on the command line continues (None for none, auto, false, true)."""
+    value = override_values(args).get("resume")
+    return Path(value).expanduser() if value and value.lower() not in ("auto", "false", "true") else None
 
 
 def records(job: Path) -> dict[Path, bytes]:
@@ -201,17 +197,24 @@ def in_use(folder: Path, holder: str, key: str) -> ConfigError:
                        f"resume={folder}", key)
 
 
+def holder(lock_file) -> str | None:
+    """Take the lock of an open lock file (closing the file lets it go); the PID of the process that
+    holds it instead, if one does."""
+    try:
+        fcntl.flock(lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock_file.seek(0)
+        return lock_file.read().strip() or "?"
+    return None
+
+
 def refuse_if_busy(folder: Path | None, key: str) -> None:
     """Before anything is written: another process training in `folder` is said at once."""
-    lock = folder / LOCK if folder else None
-    if lock is None or not lock.is_file():
+    if folder is None or not (folder / LOCK).is_file():
         return
-    with open(lock) as f:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise in_use(folder, f.read().strip() or "?", key) from None
-        fcntl.flock(f, fcntl.LOCK_UN)
+    with open(folder / LOCK) as f:
+        if (pid := holder(f)) is not None:
+            raise in_use(folder, pid, key)
 
 
 @contextmanager
@@ -222,17 +225,11 @@ def held(folder: Path | None, key: str) -> Iterator[None]:
         yield
         return
     folder.mkdir(parents=True, exist_ok=True)
-    with open(folder / LOCK, "a+") as f:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            f.seek(0)
-            raise in_use(folder, f.read().strip() or "?", key) from None
+    with open(folder / LOCK, "a+") as f:  # closed when the block ends: the lock goes with it
+        if (pid := holder(f)) is not None:
+            raise in_use(folder, pid, key)
         f.seek(0)
         f.truncate()
         f.write(str(os.getpid()))
         f.flush()
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
+        yield
