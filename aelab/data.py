@@ -88,17 +88,19 @@ def idx_count(path: Path, ndim: int) -> int:
     each dim as a big-endian uint32, then the bytes) holds, once its header and size agree; a damaged
     file is a ConfigError naming it and the fix."""
     fix = "delete it and set data.download=true, or put a whole copy there"
-    data = path.read_bytes()
-    if not data:
+    size = path.stat().st_size  # the header and the size tell: torchvision reads the data itself
+    with path.open("rb") as f:
+        header = f.read(4 + 4 * ndim)
+    if not size:
         raise DamagedFile(f"{path} is empty; {fix}", "root")
-    if len(data) < 4 or data[:3] != b"\x00\x00\x08" or data[3] != ndim:
+    if len(header) < 4 or header[:3] != b"\x00\x00\x08" or header[3] != ndim:
         raise DamagedFile(f"{path} is not an idx file of {ndim}-dimensional uint8 data (it starts "
-                          f"{data[:4].hex()}, not 000008{ndim:02x}); {fix}", "root")
-    dims = [int.from_bytes(data[4 + 4 * i:8 + 4 * i], "big") for i in range(ndim)]
+                          f"{header[:4].hex()}, not 000008{ndim:02x}); {fix}", "root")
+    dims = [int.from_bytes(header[4 + 4 * i:8 + 4 * i], "big") for i in range(ndim)]
     expected = 4 + 4 * ndim + math.prod(dims)
-    if len(data) != expected:
-        raise DamagedFile(f"{path} is cut short or too long ({len(data)} bytes; its header, {' x '.join(map(str, dims))}, "
-                          f"says {expected}); {fix}", "root")
+    if size != expected:
+        raise DamagedFile(f"{path} is cut short or too long ({size} bytes; its header, "
+                          f"{' x '.join(map(str, dims))}, says {expected}); {fix}", "root")
     return dims[0]
 
 
