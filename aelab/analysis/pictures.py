@@ -2,7 +2,6 @@
 features, the test codes' layout, each test noise's inputs and outputs, and the histograms."""
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import torch
@@ -11,7 +10,7 @@ from torch import Tensor
 
 from ..build import EvalSettings, Parts
 from ..runs import write_whole
-from ..training.monitor import grid, image_grid
+from ..training.monitor import grid, image_grid, square
 from .figures import label_rows, pyplot, save_figure
 from .metrics import denoised, feature_grid, principal_components, typical_activation
 
@@ -116,7 +115,7 @@ def features_png(parts: Parts, settings: EvalSettings, arrays: dict[str, Tensor]
     """features.png as a person opens it: features_picture drawn large, each row named by its units."""
     picture = features_picture(parts, settings, arrays)
     count = min(settings.features, parts.model.latent_dim)
-    across = math.ceil(math.sqrt(count))  # grid()'s square
+    across = square(count)  # as feature_grid lays them out
     return labelled(picture, [f"units {first + 1}-{min(first + across, count)}" for first in range(0, count, across)])
 
 

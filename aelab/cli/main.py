@@ -213,7 +213,6 @@ def eval_command(args: list[str]) -> int:
 
 def sample_command(args: list[str]) -> int:
     from ..analysis.sampling import annealed_run, sample_run
-
     from ..samplers import SAMPLERS
 
     method = override_values(args[1:]).get("sample.method")

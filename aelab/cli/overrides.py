@@ -32,13 +32,14 @@ def check(args: list[str]) -> None:
     args = composing(args)
     if args is None:
         return  # Hydra's own flags (--help, --info, --config-name ...): Hydra reads those itself
+    texts = [a for a in args if not a.startswith("-")]  # the overrides, -m left out
     with initialize_config_module("aelab.configs", version_base="1.3"):
         loader = GlobalHydra.instance().config_loader()
         group_options = functools.cache(loader.get_group_options)  # Hydra's look-up is slow: once per key
         parser = OverridesParser.create(config_loader=loader)
         multirun = bool(set(MULTIRUN) & set(args))
         chosen, keys, intervals, typed = [], [], [], []
-        for text in (a for a in args if not a.startswith("-")):
+        for text in texts:
             try:
                 override = parser.parse_override(text)
             except HydraException as e:  # OverrideParseException, or the grammar's own syntax error
@@ -76,12 +77,12 @@ def check(args: list[str]) -> None:
         if intervals and "optuna" not in cfg.hydra.sweeper._target_.lower():
             raise ConfigError("interval(...) is a search range for the Optuna sweeper: add hydra/sweeper=optuna "
                               "(pip install 'aelab[sweep]'), or list the values to sweep: a,b,c", intervals[0])
-        check_names(cfg, [a for a in args if not a.startswith("-")] if multirun else [])
+        check_names(cfg, texts if multirun else [])
         if printing and not multirun and chosen:
             from ..build import check as check_values  # the values of the config it prints, as a run checks them
             check_values(cfg, {})
         if multirun:
-            check_sweep(cfg, parser, [a for a in args if not a.startswith("-")])
+            check_sweep(cfg, parser, texts)
 
 
 def tag_like_a_key(cfg: DictConfig, key: str) -> None:

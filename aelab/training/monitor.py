@@ -54,6 +54,11 @@ def image_grid(model: Autoencoder, x: Tensor, corrupt: Corruption, image_shape: 
     return grid(torch.cat([clean, noisy, recon]).clamp(0, 1), image_shape, columns=len(clean))
 
 
+def square(count: int) -> int:
+    """The columns of a grid of `count` images laid out as a square."""
+    return math.ceil(math.sqrt(count))
+
+
 def grid(images: Tensor, shape: tuple[int, int, int], columns: int | None = None, stretch: bool = False,
          pad: int = GRID_PAD) -> Tensor:
     """Images (any layout of N x shape, values in [0, 1]) as one RGB picture on the CPU, `columns`
@@ -62,7 +67,7 @@ def grid(images: Tensor, shape: tuple[int, int, int], columns: int | None = None
     from torchvision.utils import make_grid  # its import takes a second: paid by the commands that draw
 
     images = images.detach().reshape(-1, *shape).float().cpu()
-    columns = min(columns or math.ceil(math.sqrt(len(images))), len(images))
+    columns = min(columns or square(len(images)), len(images))
     picture = make_grid(images, nrow=columns, padding=pad, normalize=stretch, scale_each=True, pad_value=1.0)
     if len(images) == 1:  # make_grid hands a lone image back without its frame
         picture = F.pad(picture, (pad, pad, pad, pad), value=1.0)
