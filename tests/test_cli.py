@@ -74,7 +74,7 @@ def test_bce_kl_run_writes_events_metrics_and_checkpoint(tmp_path):
     (last,) = [line for line in proc.stdout.splitlines() if line.startswith("epoch 2/2 ")]
     assert last.endswith(f"  active {acc.Scalars('val/population_sparsity')[-1].value:.3g}")  # said each epoch
     # the test codes: latents.png (in TensorBoard too) and, for the Projector tab, the saved model's own codes
-    assert (run_dir / "latents.png").is_file() and "test/latents" in acc.Tags()["images"]
+    assert (run_dir / "latents.png").is_file() and "~test/latents" in acc.Tags()["images"]
     (folder,) = (run_dir / f"{metrics['steps']:05d}").iterdir()
     test = parts.data.test
     assert np.loadtxt(folder / "tensors.tsv", delimiter="\t") == pytest.approx(codes(parts.model, test.x, parts.trainer.batch_size).numpy(), abs=1e-6)

@@ -409,7 +409,7 @@ def test_signal_in_the_final_evaluation_stops_at_once_and_resume_finishes(tmp_pa
     events = EventAccumulator(str(run_dir))
     events.Reload()
     assert [e.step for e in events.Scalars("val/total")] == [10, 20]
-    assert [e.step for e in events.Scalars("final_val/total")] == [20]  # written once, by the resume
+    assert [e.step for e in events.Scalars("~final/val_total")] == [20]  # written once, by the resume
 
 
 def test_a_signal_while_the_results_are_written_waits_for_them(tmp_path, make_cfg, monkeypatch):
@@ -430,8 +430,8 @@ def test_a_signal_while_the_results_are_written_waits_for_them(tmp_path, make_cf
     assert json.loads((run_dir / "metrics.json").read_text())["test"] == record["test"]
     events = EventAccumulator(str(run_dir))
     events.Reload()
-    assert [e.step for e in events.Scalars("final_test/mse")] == [10]
-    assert {"test/reconstructions", "test/features"} <= set(events.Tags()["images"])
+    assert [e.step for e in events.Scalars("~final/test_mse")] == [10]
+    assert {"~test/reconstructions", "~test/features"} <= set(events.Tags()["images"])
 
 
 def test_ctrl_c_outside_a_training_loop_is_one_line(tmp_path, capfd, monkeypatch):

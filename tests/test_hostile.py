@@ -1,5 +1,7 @@
 """Hostile and clumsy input (issue 33's list, and docs/reliability.md's table): each is one line naming
 the key or file and the fix, exit code 2, never a traceback, and never loses or rewrites earlier results."""
+import os
+import signal
 import time
 from pathlib import Path
 
@@ -285,3 +287,100 @@ def test_a_run_dir_given_as_an_interpolation_is_left_to_hydra(tmp_path, capfd, m
     code, out, err = cli(capfd, "train", *FAST, "hydra.run.dir=runs/${now:%Y}")
     assert code == 0, err
     assert [p.name for p in (tmp_path / "runs").iterdir()] == [time.strftime("%Y")]
+
+
+def test_tensorboard_opens_on_the_loss_curves_and_hparams_on_the_swept_keys(l1_seed_sweep):
+    """TensorBoard's Time Series opens the first two groups of tags (sorted by name): those are the
+    train and val curves, and no one-dot `final_*` cards repeat the HParams metrics. The HParams tab
+    shows its first five hparams (those marked `differs` first, then by name) and first five metrics:
+    the keys the sweep varies lead, and the main metrics, under their own names."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from tensorboard.plugins.hparams.plugin_data_pb2 import HParamsPluginData
+
+    job = sorted(p.parent for p in l1_seed_sweep.glob("*/metrics.json"))[0]
+    acc = EventAccumulator(str(job))
+    acc.Reload()
+    tags = [tag for kind in ("scalars", "images", "histograms") for tag in acc.Tags()[kind]]
+    groups = sorted({tag.split("/", 1)[0] for tag in tags})
+    assert groups[:2] == ["train", "val"], groups
+    assert not [tag for tag in tags if tag.startswith("final_")]
+    content = acc.PluginTagToContent("hparams")["_hparams_/experiment"]
+    experiment = HParamsPluginData.FromString(content).experiment
+    shown = sorted(experiment.hparam_infos, key=lambda info: (not info.differs, info.name))[:5]
+    assert [info.name for info in shown[:2]] == ["reg.weight", "trainer.seed"]
+    assert not any(info.differs for info in shown[2:])
+    metrics = [info.display_name for info in experiment.metric_infos[:5]]
+    assert metrics == ["val_recon", "test_recon", "test_mse", "test_probe_latent", "test_population_sparsity"]
+    scalars = set(acc.Tags()["scalars"])
+    assert {info.name.tag for info in experiment.metric_infos} <= scalars
+
+
+def test_slurm_time_out_signal_checkpoints_the_step_then_hands_over_to_submitit(tmp_path, make_cfg, monkeypatch):
+    """submitit's time-out signal (SIGUSR2, sent `hydra.launcher.signal_delay_s` before the limit) is
+    handled as SIGTERM is: the step's checkpoint first, then submitit's own handler (requeue, exit),
+    which the job found installed; the requeued job continues to the same numbers as a run never
+    stopped, and the handler is put back."""
+    import sys
+
+    import torch
+    from aelab.cli import job as train
+    from aelab.training import loop
+
+    cfg = make_cfg("device=cpu", "trainer.epochs=2", "eval.probe=false", "eval.projector=0")
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    real_make_step, taken = loop.make_step, []
+
+    def stopping_at_13(*args, **kwargs):
+        step = real_make_step(*args, **kwargs)
+
+        def counted(clean):
+            step(clean)
+            taken.append(1)
+            if len(taken) == 13:
+                os.kill(os.getpid(), signal.SIGUSR2)
+        return counted
+    handed = []
+
+    def submitit_handler(signum, frame):  # stands in for submitit's checkpoint_and_try_requeue
+        handed.append((signum, torch.load(run_dir / "checkpoint.pt", weights_only=False)["position"]["step"]))
+        sys.exit(-1)
+    monkeypatch.setattr(loop, "make_step", stopping_at_13)
+    previous = signal.signal(signal.SIGUSR2, submitit_handler)
+    try:
+        with pytest.raises(SystemExit):
+            train.run(cfg, run_dir)
+        assert handed == [(signal.SIGUSR2, 13)]
+        assert signal.getsignal(signal.SIGUSR2) is submitit_handler
+    finally:
+        signal.signal(signal.SIGUSR2, previous)
+    monkeypatch.setattr(loop, "make_step", real_make_step)
+    resumed = train.run(cfg, run_dir, resume=True)
+    (tmp_path / "whole").mkdir()
+    whole = train.run(cfg, tmp_path / "whole")
+    assert resumed["test"] == whole["test"] and resumed["steps"] == whole["steps"] == 20
+
+
+def test_a_submission_sbatch_refuses_is_one_line_naming_the_key(tmp_path, capfd, monkeypatch):
+    """A SLURM sweep whose sbatch call is refused (a fake sbatch stands in for a cluster without GPUs):
+    one line with the key to change and sbatch's own message, where the refused script is, exit 2."""
+    pytest.importorskip("hydra_plugins.hydra_submitit_launcher", reason="needs pip install 'aelab[sweep]'")
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "sbatch").write_text("#!/bin/sh\necho 'sbatch: error: Invalid generic resource (gres) specification' >&2"
+                                    "\nexit 1\n")
+    (bin_dir / "sbatch").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    sweep = tmp_path / "sweep"
+    code, out, err = cli(capfd, "train", "-m", "launcher=slurm", f"hydra.sweep.dir={sweep}")
+    assert code == 2 and err.strip().splitlines() == [
+        "error: launcher=slurm: no SLURM here (no srun on PATH); run the sweep where SLURM's commands are, or on "
+        "this machine with launcher=local or launcher=parallel"], err
+    (bin_dir / "srun").write_text("#!/bin/sh\n")
+    (bin_dir / "srun").chmod(0o755)
+    code, out, err = cli(capfd, "train", "-m", "launcher=slurm", "hydra.launcher.gpus_per_node=1", "reg=l1",
+                         "reg.weight=0.1,1", f"hydra.sweep.dir={sweep}")
+    assert code == 2 and "Traceback" not in err, err
+    assert len(err.strip().splitlines()) == 1, err
+    assert "hydra.launcher.gpus_per_node" in err and "Invalid generic resource (gres) specification" in err
+    assert str(sweep / ".submitit" / ".submission_file_") in err

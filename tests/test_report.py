@@ -505,9 +505,9 @@ def test_hparams_live_in_the_run_dir_not_a_sub_run(sweep):
     acc.Reload()
     assert {"_hparams_/experiment", "_hparams_/session_start_info", "_hparams_/session_end_info"} <= set(
         acc.PluginTagToContent("hparams"))
-    assert "hparams/test_mse" in acc.Tags()["scalars"]
-    assert {"test/reconstructions", "test/features", "test/denoising"} <= set(acc.Tags()["images"])
-    assert {"test/latent_activations", "test/lifetime_sparsity"} <= set(acc.Tags()["histograms"])
+    assert "~final/test_mse" in acc.Tags()["scalars"]
+    assert {"~test/reconstructions", "~test/features", "~test/denoising"} <= set(acc.Tags()["images"])
+    assert {"~test/latent_activations", "~test/lifetime_sparsity"} <= set(acc.Tags()["histograms"])
     for name in ("reconstructions.png", "features.png", "histograms.png", "denoising.png"):
         with Image.open(job / name) as image:
             assert image.width > 20

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
+from tensorboard.plugins.hparams.plugin_data_pb2 import HParamsPluginData
 from torch import Tensor
 from torch.utils.tensorboard import SummaryWriter
 from torch.utils.tensorboard.summary import hparams
@@ -12,11 +13,14 @@ from torch.utils.tensorboard.summary import hparams
 from ..build import GROUPS, Parts
 from ..data import Split
 from ..runs import SAMPLE_MEASURES
-from ..training.loop import log_terms
 from ..training.monitor import grid
 
 HPARAM_GROUPS = (*GROUPS, "trainer")
 HISTOGRAMS = ("latent_activations", "lifetime_sparsity")  # the test arrays TensorBoard shows as histograms
+# TensorBoard's Time Series sorts the groups of tags (the part before the first '/') by name and opens the
+# first two: the end of a run's entries go in groups named to sort after train/ and val/, the curves
+FINAL, PICTURES = "~final", "~test"
+MAIN_METRICS = ("val_recon", "test_recon", "test_mse", "test_probe_latent", "test_population_sparsity")
 
 
 def hparam_values(cfg: DictConfig) -> dict:
@@ -28,10 +32,21 @@ def hparam_values(cfg: DictConfig) -> dict:
     return flat
 
 
-def log_hparams(writer: SummaryWriter, cfg: DictConfig, metrics: dict[str, float], step: int) -> None:
-    """HParams dashboard entry in the run's own directory (SummaryWriter.add_hparams would make a sub-run)."""
-    scalars = {f"hparams/{name}": value for name, value in metrics.items()}
+def log_hparams(writer: SummaryWriter, cfg: DictConfig, metrics: dict[str, float], step: int,
+                varied: list[str] = ()) -> None:
+    """HParams dashboard entry in the run's own directory (SummaryWriter.add_hparams would make a sub-run).
+    The dashboard shows the first five hparams, those marked `differs` first (the keys the sweep varies,
+    `varied`), and the first five metrics (MAIN_METRICS, each under its own name)."""
+    metrics = {**{name: metrics[name] for name in MAIN_METRICS if name in metrics}, **metrics}
+    scalars = {f"{FINAL}/{name}": value for name, value in metrics.items()}
     exp, ssi, sei = hparams(hparam_values(cfg), scalars)
+    entry = exp.value[0].metadata.plugin_data
+    data = HParamsPluginData.FromString(entry.content)
+    for info in data.experiment.hparam_infos:
+        info.differs = info.name in varied
+    for info in data.experiment.metric_infos:
+        info.display_name = info.name.tag.removeprefix(f"{FINAL}/")
+    entry.content = data.SerializeToString()
     for summary in (exp, ssi, sei):
         writer.file_writer.add_summary(summary)
     for tag, value in scalars.items():
@@ -49,22 +64,21 @@ def log_embedding(writer: SummaryWriter, latent: Tensor, test: Split, shape: tup
 
 
 def log_final(writer: SummaryWriter, cfg: DictConfig, parts: Parts, metrics: dict[str, dict[str, float]],
-              grids: dict[str, Tensor], arrays: dict[str, Tensor], step: int) -> None:
+              grids: dict[str, Tensor], arrays: dict[str, Tensor], step: int, varied: list[str] = ()) -> None:
     """A run's final TensorBoard entries, all at its last step, then the writer closed: written in one
-    go after everything slow is done, so that a stop cannot leave some of them to be written twice."""
-    for split, values in metrics.items():
-        log_terms(writer, f"final_{split}", values, step)
+    go after everything slow is done, so that a stop cannot leave some of them to be written twice.
+    The final values are the HParams metrics (`~final/val_total`, `~final/test_mse`, ...)."""
     for name, picture in grids.items():
-        writer.add_image(f"test/{name}", picture, step)
+        writer.add_image(f"{PICTURES}/{name}", picture, step)
     for name in HISTOGRAMS:
-        writer.add_histogram(f"test/{name}", arrays[name].float().cpu(), step)
+        writer.add_histogram(f"{PICTURES}/{name}", arrays[name].float().cpu(), step)
     shown = min(parts.evaluation.projector, len(parts.data.test))
     if shown:
         test = parts.data.test
         log_embedding(writer, arrays["latent_activations"][:shown], Split(test.x[:shown], test.labels[:shown]),
                       parts.data.image_shape, step)
-    test = metrics["test"]
-    log_hparams(writer, cfg, {"val_total": metrics["val"]["total"], **{f"test_{k}": v for k, v in test.items()}}, step)
+    final = {f"{split}_{name}": value for split in ("val", "test") for name, value in metrics[split].items()}
+    log_hparams(writer, cfg, final, step, varied)
     writer.close()
 
 

@@ -20,9 +20,10 @@ from ..training.loop import fit
 
 
 def run(cfg: DictConfig, run_dir: Path, resume: bool = False, job_num: int | None = None,
-        command: str | None = None) -> dict:
+        command: str | None = None, varied: list[str] = ()) -> dict:
     """Train one configuration; write TensorBoard events, checkpoints and metrics.json to run_dir.
-    `command`: the aelab command with the job's own settings, for environment.json."""
+    `command`: the aelab command with the job's own settings, for environment.json; `varied`: the keys
+    its sweep varies, shown first in TensorBoard's HParams."""
     started_at = time.time()
     parts = build(cfg, job_num)
     pos = checkpoint.load(parts, run_dir) if resume else Position()
@@ -44,7 +45,7 @@ def run(cfg: DictConfig, run_dir: Path, resume: bool = False, job_num: int | Non
               "steps": pos.step, "seconds": round(seconds, 3), "samples_per_second": round(trained / seconds, 1),
               "device": str(parts.device), "step_mode": step_mode}
     with StopSignals():  # the results are written whole: a signal now waits the few milliseconds this takes
-        log_final(writer, cfg, parts, metrics, grids, arrays, pos.step)
+        log_final(writer, cfg, parts, metrics, grids, arrays, pos.step, varied)
         write_json(run_dir / "metrics.json", record)
     console.summary({"train": metrics["train"], "val": metrics["val"]}, title=f"aelab: {run_dir.name}")
     console.metrics_table(metrics["test"], title="test split")

@@ -19,7 +19,7 @@ from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 from .. import console
 from ..registry import ConfigError
 from ..runs import FAILED, disk_full, override_values, read_results, write_json
-from .overrides import check as check_overrides
+from .overrides import check as check_overrides, varied_keys
 from .rundirs import (MODES, check_dirs, drop_if_nothing_ran, held, kept_unless_trained, refuse_if_busy, resume_args,
                       resume_mode, resumed_dir, worked_in)
 
@@ -85,7 +85,8 @@ def train(cfg: DictConfig) -> float:
         with held(run_dir if job_num is not None else None, "hydra.run.dir"), full_disk_stops(run_dir):
             (run_dir / FAILED).unlink(missing_ok=True)  # an earlier attempt's verdict; this one writes its own
             command = shlex.join(["aelab", "train", *hydra_cfg.overrides.task])  # this job's, however launched
-            record = run(cfg, run_dir, resume=resume, job_num=job_num, command=command)
+            record = run(cfg, run_dir, resume=resume, job_num=job_num, command=command,
+                         varied=varied_keys(hydra_cfg))
     except (ConfigError, OmegaConfBaseException) as e:
         drop_if_nothing_ran(cfg, run_dir)
         console.error(str(config_error(e)))
@@ -151,9 +152,20 @@ def require_plugins(args: list[str]) -> None:
                               arg.split("=")[0].lstrip("+"))
 
 
+def register_launchers() -> None:
+    """aelab's own Hydra launchers (hydra_plugins/aelab_launchers). Hydra's plugin scan finds them in an
+    installed aelab but not through an editable install's import hook: registered here for both."""
+    from hydra.core.plugins import Plugins
+    from hydra_plugins.aelab_launchers import slurm
+
+    if hasattr(slurm, "SlurmLauncher"):  # hydra-submitit-launcher is installed
+        Plugins.instance().register(slurm.SlurmLauncher)
+
+
 def train_command(args: list[str]) -> int:
     def launch() -> None:
         require_plugins(args)
+        register_launchers()
         folder, key = worked_in(args)
         refuse_if_busy(folder, key)
         overrides = resume_args(args)

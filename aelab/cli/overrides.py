@@ -6,6 +6,7 @@ import copy
 import itertools
 import functools
 import re
+from pathlib import Path
 from typing import Iterator
 
 from hydra import compose, initialize_config_module
@@ -13,12 +14,14 @@ from hydra.core.global_hydra import GlobalHydra
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.core.override_parser.types import Override
 from hydra.errors import HydraException
+from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
 
 from ..console import first_line
 from ..keys import empty_merge, leaf_keys, shape_error, similar_key, wrong_shape
 from ..registry import ConfigError
+from ..runs import read_yaml
 from .rundirs import MODES, MULTIRUN
 
 GRAMMAR = "https://hydra.cc/docs/advanced/override_grammar/basic/"
@@ -111,6 +114,25 @@ def check_names(cfg: DictConfig, swept: list[str]) -> None:
         if key not in excluded and not key.startswith("hydra") and ".." in value.replace("\\", "/").split("/"):
             raise ConfigError(f"{value} would put a sweep job's dir outside the sweep dir (a job's dir is named by "
                               f"its overrides); give a value without '..'", key)
+
+
+def varied_keys(hydra_cfg: DictConfig) -> list[str]:
+    """The keys a sweep job's sweep varies, as TensorBoard's HParams names them (`reg.weight`; a group's
+    choice as `reg.name`): the sweeper's params (an experiment's, Optuna's search space) and the sweep's
+    command line (its multirun.yaml). None for a single run, or where the record is unreadable: the
+    dashboard then shows its columns by name."""
+    if hydra_cfg.mode != RunMode.MULTIRUN:
+        return []
+    texts = [f"{key}={value}" for key, value in (hydra_cfg.sweeper.get("params") or {}).items()]
+    record = Path(hydra_cfg.sweep.dir) / "multirun.yaml"
+    try:
+        texts += read_yaml(record, dict, "hydra.sweep.dir", "")["hydra"]["overrides"]["task"] if record.is_file() else []
+        found = OverridesParser.create().parse_overrides(texts)
+    except (ConfigError, KeyError, TypeError, HydraException):
+        return []
+    keys = [o.get_key_element().lstrip("+~") for o in found if o.is_sweep_override()]
+    groups = hydra_cfg.runtime.choices
+    return list(dict.fromkeys(f"{key}.name" if key in groups else key for key in keys))
 
 
 def composing(args: list[str]) -> list[str] | None:

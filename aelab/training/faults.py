@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import os
 import platform
 import shlex
 import signal
@@ -15,6 +16,7 @@ from typing import Iterator, Sequence
 import torch
 from torch import Tensor
 
+from .. import console
 from ..runs import disk_full
 
 
@@ -82,8 +84,17 @@ class Signals:
             signal.signal(s, handler)
 
 
+# submitit's time-out and preemption signal (SLURM sends it `signal_delay_s` before the time limit):
+# SIGUSR2 unless SUBMITIT_PREEMPT_SIGNAL names another, as submitit reads it
+TIME_OUT = getattr(signal, "SIG" + os.environ.get("SUBMITIT_PREEMPT_SIGNAL", "USR2"), signal.SIGUSR2)
+
+
 class StopSignals(Signals):
-    """SIGINT/SIGTERM ask the loop to stop after the current step; a second SIGINT stops at once."""
+    """SIGINT/SIGTERM ask the loop to stop after the current step; a second SIGINT stops at once. The
+    time-out signal stops it the same way; the handler it found (submitit's, which requeues the job and
+    exits) then runs, after the step's checkpoint is written."""
+
+    SIGNALS = (*Signals.SIGNALS, TIME_OUT)
 
     def __init__(self):
         self.received: int | None = None
@@ -98,6 +109,11 @@ class StopSignals(Signals):
 
     def exit(self, saved: Path, step: int) -> None:
         name = signal.Signals(self.received).name
+        handover = self._previous.get(self.received)
+        if self.received == TIME_OUT and callable(handover):
+            console.console.print(f"{name} after step {step}: checkpoint saved to {saved}; the requeued job "
+                                  f"continues from it", markup=False, highlight=False, soft_wrap=True)
+            handover(self.received, None)
         raise TrainingFault(f"stopped by {name} after step {step}; checkpoint saved to {saved}; "
                             f"continue with: aelab train resume={shlex.quote(str(saved.parent))}",
                             exit_code=128 + self.received)
