@@ -21,9 +21,14 @@ from .registry import ConfigError, Registry, choice, flag, number
 from .runs import EVAL_OVERRIDES, check_overrides, current_defaults, not_a_run
 from .regularizers import REGULARIZERS, Penalty
 from .samplers import SAMPLERS, Sampler
+from .schedules import SCHEDULES, Schedule
 
 GROUPS = {"data": DATASETS, "model": MODELS, "loss": LOSSES, "reg": REGULARIZERS,
-          "corruption": CORRUPTIONS, "optim": OPTIMIZERS, "device": DEVICES}
+          "corruption": CORRUPTIONS, "optim": OPTIMIZERS, "sched": SCHEDULES, "device": DEVICES}
+NO_SCHEDULE = {"name": "none"}  # the sched of a run saved before the group existed
+
+
+CONVERGENCE_WINDOW = 10  # epochs the verdict looks back when trainer.patience is null
 
 
 @dataclass(frozen=True)
@@ -35,6 +40,13 @@ class Trainer:
     cuda_graph: str  # auto | on | off: replay the whole training step as one CUDA graph
     compile: bool  # torch.compile the training objective
     tf32: bool  # TF32 matmuls and convolutions on CUDA (float32 otherwise)
+    patience: int | None  # stop after this many epochs without a relative improvement of min_delta; None: never
+    min_delta: float  # an improvement of the validation objective counts when it is at least this fraction
+
+    @property
+    def window(self) -> int:
+        """The epochs over which the convergence verdict looks for an improvement."""
+        return self.patience or CONVERGENCE_WINDOW
 
 
 @dataclass(frozen=True)
@@ -75,6 +87,7 @@ class Parts:
     penalty: Penalty
     corruption: Corruption
     optimizer: torch.optim.Optimizer
+    schedule: Schedule
     trainer: Trainer
     evaluation: EvalSettings
     sampling: SampleSettings
@@ -132,7 +145,10 @@ def trainer_settings(node) -> Trainer:
                        log_every=number(node.log_every, "log_every", low=1, integer=True),
                        cuda_graph=choice(node.cuda_graph, "cuda_graph", CUDA_GRAPH),
                        compile=flag(node.compile, "compile"),
-                       tf32=flag(node.tf32, "tf32"))
+                       tf32=flag(node.tf32, "tf32"),
+                       patience=None if node.patience is None else number(node.patience, "patience", low=1,
+                                                                          integer=True),
+                       min_delta=number(node.min_delta, "min_delta", low=0, high=1, high_open=True))
     except ConfigError as e:
         raise e.within("trainer") from None
 
@@ -274,8 +290,9 @@ def build(cfg: DictConfig, job_num: int | None = None) -> Parts:
     set_matmul_precision(trainer.tf32)
     model = model.to(device)
     optimizer = build_part("optim", OPTIMIZERS, cfg.optim, params=model.parameters(), device=device)
-    return Parts(device, resident(data, device), model, loss, penalty, corruption, optimizer, trainer, evaluation,
-                 sampling)
+    schedule = build_part("sched", SCHEDULES, cfg.get("sched") or NO_SCHEDULE).bind(optimizer)
+    return Parts(device, resident(data, device), model, loss, penalty, corruption, optimizer, schedule, trainer,
+                 evaluation, sampling)
 
 
 def check(cfg: DictConfig, loaded: dict[str, Splits | None]) -> None:
@@ -295,6 +312,7 @@ def check(cfg: DictConfig, loaded: dict[str, Splits | None]) -> None:
     if data:
         check_data(data, loss, trainer)
     build_part("optim", OPTIMIZERS, cfg.optim, params=model.parameters(), device=torch.device("cpu"))
+    build_part("sched", SCHEDULES, cfg.get("sched") or NO_SCHEDULE)
 
 
 def readable_data(node: DictConfig, loaded: dict[str, Splits | None]) -> Splits | None:

@@ -37,10 +37,15 @@ class SplitFusedAdam(torch.optim.Adam):
     a 290 us training step (measured, batch 128). Cut into <= 36 pieces, the same kernel runs ~32
     blocks in one launch. Same arithmetic on the same elements, same state and state_dict as torch's.
 
+    A scheduled run's rate is read from the group's `lr_device` tensor (schedules.Schedule writes it),
+    which a captured CUDA graph's kernel reads at every replay.
+
     `cut`: None (the default) cuts CUDA tensors only. The CPU kernel already runs each tensor's
     elements in parallel, and pieces only add per-tensor work there (the seed MLP's step: 565 us cut,
     290 us whole, on 2 cores).
     """
+
+    reads_device_lr = True  # the kernel takes the rate from `lr_device` (torch.optim.SGD reads group["lr"])
 
     def __init__(self, params, decoupled_weight_decay: bool = False, cut: Optional[bool] = None, **kwargs):
         super().__init__(params, fused=True, decoupled_weight_decay=decoupled_weight_decay, **kwargs)
@@ -69,7 +74,7 @@ class SplitFusedAdam(torch.optim.Adam):
             lists = split(params, grads, exp_avgs, exp_avg_sqs, steps, cut=cut)
             kernel = torch._fused_adamw_ if group["decoupled_weight_decay"] else torch._fused_adam_
             for (p, g, m, v, s), _ in self._group_tensors_by_device_and_dtype(lists).values():
-                kernel(p, g, m, v, [], s, lr=group["lr"], beta1=group["betas"][0], beta2=group["betas"][1],
+                kernel(p, g, m, v, [], s, lr=group.get("lr_device", group["lr"]), beta1=group["betas"][0], beta2=group["betas"][1],
                        weight_decay=group["weight_decay"], eps=group["eps"], amsgrad=False,
                        maximize=group["maximize"])
         return loss

@@ -77,7 +77,9 @@ def test_a_checkpoint_of_another_model_is_called_that(run_copy, capfd, make_cfg)
 
     other = build(make_cfg("device=cpu", "model.latent_dim=3"))
     state = torch.load(run_copy / "checkpoint.pt", weights_only=True)
-    torch.save({**state, "model": other.model.state_dict()}, run_copy / "checkpoint.pt")
+    weights = other.model.state_dict()  # the last state and the best epoch's (which eval reads) alike
+    torch.save({**state, "model": weights, "position": {**state["position"], "best_model": weights}},
+               run_copy / "checkpoint.pt")
     code, out, err = cli(capfd, "eval", str(run_copy))
     assert_one_line(code, out, err, "holds the weights of another model", "size mismatch")
     assert "truncated" not in err

@@ -10,7 +10,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "aelab"
 LAYERS = [
     ("base", ["aelab.registry", "aelab.console", "aelab.runs", "aelab.keys"]),
     ("parts", ["aelab.models", "aelab.losses", "aelab.regularizers", "aelab.corruptions", "aelab.data",
-               "aelab.optim", "aelab.devices", "aelab.samplers"]),
+               "aelab.optim", "aelab.devices", "aelab.samplers", "aelab.schedules"]),
     ("build", ["aelab.build"]),
     ("training", ["aelab.training"]),
     ("analysis", ["aelab.analysis"]),

@@ -26,6 +26,29 @@ def test_sparsity_of_a_known_code():
     assert lifetime.tolist() == pytest.approx([0.5, 0.5, 0.5, 0.25, 0.0])
     assert found["dead_fraction"] == pytest.approx(1 / 5)
     assert found["mean_activation"] == pytest.approx(latent.mean().item())
+    assert "lifetime_sparsity" not in found  # it was the mean of `lifetime`: population_sparsity again
+
+
+def test_lifetime_sparseness_is_vinje_and_gallants_per_unit_measure_over_live_units():
+    """S = (1 - (sum r / n)^2 / (sum r^2 / n)) / (1 - 1/n) per unit (Vinje & Gallant 2000, the
+    Treves-Rolls measure rescaled to [0, 1]), averaged over the units that respond at all: a unit that
+    responds to one sample of n is 1, one that responds alike to all is 0. Two codes with the same
+    population sparsity, one of selective units and one of units that are always on, differ by it."""
+    n = 4
+    latent = torch.tensor([[0.7, 0.3, 0.0],
+                           [0.0, 0.3, 0.0],
+                           [0.0, 0.3, 0.0],
+                           [0.0, 0.3, 0.0]])
+    found, _ = sparsity(latent, threshold=0.1)
+    assert found["lifetime_sparseness"] == pytest.approx((1.0 + 0.0) / 2)  # the dead unit is left out
+    r = torch.tensor([0.9, 0.1, 0.4, 0.0])
+    expected = (1 - (r.sum() / n) ** 2 / (r.pow(2).sum() / n)) / (1 - 1 / n)
+    assert sparsity(r[:, None], 0.1)[0]["lifetime_sparseness"] == pytest.approx(expected.item())
+    selective = torch.eye(4)  # each unit fires for one sample
+    always_on = torch.tensor([[1.0, 0, 0, 0]] * 4)  # one unit fires for all, three never
+    a, b = sparsity(selective, 0.1)[0], sparsity(always_on, 0.1)[0]
+    assert a["population_sparsity"] == b["population_sparsity"] == 0.25
+    assert (a["lifetime_sparseness"], b["lifetime_sparseness"]) == (pytest.approx(1.0), pytest.approx(0.0))
 
 
 def test_sensitivity_of_a_linear_encoder_is_its_frobenius_norm(make_cfg):

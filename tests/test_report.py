@@ -33,7 +33,8 @@ def test_report_folds_seeds_and_writes_table_csv_markdown_plots(sweep):
         assert float(r["mse_mean"]) == pytest.approx((a + b) / 2, rel=1e-9)
         assert float(r["mse_std"]) == pytest.approx(abs(a - b) / 2 ** 0.5, rel=1e-6)  # sample std of two
     assert "± " in (sweep / "report.md").read_text()
-    header, _, *lines = [line.strip("| ").split(" | ") for line in (sweep / "report.md").read_text().splitlines()]
+    header, _, *lines = [line.strip("| ").split(" | ") for line in (sweep / "report.md").read_text().splitlines()
+                         if line.startswith("|")]
     mse_cells = [cells[header.index("mse")] for cells in lines]
     assert "…" not in proc.stdout and all(cell in proc.stdout for cell in mse_cells)  # piped: no cell cut short
     pngs = sorted(sweep.glob("*.png"))
@@ -113,8 +114,8 @@ def test_sampled_values_are_shown_short_and_kept_whole(tmp_path):
     row = Row(setting, [Job(Path("0"), setting, {}, {"mse": 0.5})])
     assert row.label == "reg.weight=0.001568, loss=mse"
     csv_path, md_path = write_tables([row], list(setting), ["mse"], [], [], tmp_path)
-    assert csv_path.read_text().splitlines()[1].startswith("0.0015676677195506068,mse,1,0.5,")
-    assert md_path.read_text().splitlines()[2] == "| 0.001568 | mse | 1 | 0.5 |"
+    assert csv_path.read_text().splitlines()[1].startswith("0.0015676677195506068,mse,1,?,0.5,")
+    assert md_path.read_text().splitlines()[2] == "| 0.001568 | mse | 1 | ? | 0.5 |"  # ?: no converged record
 
 
 def test_long_settings_are_drawn_whole(tmp_path, monkeypatch):
@@ -729,3 +730,18 @@ def test_contractive_trade_off_shows_what_noise_adds(tmp_path, monkeypatch):
     plots.trade_off(sparsity, "population_sparsity", "recon_vs_sparsity", tmp_path)
     (only,) = seen["recon_vs_sparsity.png"].axes  # no noise panel for a sparsity sweep; a narrow span: linear
     assert only.get_xscale() == "linear"
+
+
+def test_report_marks_jobs_that_had_not_converged(sweep, tmp_path):
+    """metrics.json's `converged` per job: the table's converged column counts them per setting, and a
+    line under it says that the unconverged ones measure the training budget."""
+    jobs = sorted(p.parent for p in sweep.glob("*/metrics.json"))
+    for job, converged in zip(jobs, (True, False, True, True)):
+        record = json.loads((job / "metrics.json").read_text())
+        record["converged"] = converged
+        (job / "metrics.json").write_text(json.dumps(record))
+    out = run_cli("report", str(sweep), cwd=tmp_path).stdout
+    assert "1 job(s) had not converged" in out and "trainer.epochs=MORE" in out
+    table = list(csv.DictReader((sweep / "report.csv").open()))
+    assert sorted(row["converged"] for row in table) == ["1/2", "2/2"]
+    assert "1 job(s) had not converged" in (sweep / "report.md").read_text()

@@ -11,12 +11,12 @@ from torch.utils.tensorboard import SummaryWriter
 from .. import console
 from ..analysis.evaluate import finish
 from ..analysis.tensorboard import config_text, log_final
-from ..build import build
+from ..build import Trainer, build
 from ..runs import read_results, write_json
 from ..training import checkpoint
 from ..training.checkpoint import Position
 from ..training.faults import StopNow, StopSignals, environment
-from ..training.loop import fit
+from ..training.loop import fit, patience_ran_out
 
 
 def run(cfg: DictConfig, run_dir: Path, resume: bool = False, job_num: int | None = None,
@@ -28,8 +28,9 @@ def run(cfg: DictConfig, run_dir: Path, resume: bool = False, job_num: int | Non
     parts = build(cfg, job_num)
     pos = checkpoint.load(parts, run_dir) if resume else Position()
     if resume and (run_dir / "metrics.json").exists():  # a finished run: train on, or leave it be
-        if pos.epoch >= parts.trainer.epochs:
-            return finished_already(run_dir, pos.epoch)
+        if pos.epoch >= parts.trainer.epochs or patience_ran_out(pos, parts.trainer):
+            return finished_already(run_dir, pos, parts.trainer)
+        pos.stopped_epoch = None  # a larger trainer.patience (or none) trains an early-stopped run on
         (run_dir / "metrics.json").rename(run_dir / f"metrics.epochs-{pos.epoch}.json")  # kept, not overwritten
     writer = SummaryWriter(str(run_dir), purge_step=pos.step + 1 if resume else None)
     if not resume:
@@ -37,12 +38,14 @@ def run(cfg: DictConfig, run_dir: Path, resume: bool = False, job_num: int | Non
         write_json(run_dir / "environment.json", environment(parts.device, parts.trainer.seed, command))
     first_step = pos.step
     seconds, step_mode = fit(parts, cfg, pos, run_dir, writer)
+    if pos.best_model is not None:  # the best epoch's model is the one measured (the last stays resumable)
+        parts.model.load_state_dict(pos.best_model)
     with StopNow(f"during the final evaluation; training is complete in {run_dir / checkpoint.FILE}; "
                  f"finish with: aelab train resume={shlex.quote(str(run_dir))}"):
         metrics, grids, arrays = finish(parts, run_dir)
     trained = (pos.step - first_step) * parts.trainer.batch_size
     record = {**metrics, "started_at": started_at, "finished_at": time.time(), "epochs": parts.trainer.epochs,
-              "steps": pos.step, "seconds": round(seconds, 3), "samples_per_second": round(trained / seconds, 1),
+              **convergence(pos, parts.trainer), "steps": pos.step, "seconds": round(seconds, 3), "samples_per_second": round(trained / seconds, 1),
               "device": str(parts.device), "step_mode": step_mode}
     with StopSignals():  # the results are written whole: a signal now waits the few milliseconds this takes
         log_final(writer, cfg, parts, metrics, grids, arrays, pos.step, varied)
@@ -52,12 +55,24 @@ def run(cfg: DictConfig, run_dir: Path, resume: bool = False, job_num: int | Non
     return record
 
 
-def finished_already(run_dir: Path, epochs: int) -> dict:
-    """Resuming a run that trained all its epochs writes nothing: its results stay as they are."""
+def convergence(pos: Position, trainer: Trainer) -> dict:
+    """metrics.json's verdict: the best epoch (the model measured), the epoch early stopping ended the run
+    after (None: it trained all trainer.epochs), and whether it converged: it stopped early, or its last
+    trainer.patience epochs (10 without patience) brought no relative improvement of trainer.min_delta."""
+    converged = pos.stopped_epoch is not None or pos.epoch - pos.improved_epoch >= trainer.window
+    return {"epochs_trained": pos.epoch, "best_epoch": pos.best_epoch, "stopped_epoch": pos.stopped_epoch,
+            "converged": converged}
+
+
+def finished_already(run_dir: Path, pos: Position, trainer: Trainer) -> dict:
+    """Resuming a run that trained all its epochs (or stopped early) writes nothing: its results stay."""
     record = read_results(run_dir)
-    console.console.print(f"{run_dir} has finished training (trainer.epochs={epochs}); nothing to do, "
-                          f"metrics.json is unchanged. To train it further: "
-                          f"aelab train resume={shlex.quote(str(run_dir))} "
-                          f"trainer.epochs={2 * epochs}", markup=False, highlight=False, soft_wrap=True)
+    resume = f"aelab train resume={shlex.quote(str(run_dir))}"
+    further = (f"{resume} trainer.epochs={2 * pos.epoch}" if pos.epoch >= trainer.epochs else
+               f"{resume} trainer.patience={2 * trainer.patience}")
+    how = (f"trainer.epochs={pos.epoch}" if pos.epoch >= trainer.epochs else
+           f"stopped early: {trainer.patience} epochs without improvement, trainer.patience={trainer.patience}")
+    console.console.print(f"{run_dir} has finished training ({how}); nothing to do, metrics.json is unchanged. "
+                          f"To train it further: {further}", markup=False, highlight=False, soft_wrap=True)
     console.summary({split: record[split] for split in ("train", "val")}, title=f"aelab: {run_dir.name}")
     return record

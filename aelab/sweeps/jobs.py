@@ -18,6 +18,7 @@ PLUMBING = ("resume", "launcher", "paths.", "data.root", "data.download", "hydra
 LABELS = {"mse": "test MSE per element", "bce": "test BCE per element", "mae": "test MAE per element",
           "psnr": "test PSNR (dB)", "sharpness": "sharpness (gradient energy, output / input)",
           "population_sparsity": "population sparsity (fraction active)",
+          "lifetime_sparseness": "lifetime sparseness (Vinje & Gallant)",
           "dead_fraction": "dead units (fraction)", "mean_activation": "mean latent activation",
           "sensitivity": "encoder sensitivity ||J||_F^2",
           "jacobian_rank": "directions the encoder responds to (Jacobian participation ratio)",
@@ -35,6 +36,7 @@ class Job:
     metrics: dict[str, float]  # the test metrics, plus val_total (and sample_*: its chains' last state)
     choices: dict[str, str] = field(default_factory=dict)  # config group → the option it ran with
     sampled: str | None = None  # the `aelab sample` record its sample_* metrics come from, and its method
+    converged: bool | None = None  # metrics.json's verdict (None: a run of an aelab before it was recorded)
 
     def value(self, key: str) -> str:
         """Its value for an override key: as typed where the job set it, else what it ran with (the
@@ -65,6 +67,12 @@ class Row:
         mean = sum(values) / len(values)
         std = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else 0.0
         return mean, std
+
+    @property
+    def converged(self) -> str:
+        """How many of its jobs converged, as "2/2"; "?" where none says (runs of an older aelab)."""
+        told = [j.converged for j in self.jobs if j.converged is not None]
+        return f"{sum(told)}/{len(self.jobs)}" if told else "?"
 
     @property
     def shown(self) -> dict[str, str]:
@@ -129,7 +137,8 @@ def load_jobs(sweep_dir: Path, overrides: list[str] = ()) -> tuple[list[Job], di
         config = OmegaConf.to_container(OmegaConf.load(hydra_dir / "config.yaml"), resolve=False)
         ran = yaml.safe_load((hydra_dir / "hydra.yaml").read_text()) if (hydra_dir / "hydra.yaml").is_file() else {}
         choices = {k: str(v) for k, v in ran["hydra"]["runtime"]["choices"].items()} if ran else {}
-        jobs.append(Job(metrics_path.parent, overrides_typed, config, metrics, choices, sampled))
+        jobs.append(Job(metrics_path.parent, overrides_typed, config, metrics, choices, sampled,
+                        record.get("converged")))
     if not jobs and record_name:  # the records there say whether the overrides were typed in another order
         held = sorted({path.name for path in sweep_dir.glob("**/eval*.json")})
         raise ConfigError(f"no finished job under {sweep_dir} holds {record_name} (aelab eval records there: "

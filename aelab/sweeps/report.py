@@ -17,9 +17,9 @@ from .jobs import (SAMPLE_FIX, SEED_KEY, Row, fold, load_jobs, metric_names, sam
                    unreadable_sample)
 
 ANNEALED = "annealed Langevin through the sweep's models (aelab sample SWEEP_DIR sample.method=annealed)"
-SPARSITY = ("population_sparsity", "dead_fraction", "mean_activation", "sensitivity", "jacobian_rank",
-            "feature_spread")
-SHORT = {"population_sparsity": "active", "dead_fraction": "dead", "mean_activation": "mean act",
+SPARSITY = ("population_sparsity", "lifetime_sparseness", "dead_fraction", "mean_activation", "sensitivity",
+            "jacobian_rank", "feature_spread")
+SHORT = {"population_sparsity": "active", "lifetime_sparseness": "selective", "dead_fraction": "dead", "mean_activation": "mean act",
          "sensitivity": "||J||²", "jacobian_rank": "J rank", "feature_spread": "spread", "probe_latent": "probe",
          "val_total": "val", "sharpness": "sharp"}
 
@@ -57,16 +57,19 @@ def write_tables(rows: list[Row], keys: list[str], metrics: list[str], failed: l
     csv_path, md_path = out / "report.csv", out / "report.md"
     table = io.StringIO()
     writer = csv.writer(table)
-    writer.writerow([*setting_keys, "runs", *(f"{m}_{s}" for m in metrics for s in ("mean", "std"))])
+    writer.writerow([*setting_keys, "runs", "converged", *(f"{m}_{s}" for m in metrics for s in ("mean", "std"))])
     for row in rows:
         stats = [v for m in metrics for v in row.mean_std(m)]
-        writer.writerow([*row.setting.values(), len(row.jobs), *stats])
+        writer.writerow([*row.setting.values(), len(row.jobs), row.converged, *stats])
     write_text(csv_path, table.getvalue())
-    header = [*setting_keys, "runs", *metrics]
+    header = [*setting_keys, "runs", "converged", *metrics]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in rows:
         cells = [fmt(*row.mean_std(m), len(row.values(m))) for m in metrics]
-        lines.append("| " + " | ".join([*row.shown.values(), str(len(row.jobs)), *cells]) + " |")
+        lines.append("| " + " | ".join([*row.shown.values(), str(len(row.jobs)), row.converged, *cells]) + " |")
+    unconverged = unconverged_note(rows)
+    if unconverged:
+        lines += ["", unconverged]
     if failed:
         lines += ["", "Jobs without results:", "", *failed]
     if annealed:
@@ -84,13 +87,13 @@ def print_table(rows: list[Row], keys: list[str], metrics: list[str], title: str
 
     from ..console import console
     table = Table(title=escape(title))  # a narrow terminal folds cells onto more lines rather than cut them short
-    for key in [k for k in keys if k != SEED_KEY] + ["runs"]:
+    for key in [k for k in keys if k != SEED_KEY] + ["runs", "converged"]:
         table.add_column(key, overflow="fold")
     for m in metrics:
         table.add_column(SHORT.get(m, m.replace("mse_", "mse ").replace("sample_", "sample ")), justify="right",
                          overflow="fold")
     for row in rows:
-        table.add_row(*map(escape, row.shown.values()), str(len(row.jobs)),
+        table.add_row(*map(escape, row.shown.values()), str(len(row.jobs)), row.converged,
                       *(fmt(*row.mean_std(m), len(row.values(m))) for m in metrics))
     if console.is_terminal:
         console.print(table)
@@ -98,6 +101,16 @@ def print_table(rows: list[Row], keys: list[str], metrics: list[str], title: str
         table.min_width = cell_len(title)  # the title (the sweep's path) on one line, not folded to the table's width
         needed = Measurement.get(console, console.options.update(max_width=10_000), table).maximum
         Console(file=console.file, width=max(console.width, needed)).print(table)
+
+
+def unconverged_note(rows: list[Row]) -> str:
+    """The line under the table when some jobs had not converged: their numbers measure the budget."""
+    jobs = [j for row in rows for j in row.jobs if j.converged is False]
+    if not jobs:
+        return ""
+    return (f"{len(jobs)} job(s) had not converged (their validation loss was still improving: metrics.json "
+            f"converged=false): their numbers measure the training budget as much as the setting; train them "
+            f"on with aelab train resume=JOB_DIR trainer.epochs=MORE")
 
 
 def shown_metrics(keys: list[str]) -> list[str]:
@@ -151,6 +164,8 @@ def report(sweep_dir: Path, overrides: list[str] = ()) -> dict:
         console.print(f"sample_* columns: the last state of {' / '.join(sampled)} in "
                       f"{sum(1 for job in jobs if job.sampled)} of {len(jobs)} runs", markup=False, highlight=False,
                       soft_wrap=True)
+    if unconverged_note(rows):
+        console.print(unconverged_note(rows), markup=False, highlight=False, soft_wrap=True)
     annealed = annealed_samples(sweep_dir)
     if annealed:
         console.print(f"{ANNEALED}:\n" + "\n".join(annealed), markup=False, highlight=False, soft_wrap=True)

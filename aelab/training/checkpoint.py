@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import io
+import math
 import pickle
 import zipfile
 from dataclasses import asdict, dataclass
@@ -30,6 +31,13 @@ class Position:
     window: Optional[Tensor] = None  # summed (total, recon, reg) since the last train/* log
     epoch_sums: Optional[Tensor] = None  # sample-weighted (total, recon, reg) over this epoch
     seen: int = 0  # samples trained on in this epoch
+    best_val: float = math.inf  # the lowest validation objective after an epoch so far
+    best_epoch: int = 0  # the epoch that reached it
+    best_model: Optional[dict] = None  # that epoch's weights: what the run's end measures and eval reads
+    reference: float = math.inf  # the objective the next epoch must beat by trainer.min_delta to improve
+    improved_epoch: int = 0  # the last epoch that did
+    stopped_epoch: Optional[int] = None  # the epoch after which trainer.patience stopped the run
+    schedule: Optional[dict] = None  # a per-epoch schedule's state (plateau's); per-step ones replay
 
 
 def save(parts: Parts, cfg: DictConfig, pos: Position, run_dir: Path) -> Path:
@@ -46,15 +54,16 @@ def save(parts: Parts, cfg: DictConfig, pos: Position, run_dir: Path) -> Path:
 
 def load(parts: Parts, run_dir: Path, key: str = "resume", fix: str = "resume another run or start afresh",
          model_only: bool = False) -> Position | None:
-    """Restore a run's state into freshly built parts (only the model's weights for `model_only`: what
-    evaluating needs, from a checkpoint of any aelab version); a bad file is a ConfigError (under `key`,
-    with `fix`), not a traceback."""
+    """Restore a run's state into freshly built parts (for `model_only`, only the best epoch's weights:
+    what evaluating needs, from a checkpoint of any aelab version); a bad file is a ConfigError (under
+    `key`, with `fix`), not a traceback."""
     path = run_dir / FILE
     if not path.is_file():
         raise ConfigError(f"{run_dir} has no {FILE} to resume from; start a new run without resume", "resume")
     try:
         state = torch.load(path, map_location=parts.device, weights_only=True)
-        weights = state["model"]
+        best = (state.get("position") or {}).get("best_model") if model_only else None
+        weights = best or state["model"]  # evaluating reads the best epoch's weights, resuming the last
     except (RuntimeError, EOFError, OSError, KeyError, TypeError, ValueError, pickle.UnpicklingError,
             zipfile.BadZipFile) as e:
         raise unreadable(path, e, key, fix) from None

@@ -1,4 +1,6 @@
-"""The loop: for each epoch, train steps over a fresh shuffle, then validate, log and checkpoint."""
+"""The loop: for each epoch, train steps over a fresh shuffle, then validate, log and checkpoint; the
+learning-rate schedule stepped with it, and the run stopped once the validation objective stops
+improving (trainer.patience)."""
 from __future__ import annotations
 
 import time
@@ -9,7 +11,7 @@ from omegaconf import DictConfig
 from torch.utils.tensorboard import SummaryWriter
 
 from .. import console
-from ..build import Parts
+from ..build import Parts, Trainer
 from . import checkpoint
 from .checkpoint import Position
 from .faults import FiniteWatch, StopSignals
@@ -29,12 +31,13 @@ def train_epoch(parts: Parts, pos: Position, step: Step, writer: SummaryWriter, 
     every = parts.trainer.log_every
     for clean in batches(parts.data.train.x, parts.trainer.batch_size, parts.device, pos.order, pos.batch):
         step(clean)
+        parts.schedule.after_step()
         pos.step, pos.batch, pos.seen = pos.step + 1, pos.batch + 1, pos.seen + len(clean)
         bar.advance()
         if pos.step % every == 0:
             watch.check()
             means = dict(zip(TERMS, (pos.window / every).tolist()))
-            log_terms(writer, "train", means, pos.step)
+            log_terms(writer, "train", {**means, "lr": parts.optimizer.param_groups[0]["lr"]}, pos.step)
             bar.show(means)
             pos.window.zero_()
         if stop.requested:
@@ -55,15 +58,37 @@ def start_epoch(parts: Parts, pos: Position) -> None:
         pos.window = torch.zeros(len(TERMS), device=parts.device)
 
 
+def judge(pos: Position, parts: Parts, val_total: float) -> None:
+    """After an epoch's validation: the best model so far (the lowest objective: what the run's end
+    measures), the last epoch that improved on the reference by min_delta (relative), and the stop once
+    trainer.patience epochs have not."""
+    trainer = parts.trainer
+    if val_total < pos.best_val:
+        pos.best_val, pos.best_epoch = val_total, pos.epoch
+        pos.best_model = {name: value.detach().clone() for name, value in parts.model.state_dict().items()}
+    if val_total < pos.reference * (1 - trainer.min_delta):
+        pos.reference, pos.improved_epoch = val_total, pos.epoch
+    if patience_ran_out(pos, trainer):
+        pos.stopped_epoch = pos.epoch
+
+
+def patience_ran_out(pos: Position, trainer: Trainer) -> bool:
+    """trainer.patience epochs have passed since the last improvement: early stopping ends the run."""
+    return trainer.patience is not None and pos.epoch - pos.improved_epoch >= trainer.patience
+
+
 def fit(parts: Parts, cfg: DictConfig, pos: Position, run_dir: Path, writer: SummaryWriter) -> tuple[float, str]:
-    """Train from `pos` to trainer.epochs, a checkpoint after each epoch; a SIGINT or SIGTERM saves one
-    mid-epoch and exits with the command that continues. Returns (seconds, the step's mode)."""
+    """Train from `pos` to trainer.epochs, or until trainer.patience epochs bring no improvement, a
+    checkpoint after each epoch; a SIGINT or SIGTERM saves one mid-epoch and exits with the command that
+    continues. Returns (seconds, the step's mode)."""
     trainer, started = parts.trainer, time.perf_counter()
     steps_per_epoch = -(-len(parts.data.train) // trainer.batch_size)
+    parts.schedule.start(parts.optimizer, parts.device, trainer.epochs * steps_per_epoch, steps_per_epoch,
+                         pos.step, pos.schedule)
     watch = FiniteWatch(parts.device, TERMS, run_dir / checkpoint.FILE, pos.step)
     with console.progress(trainer.epochs * steps_per_epoch, pos.step) as bar, StopSignals() as stop:
         step = make_step(parts, pos, watch, bar.log)
-        while pos.epoch < trainer.epochs:
+        while pos.epoch < trainer.epochs and pos.stopped_epoch is None:
             if pos.order is None:
                 start_epoch(parts, pos)
             train_epoch(parts, pos, step, writer, bar, watch, stop)
@@ -78,8 +103,13 @@ def fit(parts: Parts, cfg: DictConfig, pos: Position, run_dir: Path, writer: Sum
             log_terms(writer, "val", {**val, **codes}, pos.step)
             writer.add_image("val/clean_corrupted_reconstructed", image_grid(
                 parts.model, val_x, parts.corruption, parts.data.image_shape, trainer.seed), pos.step)
+            parts.schedule.after_epoch(val["total"])
+            judge(pos, parts, val["total"])
+            pos.schedule = parts.schedule.state_dict()
             checkpoint.save(parts, cfg, pos, run_dir)
             train = dict(zip(TERMS, (pos.epoch_sums / pos.seen).tolist()))
+            stopped = (f"  (no improvement for {trainer.patience} epochs: stopped; the best was epoch "
+                       f"{pos.best_epoch})" if pos.stopped_epoch else "")
             bar.log(f"epoch {pos.epoch}/{trainer.epochs}  train {console.format_terms(train)}"
-                    f"  |  val {console.format_terms(val)}  active {codes['population_sparsity']:.3g}")
+                    f"  |  val {console.format_terms(val)}  active {codes['population_sparsity']:.3g}{stopped}")
     return time.perf_counter() - started, getattr(step, "mode", "eager")

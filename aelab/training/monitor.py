@@ -26,13 +26,29 @@ def codes(model: Autoencoder, x: Tensor, batch_size: int) -> Tensor:
 
 def sparsity(latent: Tensor, threshold: float) -> tuple[dict, Tensor]:
     """Population sparsity (mean fraction of units active per sample), dead-unit fraction (never
-    active), mean activation; and the lifetime sparsity of each unit (fraction of samples it is active on)."""
+    active), mean activation, lifetime sparseness (lifetime_sparseness); and the lifetime sparsity of
+    each unit (the fraction of samples it is active on: its mean is the population sparsity again)."""
     active = (latent > threshold).float()
     lifetime = active.mean(0)
     return {"population_sparsity": active.mean(1).mean().item(),
-            "lifetime_sparsity": lifetime.mean().item(),
+            "lifetime_sparseness": lifetime_sparseness(latent),
             "dead_fraction": (lifetime == 0).float().mean().item(),
             "mean_activation": latent.mean().item()}, lifetime
+
+
+def lifetime_sparseness(latent: Tensor) -> float:
+    """How selective the units are, from their activation magnitudes r over the n samples: per unit
+    S = (1 - (sum r / n)^2 / (sum r^2 / n)) / (1 - 1/n) (Vinje & Gallant 2000; the Treves-Rolls measure
+    rescaled to [0, 1]), 1 for a unit that responds to one sample, 0 for one that responds alike to
+    all; averaged over the units that respond at all (0 when none does)."""
+    r = latent.abs().double()
+    n = len(r)
+    mean, mean_sq = r.mean(0), r.pow(2).mean(0)
+    live = mean_sq > 0
+    if n < 2 or not live.any():
+        return 0.0
+    per_unit = (1 - mean[live] ** 2 / mean_sq[live]) / (1 - 1 / n)
+    return per_unit.mean().item()
 
 
 def activity(model: Autoencoder, x: Tensor, threshold: float, batch_size: int) -> dict[str, float]:

@@ -145,10 +145,19 @@ class GraphStep:
 def make_step(parts: Parts, pos: Position, watch: FiniteWatch, say: Callable[[str], None],
               backend: Optional[GraphBackend] = None) -> Step:
     """The step `aelab train` runs: compiled if trainer.compile, graph-replayed on CUDA unless
-    trainer.cuda_graph=off. `backend` stands in for torch.cuda's graphs in CPU tests."""
+    trainer.cuda_graph=off (or a schedule's rate could not reach the graph). `backend` stands in for
+    torch.cuda's graphs in CPU tests."""
     objective = torch.compile(loss_terms) if parts.trainer.compile else loss_terms
     step = recorded_step(parts, pos, watch, objective)
     if parts.trainer.cuda_graph == "off" or (parts.device.type != "cuda" and backend is None):
+        return step
+    if parts.schedule.active and not getattr(parts.optimizer, "reads_device_lr", False):
+        why = "this optimizer reads its learning rate on the host, where a captured graph would keep the first one"
+        if parts.trainer.cuda_graph == "on":
+            raise TrainingFault(f"trainer.cuda_graph=on: sched={parts.schedule.name}: {why}; use optim=adam or "
+                                f"adamw, or trainer.cuda_graph=auto to train eagerly", exit_code=2)
+        say(f"cuda graph: not captured: {why}; sched={parts.schedule.name} trains eagerly (optim=adam and adamw "
+            f"are replayed)")
         return step
     shape = (parts.trainer.batch_size, *parts.data.train.x.shape[1:])
     return GraphStep(step, shape, parts.optimizer, backend or CudaGraphs(),
