@@ -126,7 +126,7 @@ def onecycle(pct_start: float = 0.3, div_factor: float = 25.0, final_div_factor:
 
 
 @SCHEDULES.register
-def plateau(factor: float = 0.5, patience: int = 3, threshold: float = 1e-3, floor: float = 1e-3) -> Schedule:
+def plateau(factor: float = 0.5, patience: int = 5, threshold: float = 1e-3, floor: float = 1e-3) -> Schedule:
     """lr x factor once the validation objective has not improved by threshold (relative) for patience
     epochs, down to floor x lr (torch's ReduceLROnPlateau)."""
     factor = number(factor, "factor", low=0, high=1, low_open=True, high_open=True)

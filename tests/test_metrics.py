@@ -165,7 +165,7 @@ def test_a_stronger_l1_penalty_spreads_each_units_drawing(make_cfg):
     """The README's answer to Exercise 2's "more interpretable features?" on the digits: the units an L1
     penalty leaves in use each draw more of the image, not less (30 epochs: 0.45, 0.48, 0.54 at lambda
     1e-4, 1e-2, 0.1), while most units die at 0.1."""
-    found = {weight: trained_metrics(make_cfg, None, "model=sparse_l1", "reg=l1", f"reg.weight={weight}")
+    found = {weight: trained_metrics(make_cfg, 30, "model=sparse_l1", "reg=l1", f"reg.weight={weight}")
              for weight in ("1e-4", "1e-2", "1e-1")}
     spread = [found[w]["feature_spread"] for w in ("1e-4", "1e-2", "1e-1")]
     assert spread[0] < spread[1] < spread[2] and spread[2] > 1.1 * spread[0]
