@@ -21,11 +21,11 @@ def live() -> bool:
 
 
 @contextmanager
-def progress(total_steps: int, completed: int = 0) -> Iterator["Bar"]:
+def progress(total_steps: int, completed: int = 0, description: str = "train") -> Iterator["Bar"]:
     with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                   TimeElapsedColumn(), TextColumn("{task.fields[losses]}"),
                   console=console, disable=not live(), transient=False) as bar:
-        yield Bar(bar, bar.add_task("train", total=total_steps, completed=completed, losses=""))
+        yield Bar(bar, bar.add_task(description, total=total_steps, completed=completed, losses=""))
 
 
 class Bar:
@@ -34,6 +34,10 @@ class Bar:
 
     def advance(self, steps: int = 1) -> None:
         self._progress.advance(self._task, steps)
+
+    def end_here(self) -> None:
+        """Training stopped before the bar's total (early stopping): the bar ends full where it is."""
+        self._progress.update(self._task, total=self._progress.tasks[self._task].completed)
 
     def show(self, terms: dict[str, float]) -> None:
         self._progress.update(self._task, losses=format_terms(terms))

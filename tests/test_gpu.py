@@ -54,7 +54,7 @@ DETERMINISTIC = [[], ["reg=l1"], ["reg=kl"], ["model=contractive", "reg=contract
 @pytest.mark.parametrize("overrides", DETERMINISTIC, ids=lambda o: "+".join(o) or "plain")
 def test_graph_replay_matches_eager_on_cuda(make_cfg, tmp_path, overrides):
     """The issue's check: loss after N steps under the captured graph equals the eager step's."""
-    base = ("device=cuda", "trainer.batch_size=100", *overrides)
+    base = ("device=cuda", "trainer.batch_size=100", "sched=none", *overrides)  # sgd: a schedule keeps it eager
     eager = build(make_cfg(*base, "trainer.cuda_graph=off"))
     pos_e, _, _ = train(eager, 2, tmp_path / "e")
     graphed = build(make_cfg(*base, "trainer.cuda_graph=on"))
@@ -62,6 +62,27 @@ def test_graph_replay_matches_eager_on_cuda(make_cfg, tmp_path, overrides):
     assert isinstance(step, GraphStep) and step.mode == "cuda graph"
     assert watch.clean.tolist() == [pos_g.step] * 3 and pos_g.step == 26  # every replay counted
     torch.testing.assert_close(pos_g.epoch_sums, pos_e.epoch_sums, rtol=1e-4, atol=1e-6)
+    for a, b in zip(eager.model.parameters(), graphed.model.parameters()):
+        torch.testing.assert_close(b, a, rtol=1e-3, atol=1e-5)
+
+
+@pytest.mark.parametrize("sched", ["cosine", "onecycle", "plateau"])
+def test_a_scheduled_graph_follows_the_rate_as_eager_does(make_cfg, tmp_path, sched):
+    """The captured kernel reads the rate from the device tensor the schedule fills (float32 on CUDA):
+    the graphed run ends where the eager one does."""
+    base = ("device=cuda", "trainer.batch_size=100", f"sched={sched}")
+
+    def started(*overrides):
+        parts = build(make_cfg(*base, *overrides))
+        steps = -(-len(parts.data.train) // 100)
+        parts.schedule.start(parts.optimizer, parts.device, 2 * steps, steps)
+        return parts
+    eager = started("trainer.cuda_graph=off")
+    train(eager, 2, tmp_path / "e")
+    graphed = started("trainer.cuda_graph=on")
+    _, _, step = train(graphed, 2, tmp_path / "g")
+    assert isinstance(step, GraphStep) and step.mode == "cuda graph"
+    assert graphed.optimizer.param_groups[0]["lr_device"].dtype == torch.float32
     for a, b in zip(eager.model.parameters(), graphed.model.parameters()):
         torch.testing.assert_close(b, a, rtol=1e-3, atol=1e-5)
 

@@ -86,7 +86,8 @@ def fit(parts: Parts, cfg: DictConfig, pos: Position, run_dir: Path, writer: Sum
     parts.schedule.start(parts.optimizer, parts.device, trainer.epochs * steps_per_epoch, steps_per_epoch,
                          pos.step, pos.schedule)
     watch = FiniteWatch(parts.device, TERMS, run_dir / checkpoint.FILE, pos.step)
-    with console.progress(trainer.epochs * steps_per_epoch, pos.step) as bar, StopSignals() as stop:
+    description = "train" if trainer.patience is None else f"train (at most {trainer.epochs} epochs)"
+    with console.progress(trainer.epochs * steps_per_epoch, pos.step, description) as bar, StopSignals() as stop:
         step = make_step(parts, pos, watch, bar.log)
         while pos.epoch < trainer.epochs and pos.stopped_epoch is None:
             if pos.order is None:
@@ -110,6 +111,8 @@ def fit(parts: Parts, cfg: DictConfig, pos: Position, run_dir: Path, writer: Sum
             train = dict(zip(TERMS, (pos.epoch_sums / pos.seen).tolist()))
             stopped = (f"  (no improvement for {trainer.patience} epochs: stopped; the best was epoch "
                        f"{pos.best_epoch})" if pos.stopped_epoch else "")
+            if pos.stopped_epoch:
+                bar.end_here()
             bar.log(f"epoch {pos.epoch}/{trainer.epochs}  train {console.format_terms(train)}"
                     f"  |  val {console.format_terms(val)}  active {codes['population_sparsity']:.3g}{stopped}")
     return time.perf_counter() - started, getattr(step, "mode", "eager")
