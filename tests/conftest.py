@@ -181,3 +181,23 @@ def sweep(l1_seed_sweep, tmp_path_factory) -> Path:
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+def signal_at_step(monkeypatch, n: int, sig: int) -> None:
+    """The training loop's steps send `sig` to this process right after step n (counted from this call):
+    a stop that lands mid-epoch, at a step the test knows."""
+    import os
+
+    from aelab.training import loop
+    real, taken = loop.make_step, []
+
+    def stepping(*args, **kwargs):
+        step = real(*args, **kwargs)
+
+        def counted(clean):
+            step(clean)
+            taken.append(1)
+            if len(taken) == n:
+                os.kill(os.getpid(), sig)
+        return counted
+    monkeypatch.setattr(loop, "make_step", stepping)

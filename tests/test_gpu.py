@@ -10,7 +10,7 @@ from aelab.build import build
 from aelab.regularizers import encoder_sensitivity
 from aelab.training.steps import GraphStep, train_step
 from conftest import run_cli
-from test_steps import PARTS, train
+from test_steps import PARTS, scheduled, train
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -71,15 +71,9 @@ def test_a_scheduled_graph_follows_the_rate_as_eager_does(make_cfg, tmp_path, sc
     """The captured kernel reads the rate from the device tensor the schedule fills (float32 on CUDA):
     the graphed run ends where the eager one does."""
     base = ("device=cuda", "trainer.batch_size=100", f"sched={sched}")
-
-    def started(*overrides):
-        parts = build(make_cfg(*base, *overrides))
-        steps = -(-len(parts.data.train) // 100)
-        parts.schedule.start(parts.optimizer, parts.device, 2 * steps, steps)
-        return parts
-    eager = started("trainer.cuda_graph=off")
+    eager = scheduled(make_cfg(*base, "trainer.cuda_graph=off"), 2)
     train(eager, 2, tmp_path / "e")
-    graphed = started("trainer.cuda_graph=on")
+    graphed = scheduled(make_cfg(*base, "trainer.cuda_graph=on"), 2)
     _, _, step = train(graphed, 2, tmp_path / "g")
     assert isinstance(step, GraphStep) and step.mode == "cuda graph"
     assert graphed.optimizer.param_groups[0]["lr_device"].dtype == torch.float32

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import FAST, cli, torchvision_root, write_idx
+from conftest import FAST, cli, signal_at_step, torchvision_root, write_idx
 
 
 def files(folder: Path) -> dict[Path, bytes]:
@@ -331,23 +331,13 @@ def test_slurm_time_out_signal_checkpoints_the_step_then_hands_over_to_submitit(
     cfg = make_cfg("device=cpu", "trainer.epochs=2", "eval.probe=false", "eval.projector=0")
     run_dir = tmp_path / "run"
     run_dir.mkdir()
-    real_make_step, taken = loop.make_step, []
-
-    def stopping_at_13(*args, **kwargs):
-        step = real_make_step(*args, **kwargs)
-
-        def counted(clean):
-            step(clean)
-            taken.append(1)
-            if len(taken) == 13:
-                os.kill(os.getpid(), signal.SIGUSR2)
-        return counted
     handed = []
 
     def submitit_handler(signum, frame):  # stands in for submitit's checkpoint_and_try_requeue
         handed.append((signum, torch.load(run_dir / "checkpoint.pt", weights_only=False)["position"]["step"]))
         sys.exit(-1)
-    monkeypatch.setattr(loop, "make_step", stopping_at_13)
+    real_make_step = loop.make_step
+    signal_at_step(monkeypatch, 13, signal.SIGUSR2)
     previous = signal.signal(signal.SIGUSR2, submitit_handler)
     try:
         with pytest.raises(SystemExit):

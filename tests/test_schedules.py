@@ -4,7 +4,6 @@ formula; a resumed run continues the schedule bit for bit; the CUDA-graph step r
 rate from the device (a CPU stand-in backend); the best epoch on a crafted validation curve."""
 import json
 import math
-import os
 import signal
 
 import pytest
@@ -16,7 +15,8 @@ from aelab.training import loop
 from aelab.training.checkpoint import Position
 from aelab.training.faults import TrainingFault
 from aelab.training.steps import GraphStep
-from test_steps import Rerun
+from conftest import signal_at_step
+from test_steps import Rerun, scheduled
 
 QUIET = ("device=cpu", "eval.probe=false", "eval.projector=0")
 STEPS = 10  # digits: 1,257 training samples in batches of 128
@@ -106,18 +106,8 @@ def test_a_resumed_run_continues_the_schedule_bit_for_bit(make_cfg, tmp_path, mo
     whole, _ = train(make_cfg, tmp_path, *overrides[3:], name="whole")
     run_dir = tmp_path / "stopped"
     run_dir.mkdir()
-    real, taken = loop.make_step, []
-
-    def stopping(*args, **kwargs):
-        step = real(*args, **kwargs)
-
-        def counted(clean):
-            step(clean)
-            taken.append(1)
-            if len(taken) == STEPS + 3:
-                os.kill(os.getpid(), signal.SIGTERM)
-        return counted
-    monkeypatch.setattr(loop, "make_step", stopping)
+    real = loop.make_step
+    signal_at_step(monkeypatch, STEPS + 3, signal.SIGTERM)
     with pytest.raises(TrainingFault):
         job.run(make_cfg(*overrides), run_dir)
     monkeypatch.setattr(loop, "make_step", real)
@@ -141,16 +131,11 @@ def test_the_graph_step_reads_the_scheduled_rate_from_the_device(make_cfg, tmp_p
                 replay()
             return checked
 
-    cfg = ("device=cpu", "trainer.batch_size=100", "sched=cosine", "sched.warmup_epochs=1")
     from test_steps import train as run_epochs
-    def built(*overrides):  # each build seeds torch's generator: build, then train, one run after the other
-        p = build(make_cfg(*cfg, *overrides))
-        steps_per_epoch = -(-len(p.data.train) // 100)
-        p.schedule.start(p.optimizer, p.device, 3 * steps_per_epoch, steps_per_epoch)
-        return p
-    eager = built("trainer.cuda_graph=off")
+    cfg = ("device=cpu", "trainer.batch_size=100", "sched=cosine", "sched.warmup_epochs=1")
+    eager = scheduled(make_cfg(*cfg, "trainer.cuda_graph=off"), 3)  # built, then trained: each build seeds torch
     run_epochs(eager, 3, tmp_path / "e")
-    parts, backend = built(), Keeps()
+    parts, backend = scheduled(make_cfg(*cfg), 3), Keeps()
     backend.rates = []
     _, _, step = run_epochs(parts, 3, tmp_path / "g", backend)
     assert isinstance(step, GraphStep) and step.mode == "cuda graph" and len(set(backend.rates)) > 10

@@ -64,6 +64,15 @@ def train(parts, epochs, tmp_path, backend=None, said=None):
     return pos, watch, step
 
 
+def scheduled(cfg, epochs: int):
+    """Parts built from cfg with their learning-rate schedule started for `epochs` epochs (what fit()
+    does before the loop; `train` above runs the epochs without fit)."""
+    parts = build(cfg)
+    steps_per_epoch = -(-len(parts.data.train) // parts.trainer.batch_size)
+    parts.schedule.start(parts.optimizer, parts.device, epochs * steps_per_epoch, steps_per_epoch)
+    return parts
+
+
 GRAPH_CFG = ("device=cpu", "trainer.batch_size=100", "trainer.log_every=4", "reg=kl", "corruption=gaussian")
 
 
