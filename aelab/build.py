@@ -42,6 +42,7 @@ class Trainer:
     tf32: bool  # TF32 matmuls and convolutions on CUDA (float32 otherwise)
     patience: int | None  # stop after this many epochs without a relative improvement of min_delta; None: never
     min_delta: float  # an improvement of the validation objective counts when it is at least this fraction
+    min_epochs: int  # no early stop, and no per-epoch schedule step, before this many epochs
 
     @property
     def window(self) -> int:
@@ -148,7 +149,8 @@ def trainer_settings(node) -> Trainer:
                        tf32=flag(node.tf32, "tf32"),
                        patience=None if node.patience is None else number(node.patience, "patience", low=1,
                                                                           integer=True),
-                       min_delta=number(node.min_delta, "min_delta", low=0, high=1, high_open=True))
+                       min_delta=number(node.min_delta, "min_delta", low=0, high=1, high_open=True),
+                       min_epochs=number(node.min_epochs, "min_epochs", low=0, integer=True))
     except ConfigError as e:
         raise e.within("trainer") from None
 

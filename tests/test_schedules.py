@@ -186,3 +186,16 @@ def test_a_run_still_improving_has_not_converged(make_cfg, tmp_path, monkeypatch
     monkeypatch.setattr(loop, "evaluate", lambda parts, x: {**real_evaluate(parts, x), "total": next(curve)})
     record, _ = train(make_cfg, tmp_path, "trainer.epochs=4", "trainer.patience=2")
     assert (record["best_epoch"], record["stopped_epoch"], record["converged"]) == (4, None, False)
+
+
+def test_min_epochs_holds_off_early_stopping_and_the_plateau_schedule(make_cfg, tmp_path, monkeypatch):
+    """A model on its first plateau (a flat validation curve): with trainer.min_epochs=5 neither early
+    stopping (patience 2) nor plateau (patience 1) acts before epoch 5; then both do."""
+    curve = iter([1.0] * 8)
+    real_evaluate = loop.evaluate
+    monkeypatch.setattr(loop, "evaluate", lambda parts, x: {**real_evaluate(parts, x), "total": next(curve)})
+    seen = rates(monkeypatch)
+    record, _ = train(make_cfg, tmp_path, "trainer.epochs=8", "trainer.patience=2", "trainer.min_epochs=5",
+                      "sched=plateau", "sched.patience=1")
+    assert (record["stopped_epoch"], record["epochs_trained"], record["best_epoch"]) == (5, 5, 1)
+    assert set(seen) == {1e-3}  # the rate never moved: plateau waits for min_epochs, and the run stopped there

@@ -73,8 +73,10 @@ def judge(pos: Position, parts: Parts, val_total: float) -> None:
 
 
 def patience_ran_out(pos: Position, trainer: Trainer) -> bool:
-    """trainer.patience epochs have passed since the last improvement: early stopping ends the run."""
-    return trainer.patience is not None and pos.epoch - pos.improved_epoch >= trainer.patience
+    """trainer.patience epochs have passed since the last improvement (and trainer.min_epochs since the
+    start): early stopping ends the run."""
+    return (trainer.patience is not None and pos.epoch >= trainer.min_epochs
+            and pos.epoch - pos.improved_epoch >= trainer.patience)
 
 
 def fit(parts: Parts, cfg: DictConfig, pos: Position, run_dir: Path, writer: SummaryWriter) -> tuple[float, str]:
@@ -104,7 +106,8 @@ def fit(parts: Parts, cfg: DictConfig, pos: Position, run_dir: Path, writer: Sum
             log_terms(writer, "val", {**val, **codes}, pos.step)
             writer.add_image("val/clean_corrupted_reconstructed", image_grid(
                 parts.model, val_x, parts.corruption, parts.data.image_shape, trainer.seed), pos.step)
-            parts.schedule.after_epoch(val["total"])
+            if pos.epoch > trainer.min_epochs:  # a model on its first plateau keeps its rate (trainer.min_epochs)
+                parts.schedule.after_epoch(val["total"])
             judge(pos, parts, val["total"])
             pos.schedule = parts.schedule.state_dict()
             checkpoint.save(parts, cfg, pos, run_dir)
