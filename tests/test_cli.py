@@ -91,7 +91,7 @@ def test_default_run_learns(tmp_path):
 
 @pytest.mark.parametrize("group,extra", [
     ("model", []), ("loss", []), ("reg", ["model=sparse_kl"]), ("corruption", []), ("optim", []),
-    ("data", ["trainer.batch_size=16"]),
+    ("data", ["trainer.batch_size=16"]), ("sched", ["trainer.patience=1", "trainer.min_delta=0.01"]),
 ])
 def test_every_option_runs_one_epoch(tmp_path, synthetic_root, group, extra):
     """One multirun per group: every YAML option of the group trains one epoch and writes metrics."""

@@ -129,6 +129,14 @@ def assert_clean_failure(proc, code, text):
     (["-c", "job", "trainer.epohcs=3"], "trainer.epohcs: no such key (did you mean trainer.epochs?)"),
     (["--cfg=job", "--resolve", "model.hidden={a:1}"], "model.hidden: takes a list"),
     (["--help", "reg=kll"], "reg: unknown option 'kll'"),
+    # the sched group and the early-stopping keys
+    (["sched=cosin"], "sched: unknown option 'cosin'; choose from: cosine, none, onecycle, plateau"),
+    (["sched.factor=2"], "sched.factor: must be"),
+    (["sched=cosine", "sched.warmup_epochs=-1"], "sched.warmup_epochs: must be >= 0, got -1"),
+    (["sched=onecycle", "sched.pct_start=1"], "sched.pct_start: must be"),
+    (["trainer.patience=0"], "trainer.patience: must be >= 1, got 0"),
+    (["trainer.min_delta=1.5"], "trainer.min_delta: must be"),
+    (["trainer.min_epochs=-2"], "trainer.min_epochs: must be >= 0, got -2"),
 ])
 def test_bad_input_is_one_clear_line(tmp_path, capfd, args, text):
     """Through the console script's entry point, in process (test_cli.py runs a few as subprocesses)."""
@@ -582,7 +590,8 @@ def test_checkpoint_write_is_atomic(tmp_path, make_cfg, monkeypatch):
 KEYS = [("reg=l1", "reg.weight"), ("reg=kl", "reg.rho"), ("corruption=masking", "corruption.prob"),
         ("corruption=gaussian", "corruption.noise_factor"), ("corruption=block", "corruption.size"),
         (None, "model.latent_dim"), (None, "trainer.epochs"), (None, "trainer.batch_size"),
-        (None, "optim.lr"), (None, "trainer.log_every"), (None, "eval.projector"), (None, "eval.feature_value")]
+        (None, "optim.lr"), (None, "trainer.log_every"), (None, "eval.projector"), (None, "eval.feature_value"),
+        (None, "sched.factor"), (None, "trainer.min_delta"), ("sched=cosine", "sched.warmup_epochs")]
 INVALID = st.one_of(
     st.floats(max_value=-1e-6, allow_nan=False).map(repr),
     st.text("abcdefghijklmnopqrstuvwxyz_", min_size=1, max_size=8),
