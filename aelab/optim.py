@@ -74,8 +74,8 @@ class SplitFusedAdam(torch.optim.Adam):
             lists = split(params, grads, exp_avgs, exp_avg_sqs, steps, cut=cut)
             kernel = torch._fused_adamw_ if group["decoupled_weight_decay"] else torch._fused_adam_
             for (p, g, m, v, s), _ in self._group_tensors_by_device_and_dtype(lists).values():
-                kernel(p, g, m, v, [], s, lr=group.get("lr_device", group["lr"]), beta1=group["betas"][0], beta2=group["betas"][1],
-                       weight_decay=group["weight_decay"], eps=group["eps"], amsgrad=False,
+                kernel(p, g, m, v, [], s, lr=group.get("lr_device", group["lr"]), beta1=group["betas"][0],
+                       beta2=group["betas"][1], weight_decay=group["weight_decay"], eps=group["eps"], amsgrad=False,
                        maximize=group["maximize"])
         return loss
 

@@ -80,10 +80,6 @@ class Schedule:
     def state_dict(self) -> dict:
         return self.scheduler.state_dict() if self.per == "epoch" else {}
 
-    @property
-    def lr(self) -> float:
-        return self.scheduler.optimizer.param_groups[0]["lr"] if self.scheduler else float("nan")
-
 
 @SCHEDULES.register
 def none() -> Schedule:

@@ -159,7 +159,8 @@ CASES = {  # name → aelab overrides; the seed's regularizer and noise for the 
 
 # the targets: (case, column, at least) per device type; "x_*" are ratios to the seed loops
 TARGETS = {
-    "cuda": [("cosine", "of_plain", 0.95), ("none", "aelab", 400_000), ("none", "x_faithful", 35), ("none", "x_tensordataset", 10),
+    "cuda": [("cosine", "of_plain", 0.95), ("none", "aelab", 400_000), ("none", "x_faithful", 35),
+             ("none", "x_tensordataset", 10),
              ("l1", "aelab", 300_000), ("kl", "aelab", 300_000), ("gaussian", "aelab", 300_000),
              ("contractive", "aelab", 150_000), ("contractive", "x_tensordataset", 75),
              ("contractive", "of_plain", 0.5)],

@@ -45,8 +45,8 @@ def run(cfg: DictConfig, run_dir: Path, resume: bool = False, job_num: int | Non
         metrics, grids, arrays = finish(parts, run_dir)
     trained = (pos.step - first_step) * parts.trainer.batch_size
     record = {**metrics, "started_at": started_at, "finished_at": time.time(), "epochs": parts.trainer.epochs,
-              **convergence(pos, parts.trainer), "steps": pos.step, "seconds": round(seconds, 3), "samples_per_second": round(trained / seconds, 1),
-              "device": str(parts.device), "step_mode": step_mode}
+              **convergence(pos, parts.trainer), "steps": pos.step, "seconds": round(seconds, 3),
+              "samples_per_second": round(trained / seconds, 1), "device": str(parts.device), "step_mode": step_mode}
     with StopSignals():  # the results are written whole: a signal now waits the few milliseconds this takes
         log_final(writer, cfg, parts, metrics, grids, arrays, pos.step, varied)
         write_json(run_dir / "metrics.json", record)
@@ -58,10 +58,10 @@ def run(cfg: DictConfig, run_dir: Path, resume: bool = False, job_num: int | Non
 def convergence(pos: Position, trainer: Trainer) -> dict:
     """metrics.json's verdict: the best epoch (the model measured), the epoch early stopping ended the run
     after (None: it trained all trainer.epochs), and whether it converged: it stopped early, or its last
-    trainer.patience epochs (10 without patience) brought no relative improvement of trainer.min_delta."""
-    converged = pos.stopped_epoch is not None or pos.epoch - pos.improved_epoch >= trainer.window
+    trainer.patience epochs (10 without patience) brought no relative improvement of trainer.min_delta
+    (which a stop implies: it waits for as many)."""
     return {"epochs_trained": pos.epoch, "best_epoch": pos.best_epoch, "stopped_epoch": pos.stopped_epoch,
-            "converged": converged}
+            "converged": pos.epoch - pos.improved_epoch >= trainer.window}
 
 
 def finished_already(run_dir: Path, pos: Position, trainer: Trainer) -> dict:

@@ -73,8 +73,9 @@ def train(cfg: DictConfig) -> float:
     run_dir = Path(hydra_cfg.runtime.output_dir)
     job_num = hydra_cfg.job.num if hydra_cfg.mode == RunMode.MULTIRUN else None
     try:
-        from ..training.faults import DISK_FULL, DIVERGED, TrainingFault, full_disk_stops  # torch, once a job runs (--help
-        from .job import run  # stays fast); a Ctrl-C in these seconds leaves no empty run dir behind
+        # torch, once a job runs (--help stays fast); a Ctrl-C in these seconds leaves no empty run dir behind
+        from ..training.faults import DISK_FULL, DIVERGED, TrainingFault, full_disk_stops
+        from .job import run
         resume = resume_mode(cfg.resume, run_dir)
         if resume == "done":  # a requeued or repeated job that already finished
             done = read_results(run_dir)

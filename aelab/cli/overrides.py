@@ -126,7 +126,8 @@ def varied_keys(hydra_cfg: DictConfig) -> list[str]:
     texts = [f"{key}={value}" for key, value in (hydra_cfg.sweeper.get("params") or {}).items()]
     record = Path(hydra_cfg.sweep.dir) / "multirun.yaml"
     try:
-        texts += read_yaml(record, dict, "hydra.sweep.dir", "")["hydra"]["overrides"]["task"] if record.is_file() else []
+        if record.is_file():
+            texts += read_yaml(record, dict, "hydra.sweep.dir", "")["hydra"]["overrides"]["task"]
         found = OverridesParser.create().parse_overrides(texts)
     except (ConfigError, KeyError, TypeError, HydraException):
         return []

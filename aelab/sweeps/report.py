@@ -19,9 +19,9 @@ from .jobs import (SAMPLE_FIX, SEED_KEY, Row, fold, load_jobs, metric_names, sam
 ANNEALED = "annealed Langevin through the sweep's models (aelab sample SWEEP_DIR sample.method=annealed)"
 SPARSITY = ("population_sparsity", "lifetime_sparseness", "dead_fraction", "mean_activation", "sensitivity",
             "jacobian_rank", "feature_spread")
-SHORT = {"population_sparsity": "active", "lifetime_sparseness": "selective", "dead_fraction": "dead", "mean_activation": "mean act",
-         "sensitivity": "||J||²", "jacobian_rank": "J rank", "feature_spread": "spread", "probe_latent": "probe",
-         "val_total": "val", "sharpness": "sharp"}
+SHORT = {"population_sparsity": "active", "lifetime_sparseness": "selective", "dead_fraction": "dead",
+         "mean_activation": "mean act", "sensitivity": "||J||²", "jacobian_rank": "J rank", "feature_spread": "spread",
+         "probe_latent": "probe", "val_total": "val", "sharpness": "sharp"}
 
 
 def annealed_samples(sweep_dir: Path) -> list[str]:
@@ -50,7 +50,7 @@ def fmt(mean: float, std: float, n: int) -> str:
 
 
 def write_tables(rows: list[Row], keys: list[str], metrics: list[str], failed: list[str], annealed: list[str],
-                 out: Path) -> tuple[Path, Path]:
+                 out: Path, unconverged: str = "") -> tuple[Path, Path]:
     """report.csv, and report.md with the jobs without results (`failed` lines) and the sweep's annealed
     samples (`annealed` lines) under its table."""
     setting_keys = [k for k in keys if k != SEED_KEY]
@@ -67,7 +67,6 @@ def write_tables(rows: list[Row], keys: list[str], metrics: list[str], failed: l
     for row in rows:
         cells = [fmt(*row.mean_std(m), len(row.values(m))) for m in metrics]
         lines.append("| " + " | ".join([*row.shown.values(), str(len(row.jobs)), row.converged, *cells]) + " |")
-    unconverged = unconverged_note(rows)
     if unconverged:
         lines += ["", unconverged]
     if failed:
@@ -164,12 +163,13 @@ def report(sweep_dir: Path, overrides: list[str] = ()) -> dict:
         console.print(f"sample_* columns: the last state of {' / '.join(sampled)} in "
                       f"{sum(1 for job in jobs if job.sampled)} of {len(jobs)} runs", markup=False, highlight=False,
                       soft_wrap=True)
-    if unconverged_note(rows):
-        console.print(unconverged_note(rows), markup=False, highlight=False, soft_wrap=True)
+    unconverged = unconverged_note(rows)
+    if unconverged:
+        console.print(unconverged, markup=False, highlight=False, soft_wrap=True)
     annealed = annealed_samples(sweep_dir)
     if annealed:
         console.print(f"{ANNEALED}:\n" + "\n".join(annealed), markup=False, highlight=False, soft_wrap=True)
-    csv_path, md_path = write_tables(rows, keys, metrics, failed, annealed, out)
+    csv_path, md_path = write_tables(rows, keys, metrics, failed, annealed, out, unconverged)
     plots = make_plots(rows, jobs, [k for k in keys if k != SEED_KEY], out,
                        record=output_name("eval", list(overrides)) if overrides else None)
     console.print(f"wrote {', '.join(p.name for p in [csv_path, md_path, *plots])} in {out}", markup=False,

@@ -112,11 +112,11 @@ def fit(parts: Parts, cfg: DictConfig, pos: Position, run_dir: Path, writer: Sum
             pos.schedule = parts.schedule.state_dict()
             checkpoint.save(parts, cfg, pos, run_dir)
             train = dict(zip(TERMS, (pos.epoch_sums / pos.seen).tolist()))
-            stopped = (f"  (stopped: {pos.epoch - pos.improved_epoch} epochs without a {trainer.min_delta:.2%} "
-                       f"improvement; the lowest validation loss, kept: epoch {pos.best_epoch})"
-                       if pos.stopped_epoch else "")
+            stopped = ""
             if pos.stopped_epoch:
                 bar.end_here()
+                stopped = (f"  (stopped: {pos.epoch - pos.improved_epoch} epochs without a {trainer.min_delta:.2%} "
+                           f"improvement; the lowest validation loss, kept: epoch {pos.best_epoch})")
             if pos.epoch <= 10 or pos.epoch % 10 == 0 or pos.stopped_epoch or pos.epoch == trainer.epochs:
                 bar.log(f"epoch {pos.epoch}/{trainer.epochs}  train {console.format_terms(train)}  |  val "
                         f"{console.format_terms(val)}  active {codes['population_sparsity']:.3g}{stopped}")

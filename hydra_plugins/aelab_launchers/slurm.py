@@ -62,8 +62,9 @@ if submitit_launcher is not None:
                 key = refused_key(message)
                 folder = Path(str(self.params["submitit_folder"]).split("%j")[0])
                 scripts = sorted(folder.glob(".submission_file_*.sh"), key=lambda p: p.stat().st_mtime)
+                script = scripts[-1] if scripts else folder
                 console.error(f"{key}: sbatch refused the sweep's jobs ({message}); no job was submitted: change "
-                              f"{key} and run the sweep again (the refused script: {scripts[-1] if scripts else folder})")
+                              f"{key} and run the sweep again (the refused script: {script})")
                 sys.exit(2)
             except RuntimeError as e:
                 if "srun" not in str(e):
