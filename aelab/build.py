@@ -277,16 +277,17 @@ def shaped_parts(cfg: DictConfig, image_shape: tuple[int, int, int]
     return model, loss, penalty, corruption, eval_settings(cfg.eval, image_shape)
 
 
-def build(cfg: DictConfig, job_num: int | None = None) -> Parts:
+def build(cfg: DictConfig, job_num: int | None = None, data: Splits | None = None) -> Parts:
     """Config → parts, in dependency order; every problem surfaces here as a ConfigError.
 
-    `job_num`, a sweep job's number, spreads local sweep jobs over several GPUs."""
+    `job_num`, a sweep job's number, spreads local sweep jobs over several GPUs; `data`: the splits
+    cfg.data gives, read already (the jobs of a stacked sweep share them)."""
     trainer, sampling = trainer_settings(cfg.trainer), sample_settings(cfg.sample)
     device = build_part("device", DEVICES, cfg.device, job_num=job_num)
     torch.manual_seed(trainer.seed)
     known_shape = IMAGE_SHAPES.get(cfg.data.get("name"))  # a bad model, loss or reg is refused before the
     shaped = shaped_parts(cfg, known_shape) if known_shape else None  # data is read (seconds: scikit-learn)
-    data = build_part("data", DATASETS, cfg.data)
+    data = data or build_part("data", DATASETS, cfg.data)
     model, loss, penalty, corruption, evaluation = shaped or shaped_parts(cfg, data.image_shape)
     check_compatible(data, model, loss, penalty, trainer, device)
     set_matmul_precision(trainer.tf32)

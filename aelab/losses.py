@@ -23,6 +23,10 @@ class ReconstructionLoss:
     needs_sigmoid_output: bool = False
 
     def __call__(self, fwd: Forward, target: Tensor) -> Tensor:
+        """One value for a batch (B, D); N values for N stacked models' batches (N, B, D)."""
+        if target.dim() > 2:
+            each = self.elementwise(fwd, target, "none")
+            return each.mean((-2, -1)) if self.reduction == "mean" else each.sum((-2, -1)) / target.shape[-2]
         if self.reduction == "mean":
             return self.elementwise(fwd, target, "mean")
         return self.elementwise(fwd, target, "sum") / target.shape[0]

@@ -128,50 +128,59 @@ class MLPAutoencoder(Autoencoder):
         return h, derivatives
 
     def jacobian_sq_norm(self, derivatives: list[Optional[Tensor]], batch: int) -> Tensor:
-        """Per-sample ||J_f(x)||_F^2, J = D_L W_L ... D_1 W_1, multiplied from the latent side.
+        """Per-sample ||J_f(x)||_F^2 of this model's encoder (jacobian_sq_norm)."""
+        return jacobian_sq_norm([layer.weight for layer in self.enc_layers], derivatives, batch)
 
-        The k = latent_dim rows of J travel through the layers as one batched product (no loop over
-        units); the last factor uses ||A W_1||_F^2 = tr(A (W_1 W_1^T) A^T) when that is cheaper.
-        """
-        weights = [layer.weight for layer in self.enc_layers]
-        rows = None  # D_L W_L ... D_{l+1} W_{l+1}: shape (B or 1, k, h_l); None is the identity
-        for w, d in zip(weights[:0:-1], derivatives[:0:-1]):
-            if rows is None:
-                rows = w.unsqueeze(0) if d is None else d.unsqueeze(2) * w
-            else:
-                rows = (rows if d is None else rows * d.unsqueeze(1)) @ w
-        w1, d1 = weights[0], derivatives[0]
-        if rows is None:  # one-layer encoder: ||D_1 W_1||^2 = sum_j d_j^2 ||w_j||^2
-            norms = w1.pow(2).sum(1)
-            return norms.sum().expand(batch) if d1 is None else d1.pow(2) @ norms
-        a = rows if d1 is None else rows * d1.unsqueeze(1)
-        if w1.shape[1] > w1.shape[0]:
-            sq = _GramQuadratic.apply(a, w1 @ w1.T)
+
+def jacobian_sq_norm(weights: list[Tensor], derivatives: list[Optional[Tensor]], batch: int) -> Tensor:
+    """Per-sample ||J_f(x)||_F^2 of an MLP encoder, J = D_L W_L ... D_1 W_1, multiplied from the latent side.
+
+    The k = latent_dim rows of J travel through the layers as one batched product (no loop over
+    units); the last factor uses ||A W_1||_F^2 = tr(A (W_1 W_1^T) A^T) when that is cheaper. Leading
+    dimensions of the weights (N, out, in) and derivatives (N, B, out) are N stacked models: (N, B) out.
+    """
+    lead = weights[0].shape[:-2]
+    rows = None  # D_L W_L ... D_{l+1} W_{l+1}: shape (..., B or 1, k, h_l); None is the identity
+    for w, d in zip(weights[:0:-1], derivatives[:0:-1]):
+        if rows is None:
+            rows = w.unsqueeze(-3) if d is None else d.unsqueeze(-1) * w.unsqueeze(-3)
         else:
-            sq = (a @ w1).pow(2).sum((1, 2))
-        return sq.expand(batch)
+            rows = (rows if d is None else rows * d.unsqueeze(-2)) @ (w if not lead else w.unsqueeze(-3))
+    w1, d1 = weights[0], derivatives[0]
+    if rows is None:  # one-layer encoder: ||D_1 W_1||^2 = sum_j d_j^2 ||w_j||^2
+        norms = w1.pow(2).sum(-1)
+        if d1 is None:
+            return norms.sum(-1, keepdim=True).expand(*lead, batch)
+        return d1.pow(2) @ norms if not lead else (d1.pow(2) @ norms.unsqueeze(-1)).squeeze(-1)
+    a = rows if d1 is None else rows * d1.unsqueeze(-2)
+    if w1.shape[-1] > w1.shape[-2]:
+        sq = _GramQuadratic.apply(a, w1 @ w1.mT)
+    else:
+        sq = (a @ (w1 if not lead else w1.unsqueeze(-3))).pow(2).sum((-2, -1))
+    return sq.expand(*lead, batch)
 
 
 class _GramQuadratic(torch.autograd.Function):
     """q_b = tr(A_b G A_b^T) for a symmetric G, with the backward written out: dq/dA = 2 A G reuses
-    the forward's A G, and dq/dG = sum_b A_b^T A_b, one GEMM where autograd would spend two."""
+    the forward's A G, and dq/dG = sum_b A_b^T A_b, one GEMM where autograd would spend two. A (..., B, k, h)
+    and G (..., h, h) may lead with N stacked models' dimension."""
 
     @staticmethod
     def forward(ctx, a: Tensor, gram: Tensor) -> Tensor:
-        ag = a @ gram
+        ag = a @ (gram if gram.dim() == 2 else gram.unsqueeze(-3))
         ctx.save_for_backward(a, ag)
-        return (ag * a).sum((1, 2))
+        return (ag * a).sum((-2, -1))
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad: Tensor):
         a, ag = ctx.saved_tensors
-        scale = grad.view(-1, 1, 1)
+        scale = grad.unsqueeze(-1).unsqueeze(-1)
         grad_a = 2 * scale * ag if ctx.needs_input_grad[0] else None
         grad_gram = None
         if ctx.needs_input_grad[1]:
-            weighted = (a * scale).flatten(0, 1)
-            grad_gram = weighted.T @ a.flatten(0, 1)
+            weighted = (a * scale).flatten(-3, -2)
+            grad_gram = weighted.mT @ a.flatten(-3, -2)
         return grad_a, grad_gram
 
 

@@ -164,11 +164,13 @@ def run_copy(trained_run, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def l1_seed_sweep(tmp_path_factory) -> Path:
-    """Trained once per test session: reg=l1 at two weights x two seeds, 2 epochs (4 jobs, 2 settings).
-    Read it, or take the `sweep` fixture's copy to write into it."""
+    """Trained once per test session: reg=l1 at two weights x two seeds, 2 epochs (4 jobs, 2 settings),
+    as one stacked model (launcher=stacked; the tests that read it read its jobs as any sweep's). Read
+    it, or take the `sweep` fixture's copy to write into it."""
     root = tmp_path_factory.mktemp("l1_seed_sweep")
-    run_cli("train", "-m", "reg=l1", "reg.weight=1e-3,1e-1", "trainer.seed=0,1", "trainer.epochs=2", "device=cpu",
-            "eval.probe_max_samples=300", f"hydra.sweep.dir={root / 'sweep'}", cwd=root)
+    run_cli("train", "-m", "launcher=stacked", "reg=l1", "reg.weight=1e-3,1e-1", "trainer.seed=0,1", "trainer.epochs=2",
+            "device=cpu", "eval.probe_max_samples=300", f"hydra.sweep.dir={root / 'sweep'}",
+            "hydra.job.config.override_dirname.exclude_keys=[launcher]", cwd=root)
     return root / "sweep"
 
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import shlex
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from omegaconf import DictConfig
@@ -11,7 +12,8 @@ from torch.utils.tensorboard import SummaryWriter
 from .. import console
 from ..analysis.evaluate import finish
 from ..analysis.tensorboard import config_text, log_final
-from ..build import Trainer, build
+from ..build import Parts, Trainer, build
+from ..data import Splits
 from ..runs import read_results, write_json
 from ..training import checkpoint
 from ..training.checkpoint import Position
@@ -19,13 +21,24 @@ from ..training.faults import StopNow, StopSignals, environment
 from ..training.loop import fit, patience_ran_out
 
 
-def run(cfg: DictConfig, run_dir: Path, resume: bool = False, job_num: int | None = None,
-        command: str | None = None, varied: list[str] = ()) -> dict:
-    """Train one configuration; write TensorBoard events, checkpoints and metrics.json to run_dir.
-    `command`: the aelab command with the job's own settings, for environment.json; `varied`: the keys
-    its sweep varies, shown first in TensorBoard's HParams."""
+@dataclass
+class Started:
+    """A job built and placed, ready to train: its parts, where training stands, its TensorBoard writer."""
+    cfg: DictConfig
+    run_dir: Path
+    parts: Parts
+    pos: Position
+    writer: SummaryWriter
+    started_at: float
+    first_step: int
+
+
+def start(cfg: DictConfig, run_dir: Path, resume: bool = False, job_num: int | None = None,
+          command: str | None = None, data: Splits | None = None) -> Started | dict:
+    """Build one configuration's parts and place it: afresh, or from its checkpoint. A finished run that
+    has nothing left to train gives its results (a dict) instead. `data`: the splits, read already."""
     started_at = time.time()
-    parts = build(cfg, job_num)
+    parts = build(cfg, job_num, data)
     pos = checkpoint.load(parts, run_dir) if resume else Position()
     if resume and (run_dir / "metrics.json").exists():  # a finished run: train on, or leave it be
         if pos.epoch >= parts.trainer.epochs or patience_ran_out(pos, parts.trainer):
@@ -36,19 +49,36 @@ def run(cfg: DictConfig, run_dir: Path, resume: bool = False, job_num: int | Non
     if not resume:
         writer.add_text("config", config_text(cfg))
         write_json(run_dir / "environment.json", environment(parts.device, parts.trainer.seed, command))
-    first_step = pos.step
-    seconds, step_mode = fit(parts, cfg, pos, run_dir, writer)
+    return Started(cfg, run_dir, parts, pos, writer, started_at, pos.step)
+
+
+def run(cfg: DictConfig, run_dir: Path, resume: bool = False, job_num: int | None = None,
+        command: str | None = None, varied: list[str] = ()) -> dict:
+    """Train one configuration; write TensorBoard events, checkpoints and metrics.json to run_dir.
+    `command`: the aelab command with the job's own settings, for environment.json; `varied`: the keys
+    its sweep varies, shown first in TensorBoard's HParams."""
+    job = start(cfg, run_dir, resume, job_num, command)
+    if isinstance(job, dict):
+        return job
+    seconds, step_mode = fit(job.parts, cfg, job.pos, run_dir, job.writer)
+    return complete(job, seconds, step_mode, varied)
+
+
+def complete(job: Started, seconds: float, step_mode: str, varied: list[str] = ()) -> dict:
+    """A trained job's end: the best epoch's model measured on every split, metrics.json and the pictures."""
+    parts, pos, run_dir, writer = job.parts, job.pos, job.run_dir, job.writer
     if pos.best_model is not None:  # the best epoch's model is the one measured (the last stays resumable)
         parts.model.load_state_dict(pos.best_model)
     with StopNow(f"during the final evaluation; training is complete in {run_dir / checkpoint.FILE}; "
                  f"finish with: aelab train resume={shlex.quote(str(run_dir))}"):
         metrics, grids, arrays = finish(parts, run_dir)
-    trained = (pos.step - first_step) * parts.trainer.batch_size
-    record = {**metrics, "started_at": started_at, "finished_at": time.time(), "epochs": parts.trainer.epochs,
+    trained = (pos.step - job.first_step) * parts.trainer.batch_size
+    record = {**metrics, "started_at": job.started_at, "finished_at": time.time(), "epochs": parts.trainer.epochs,
               **convergence(pos, parts.trainer), "steps": pos.step, "seconds": round(seconds, 3),
-              "samples_per_second": round(trained / seconds, 1), "device": str(parts.device), "step_mode": step_mode}
+              "samples_per_second": round(trained / seconds, 1) if seconds else 0.0, "device": str(parts.device),
+              "step_mode": step_mode}
     with StopSignals():  # the results are written whole: a signal now waits the few milliseconds this takes
-        log_final(writer, cfg, parts, metrics, grids, arrays, pos.step, varied)
+        log_final(writer, job.cfg, parts, metrics, grids, arrays, pos.step, varied)
         write_json(run_dir / "metrics.json", record)
     console.summary({"train": metrics["train"], "val": metrics["val"]}, title=f"aelab: {run_dir.name}")
     console.metrics_table(metrics["test"], title="test split")

@@ -19,6 +19,7 @@ from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 from .. import console
 from ..registry import ConfigError
 from ..runs import FAILED, disk_full, override_values, read_results, write_json
+from . import stacking
 from .overrides import check as check_overrides, varied_keys
 from .rundirs import (MODES, check_dirs, drop_if_nothing_ran, held, kept_unless_trained, refuse_if_busy, resume_args,
                       resume_mode, resumed_dir, worked_in)
@@ -82,10 +83,13 @@ def train(cfg: DictConfig) -> float:
             console.console.print(f"{run_dir}: finished already, its results kept", markup=False, highlight=False,
                                   soft_wrap=True)
             return done["val"]["recon"]
+        command = shlex.join(["aelab", "train", *hydra_cfg.overrides.task])  # this job's, however launched
+        if stacking.collecting is not None and job_num is not None:  # launcher=stacked: built now, trained with its group
+            (run_dir / FAILED).unlink(missing_ok=True)
+            return stacking.collecting.add(cfg, run_dir, resume, job_num, command, varied_keys(hydra_cfg))
         # a sweep job holds its own dir (a run's is held by train_command); a full disk is one line
         with held(run_dir if job_num is not None else None, "hydra.run.dir"), full_disk_stops(run_dir):
             (run_dir / FAILED).unlink(missing_ok=True)  # an earlier attempt's verdict; this one writes its own
-            command = shlex.join(["aelab", "train", *hydra_cfg.overrides.task])  # this job's, however launched
             record = run(cfg, run_dir, resume=resume, job_num=job_num, command=command,
                          varied=varied_keys(hydra_cfg))
     except (ConfigError, OmegaConfBaseException) as e:
@@ -157,8 +161,9 @@ def register_launchers() -> None:
     """aelab's own Hydra launchers (hydra_plugins/aelab_launchers). Hydra's plugin scan finds them in an
     installed aelab but not through an editable install's import hook: registered here for both."""
     from hydra.core.plugins import Plugins
-    from hydra_plugins.aelab_launchers import slurm
+    from hydra_plugins.aelab_launchers import slurm, stacked
 
+    Plugins.instance().register(stacked.StackedLauncher)
     if hasattr(slurm, "SlurmLauncher"):  # hydra-submitit-launcher is installed
         Plugins.instance().register(slurm.SlurmLauncher)
 

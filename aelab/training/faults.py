@@ -107,6 +107,10 @@ class StopSignals(Signals):
         self.received = signum
         signal.signal(signal.SIGINT, signal.default_int_handler)
 
+    def fault(self, detail: str) -> TrainingFault:
+        """The stop as a TrainingFault: `detail` says where and how to continue."""
+        return TrainingFault(f"stopped by {signal.Signals(self.received).name} {detail}", exit_code=128 + self.received)
+
     def exit(self, saved: Path, step: int) -> None:
         name = signal.Signals(self.received).name
         handover = self._previous.get(self.received)

@@ -28,28 +28,35 @@ def log_terms(writer: SummaryWriter, prefix: str, terms: dict[str, float], step:
 def train_epoch(parts: Parts, pos: Position, step: Step, writer: SummaryWriter, bar: console.Bar,
                 watch: FiniteWatch, stop: StopSignals) -> None:
     """Train on the rest of this epoch's shuffle; reads scalars back only every log_every steps."""
-    every = parts.trainer.log_every
     for clean in batches(parts.data.train.x, parts.trainer.batch_size, parts.device, pos.order, pos.batch):
         step(clean)
-        parts.schedule.after_step()
-        pos.step, pos.batch, pos.seen = pos.step + 1, pos.batch + 1, pos.seen + len(clean)
+        stepped(parts, pos, len(clean), writer, watch, bar.show)
         bar.advance()
-        if pos.step % every == 0:
-            watch.check()
-            means = dict(zip(TERMS, (pos.window / every).tolist()))
-            log_terms(writer, "train", {**means, "lr": parts.optimizer.param_groups[0]["lr"]}, pos.step)
-            bar.show(means)
-            pos.window.zero_()
         if stop.requested:
             return
 
 
-def start_epoch(parts: Parts, pos: Position) -> None:
-    """A fresh shuffle of the training split (on the device holding it) and zeroed epoch sums.
+def stepped(parts: Parts, pos: Position, size: int, writer: SummaryWriter, watch: FiniteWatch, show) -> None:
+    """After an optimizer step on `size` samples: the schedule, the counts, and every log_every steps
+    the NaN watch and the train/* scalars (`show`: the progress bar's)."""
+    every = parts.trainer.log_every
+    parts.schedule.after_step()
+    pos.step, pos.batch, pos.seen = pos.step + 1, pos.batch + 1, pos.seen + size
+    if pos.step % every == 0:
+        watch.check()
+        means = dict(zip(TERMS, (pos.window / every).tolist()))
+        log_terms(writer, "train", {**means, "lr": parts.optimizer.param_groups[0]["lr"]}, pos.step)
+        show(means)
+        pos.window.zero_()
+
+
+def start_epoch(parts: Parts, pos: Position, generator: torch.Generator | None = None) -> None:
+    """A fresh shuffle of the training split (on the device holding it; from `generator`, a stacked
+    job's own stream, or the global one) and zeroed epoch sums.
 
     The sums are zeroed in place: a captured CUDA graph adds into these very tensors."""
     x = parts.data.train.x
-    pos.order = torch.randperm(len(x), device=x.device)
+    pos.order = torch.randperm(len(x), device=x.device, generator=generator)
     pos.batch, pos.seen = 0, 0
     if pos.epoch_sums is None:
         pos.epoch_sums = torch.zeros(len(TERMS), device=parts.device)
@@ -79,6 +86,34 @@ def patience_ran_out(pos: Position, trainer: Trainer) -> bool:
             and pos.epoch - pos.improved_epoch >= trainer.patience)
 
 
+def end_epoch(parts: Parts, cfg: DictConfig, pos: Position, run_dir: Path, writer: SummaryWriter, say,
+              generator: torch.Generator | None = None, name: str = "") -> None:
+    """After an epoch's last step: validate, log, step a per-epoch schedule, judge (best model, early
+    stop), checkpoint (with `generator`, a stacked job's own random stream), and say the epoch's line
+    (prefixed with `name`, a stacked job's)."""
+    trainer = parts.trainer
+    pos.epoch, pos.order = pos.epoch + 1, None
+    val_x = parts.data.val.x
+    val = evaluate(parts, val_x)
+    codes = activity(parts.model, val_x, parts.evaluation.threshold, trainer.batch_size)
+    log_terms(writer, "val", {**val, **codes}, pos.step)
+    writer.add_image("val/clean_corrupted_reconstructed", image_grid(
+        parts.model, val_x, parts.corruption, parts.data.image_shape, trainer.seed), pos.step)
+    if pos.epoch > trainer.min_epochs:  # a model on its first plateau keeps its rate (trainer.min_epochs)
+        parts.schedule.after_epoch(val["total"])
+    judge(pos, parts, val["total"])
+    pos.schedule = parts.schedule.state_dict()
+    checkpoint.save(parts, cfg, pos, run_dir, generator)
+    train = dict(zip(TERMS, (pos.epoch_sums / pos.seen).tolist()))
+    stopped = ""
+    if pos.stopped_epoch:
+        stopped = (f"  (stopped: {pos.epoch - pos.improved_epoch} epochs without a {trainer.min_delta:.2%} "
+                   f"improvement; the lowest validation loss, kept: epoch {pos.best_epoch})")
+    if pos.epoch <= 10 or pos.epoch % 10 == 0 or pos.stopped_epoch or pos.epoch == trainer.epochs:
+        say(f"{name}epoch {pos.epoch}/{trainer.epochs}  train {console.format_terms(train)}  |  val "
+            f"{console.format_terms(val)}  active {codes['population_sparsity']:.3g}{stopped}")
+
+
 def fit(parts: Parts, cfg: DictConfig, pos: Position, run_dir: Path, writer: SummaryWriter) -> tuple[float, str]:
     """Train from `pos` to trainer.epochs, or until trainer.patience epochs bring no improvement, a
     checkpoint after each epoch; a SIGINT or SIGTERM saves one mid-epoch and exits with the command that
@@ -99,25 +134,7 @@ def fit(parts: Parts, cfg: DictConfig, pos: Position, run_dir: Path, writer: Sum
             if stop.requested:
                 writer.close()
                 stop.exit(checkpoint.save(parts, cfg, pos, run_dir), pos.step)
-            pos.epoch, pos.order = pos.epoch + 1, None
-            val_x = parts.data.val.x
-            val = evaluate(parts, val_x)
-            codes = activity(parts.model, val_x, parts.evaluation.threshold, trainer.batch_size)
-            log_terms(writer, "val", {**val, **codes}, pos.step)
-            writer.add_image("val/clean_corrupted_reconstructed", image_grid(
-                parts.model, val_x, parts.corruption, parts.data.image_shape, trainer.seed), pos.step)
-            if pos.epoch > trainer.min_epochs:  # a model on its first plateau keeps its rate (trainer.min_epochs)
-                parts.schedule.after_epoch(val["total"])
-            judge(pos, parts, val["total"])
-            pos.schedule = parts.schedule.state_dict()
-            checkpoint.save(parts, cfg, pos, run_dir)
-            train = dict(zip(TERMS, (pos.epoch_sums / pos.seen).tolist()))
-            stopped = ""
+            end_epoch(parts, cfg, pos, run_dir, writer, bar.log)
             if pos.stopped_epoch:
                 bar.end_here()
-                stopped = (f"  (stopped: {pos.epoch - pos.improved_epoch} epochs without a {trainer.min_delta:.2%} "
-                           f"improvement; the lowest validation loss, kept: epoch {pos.best_epoch})")
-            if pos.epoch <= 10 or pos.epoch % 10 == 0 or pos.stopped_epoch or pos.epoch == trainer.epochs:
-                bar.log(f"epoch {pos.epoch}/{trainer.epochs}  train {console.format_terms(train)}  |  val "
-                        f"{console.format_terms(val)}  active {codes['population_sparsity']:.3g}{stopped}")
     return time.perf_counter() - started, getattr(step, "mode", "eager")

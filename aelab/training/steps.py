@@ -48,10 +48,13 @@ class GraphBackend(Protocol):
 
 
 class CudaGraphs:
-    """torch.cuda's recipe for whole-network capture: warm up on a side stream, capture, replay."""
+    """torch.cuda's recipe for whole-network capture: warm up on a side stream, capture, replay.
+    `generators`: random streams besides the device's default one that the step draws from (a stack's
+    members' own), registered with the graph so that each replay draws fresh numbers from them."""
 
-    def __init__(self):
+    def __init__(self, generators: tuple[torch.Generator, ...] = ()):
         self.side = torch.cuda.Stream()
+        self.generators = generators
 
     def warm_up(self, step: Step, clean: Tensor) -> None:
         self.side.wait_stream(torch.cuda.current_stream())
@@ -62,6 +65,8 @@ class CudaGraphs:
     def capture(self, step: Step, static: Tensor) -> Callable[[], None]:
         """Records step(static) without running it; returns the replay."""
         graph, failure = torch.cuda.CUDAGraph(), None
+        for generator in self.generators:
+            graph.register_generator_state(generator)
         try:
             with torch.cuda.graph(graph):
                 try:
@@ -149,16 +154,26 @@ def make_step(parts: Parts, pos: Position, watch: FiniteWatch, say: Callable[[st
     torch.cuda's graphs in CPU tests."""
     objective = torch.compile(loss_terms) if parts.trainer.compile else loss_terms
     step = recorded_step(parts, pos, watch, objective)
-    if parts.trainer.cuda_graph == "off" or (parts.device.type != "cuda" and backend is None):
-        return step
-    if parts.schedule.active and not getattr(parts.optimizer, "reads_device_lr", False):
-        why = "this optimizer reads its learning rate on the host, where a captured graph would keep the first one"
-        if parts.trainer.cuda_graph == "on":
-            raise TrainingFault(f"trainer.cuda_graph=on: sched={parts.schedule.name}: {why}; use optim=adam or "
-                                f"adamw, or trainer.cuda_graph=auto to train eagerly", exit_code=2)
-        say(f"cuda graph: not captured: {why}; sched={parts.schedule.name} trains eagerly (optim=adam and adamw "
-            f"are replayed)")
+    if not replayable([parts], backend, say):
         return step
     shape = (parts.trainer.batch_size, *parts.data.train.x.shape[1:])
     return GraphStep(step, shape, parts.optimizer, backend or CudaGraphs(),
                      required=parts.trainer.cuda_graph == "on", say=say)
+
+
+def replayable(jobs: list[Parts], backend: Optional[GraphBackend], say: Callable[[str], None]) -> bool:
+    """Whether the step of these jobs (one, or a stack's) is captured as a CUDA graph: on CUDA (or with a
+    stand-in `backend`) unless trainer.cuda_graph=off or a schedule's rate could not reach the graph."""
+    first = jobs[0]
+    if first.trainer.cuda_graph == "off" or (first.device.type != "cuda" and backend is None):
+        return False
+    host = [p for p in jobs if p.schedule.active and not getattr(p.optimizer, "reads_device_lr", False)]
+    if host:
+        why = "this optimizer reads its learning rate on the host, where a captured graph would keep the first one"
+        name = host[0].schedule.name
+        if first.trainer.cuda_graph == "on":
+            raise TrainingFault(f"trainer.cuda_graph=on: sched={name}: {why}; use optim=adam or adamw, or "
+                                f"trainer.cuda_graph=auto to train eagerly", exit_code=2)
+        say(f"cuda graph: not captured: {why}; sched={name} trains eagerly (optim=adam and adamw are replayed)")
+        return False
+    return True

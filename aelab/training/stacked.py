@@ -1,0 +1,266 @@
+"""N jobs of a sweep trained as one stacked model (`launcher=stacked`).
+
+The jobs of a stack share everything but numbers: the model's architecture, the loss, the kind of
+penalty and corruption, the data, the batch size. Their weights live side by side in (N, ...) tensors;
+one step runs the N forward passes as batched products (torch.baddbmm for an MLP, torch.func.vmap for
+other models, whose convolutions it batches as grouped ones), sums the N objectives (so each job's
+gradient is its own: d(sum)/d(objective_i) = 1) and runs one backward pass. Each job keeps the rest of
+what makes it a job: its own parts (each model's parameters are views of its slice of the stack, so
+evaluating, checkpointing and the optimizer see an ordinary model), its own optimizer and schedule,
+its own random stream (a generator started where its build left the global one: the same shuffles and
+noise as the job trained alone), its own position, early stopping and best weights. A job that stops
+(early stopping, a NaN) leaves the stack, which goes on without it.
+"""
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+from omegaconf import DictConfig
+from torch import Tensor
+from torch.utils.tensorboard import SummaryWriter
+
+from .. import console
+from ..build import Parts
+from ..models import Forward, MLPAutoencoder, jacobian_sq_norm
+from . import checkpoint
+from .checkpoint import Position
+from .faults import FiniteWatch, StopSignals, TrainingFault
+from .loop import end_epoch, start_epoch, stepped
+from .objective import TERMS
+from .steps import CudaGraphs, GraphBackend, GraphStep, replayable
+
+
+@dataclass
+class Member:
+    """One job of a stack: its built parts, config, position, run dir and TensorBoard writer."""
+    parts: Parts
+    cfg: DictConfig
+    pos: Position
+    run_dir: Path
+    writer: SummaryWriter
+    name: str  # the job's dir name, which its lines start with
+    generator: torch.Generator = None  # the job's own random stream (shuffles, corruption noise)
+    watch: Optional[FiniteWatch] = None
+    failure: Optional[TrainingFault] = None  # it diverged: the stack went on without it
+    seconds: float = 0.0  # its share of the stack's training time
+
+    def __post_init__(self):
+        if self.generator is None:  # started where the job's build (torch.manual_seed, the model's init) left it
+            device = self.parts.device
+            self.generator = torch.Generator(device)
+            state = torch.get_rng_state() if device.type == "cpu" else torch.cuda.get_rng_state(device)
+            self.generator.set_state(state)
+
+    @property
+    def training(self) -> bool:
+        trainer = self.parts.trainer
+        return self.failure is None and self.pos.stopped_epoch is None and self.pos.epoch < trainer.epochs
+
+
+def unstackable(parts: Parts) -> Optional[str]:
+    """Why a job cannot be trained in a stack (None: it can); its group then trains one job at a time."""
+    if parts.trainer.compile:
+        return "trainer.compile=true compiles one model's objective"
+    if parts.data.train.x.device != parts.device:
+        return f"the data does not fit on {parts.device}"
+    return None
+
+
+class Optimizers:
+    """The members' optimizers as one, for a GraphStep: their groups, and their gradients let go."""
+
+    def __init__(self, optimizers: list[torch.optim.Optimizer]):
+        self.optimizers = optimizers
+
+    @property
+    def param_groups(self) -> list[dict]:
+        return [group for optimizer in self.optimizers for group in optimizer.param_groups]
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for optimizer in self.optimizers:
+            optimizer.zero_grad(set_to_none=set_to_none)
+
+
+class Stack:
+    """The members' weights stacked into (N, ...) leaf tensors, each member's parameters pointed at its
+    slice; `step` trains them all on one batch each: eagerly, or captured once as a CUDA graph and
+    replayed (as a single run's step, training.steps), the members' own random streams registered with it."""
+
+    def __init__(self, members: list[Member], backend: Optional[GraphBackend] = None,
+                 say: Callable[[str], None] = print):
+        self.members = members
+        models = [m.parts.model for m in members]
+        self.template = models[0]
+        self.names = [name for name, _ in self.template.named_parameters()]
+        params = [dict(model.named_parameters()) for model in models]
+        self.weights = {name: torch.stack([p[name].detach() for p in params]).requires_grad_() for name in self.names}
+        for i, p in enumerate(params):
+            for name in self.names:
+                p[name].data = self.weights[name].data[i]
+        first = members[0].parts
+        self.loss, self.penalty, self.trace = first.loss, first.penalty, first.trace
+        self.scale = torch.tensor([m.parts.penalty.weight for m in members], device=first.device)
+        self.options = {key: torch.tensor([[m.parts.penalty.options[key]] for m in members], device=first.device)
+                        for key in first.penalty.options}
+        if first.penalty.jacobian == "hutchinson":  # its random probes: each member's from its own stream
+            self.options["draw"] = self.probes
+        self.input_grad = first.input_grad
+        if not isinstance(self.template, MLPAutoencoder):  # other models: their own forward, vmapped over the stack
+            self.skeleton = copy.deepcopy(self.template).to("meta")
+        self.run: Callable[[Tensor], None] = self.recorded
+        if replayable([m.parts for m in members], backend, say):
+            shape = (len(members), first.trainer.batch_size, *first.data.train.x.shape[1:])
+            self.run = GraphStep(self.recorded, shape, Optimizers([m.parts.optimizer for m in members]),
+                                 backend or CudaGraphs(tuple(m.generator for m in members)),
+                                 required=first.trainer.cuda_graph == "on", say=say)
+
+    @property
+    def mode(self) -> str:
+        return getattr(self.run, "mode", "eager")
+
+    def forward(self, x: Tensor, trace: bool = False) -> Forward:
+        """The N models' forward passes on their N batches x (N, B, ...)."""
+        if isinstance(self.template, MLPAutoencoder):
+            return self.mlp_forward(x, trace)
+        return self.vmapped_forward(x)
+
+    def linear(self, prefix: str, h: Tensor) -> Tensor:
+        return torch.baddbmm(self.weights[f"{prefix}.bias"].unsqueeze(1), h, self.weights[f"{prefix}.weight"].mT)
+
+    def mlp_forward(self, x: Tensor, trace: bool) -> Forward:
+        model = self.template
+        derivatives = [] if trace else None
+        h = x
+        for index, act in enumerate(model.enc_acts):
+            u = self.linear(f"enc_layers.{index}", h)
+            h = act.fn(u)
+            if trace:
+                derivatives.append(None if act.derivative is None else act.derivative(u, h))
+        out = h
+        for index, layer in enumerate(model.decoder):
+            out = self.linear(f"decoder.{index}", out) if isinstance(layer, torch.nn.Linear) else layer(out)
+        recon, logits = (torch.sigmoid(out), out) if model.sigmoid_output else (model.output_act.fn(out), None)
+        return Forward(x, h, recon, logits, derivatives)
+
+    def vmapped_forward(self, x: Tensor) -> Forward:
+        from torch.func import functional_call, vmap
+
+        def one(weights: dict, batch: Tensor):
+            fwd = functional_call(self.skeleton, weights, (batch,))
+            return fwd.latent, fwd.recon, fwd.logits
+        latent, recon, logits = vmap(one)(self.weights, x)
+        return Forward(x, latent, recon, logits)
+
+    def probes(self, shape: tuple) -> Tensor:
+        """Gaussian probes (samples, N, B, k), member i's drawn from its own stream as it would alone."""
+        samples, _, *rest = shape
+        return torch.stack([torch.randn((samples, *rest), generator=m.generator, device=m.generator.device)
+                            for m in self.members], 1)
+
+    def jacobian_sq_norm(self, derivatives: list[Optional[Tensor]], batch: int) -> Tensor:
+        """(N, B) per-sample ||J_f(x)||_F^2 of the N encoders (the contractive penalty, reg.method=exact)."""
+        layers = len(self.template.enc_layers)
+        return jacobian_sq_norm([self.weights[f"enc_layers.{i}.weight"] for i in range(layers)], derivatives, batch)
+
+    def step(self, batch: int) -> None:
+        """One optimizer step of every member on its batch number `batch` of its epoch's shuffle, and each
+        member's bookkeeping (its NaN watch, log window, epoch sums), all on the device."""
+        first = self.members[0].parts
+        size = first.trainer.batch_size
+        x = first.data.train.x
+        self.run(torch.stack([x[m.pos.order[batch * size:(batch + 1) * size]] for m in self.members]))
+
+    def recorded(self, clean: Tensor) -> None:
+        """`train`, then each member's (total, recon, reg) recorded in place (a CUDA graph can hold it)."""
+        for member, row in zip(self.members, self.train(clean)):
+            member.watch.update(row)
+            member.pos.window += row
+            member.pos.epoch_sums.add_(row, alpha=clean.shape[1])
+
+    def train(self, clean: Tensor) -> Tensor:
+        """One optimizer step of every member on its batch, clean (N, B, ...); returns the detached (N, 3)
+        (total, recon, reg) without a host sync."""
+        inputs = torch.stack([m.parts.corruption(c, m.generator) for m, c in zip(self.members, clean)])
+        if self.input_grad:
+            inputs.requires_grad_(True)
+        fwd = self.forward(inputs, self.trace)
+        recon = self.loss(fwd, clean)
+        reg = self.penalty.term(fwd, self, **self.options)
+        total = recon if self.penalty.zero else recon + self.scale * reg
+        for weight in self.weights.values():
+            weight.grad = None
+        total.sum().backward()  # each member's gradient is its own objective's
+        for i, member in enumerate(self.members):
+            for name, param in member.parts.model.named_parameters():
+                param.grad = self.weights[name].grad[i]
+            member.parts.optimizer.step()
+        return torch.stack([total, recon, reg.expand_as(total)], 1).detach()
+
+
+def fit_stack(members: list[Member], stop_hint: str, backend: Optional[GraphBackend] = None) -> tuple[float, str]:
+    """Train the members together from their common position until each has trained trainer.epochs or
+    stopped early; a diverged member leaves the stack (member.failure) and the others go on. A SIGINT or
+    SIGTERM saves every member's checkpoint mid-epoch and raises a TrainingFault ending in `stop_hint`.
+    `backend` stands in for torch.cuda's graphs in CPU tests. Returns (seconds, the step's mode)."""
+    started = time.perf_counter()
+    first = members[0]
+    trainer = first.parts.trainer
+    steps_per_epoch = -(-len(first.parts.data.train) // trainer.batch_size)
+    for m in members:
+        parts = m.parts
+        parts.schedule.start(parts.optimizer, parts.device, trainer.epochs * steps_per_epoch, steps_per_epoch,
+                             m.pos.step, m.pos.schedule)
+        m.watch = FiniteWatch(parts.device, TERMS, m.run_dir / checkpoint.FILE, m.pos.step)
+    active = [m for m in members if m.training]
+    if not active:
+        return 0.0, "eager"
+    description = f"train {len(active)} stacked jobs (at most {trainer.epochs} epochs)"
+    with console.progress(trainer.epochs * steps_per_epoch, first.pos.step, description) as bar, StopSignals() as stop:
+        stack = Stack(active, backend, bar.log)
+        mode = stack.mode
+        while active:
+            for m in active:
+                if m.pos.order is None:
+                    start_epoch(m.parts, m.pos, m.generator)
+            for batch in range(active[0].pos.batch, steps_per_epoch):
+                stack.step(batch)
+                size = min(trainer.batch_size, len(first.parts.data.train) - batch * trainer.batch_size)
+                for m in active:
+                    try:
+                        stepped(m.parts, m.pos, size, m.writer, m.watch, bar.show)
+                    except TrainingFault as e:
+                        m.failure = e
+                bar.advance()
+                if stop.requested or any(m.failure for m in active):
+                    break
+            if stop.requested:
+                for m in active:
+                    m.writer.close()
+                    checkpoint.save(m.parts, m.cfg, m.pos, m.run_dir, m.generator)
+                raise stop.fault(f"after step {active[0].pos.step}; every job's checkpoint is saved in its dir; "
+                                 f"{stop_hint}")
+            if not any(m.failure for m in active):
+                for m in active:
+                    try:
+                        m.watch.check()
+                    except TrainingFault as e:
+                        m.failure = e
+                if not any(m.failure for m in active):
+                    for m in active:
+                        end_epoch(m.parts, m.cfg, m.pos, m.run_dir, m.writer, bar.log, m.generator, f"{m.name}: ")
+            still = [m for m in active if m.training]
+            if len(still) < len(active):
+                for m in active:
+                    if m.failure:
+                        bar.log(f"{m.name}: {m.failure}; the other jobs of the stack go on")
+                active = still
+                if active:
+                    stack = Stack(active, backend, bar.log)
+            mode = stack.mode
+        bar.end_here()
+    return time.perf_counter() - started, mode
