@@ -107,25 +107,38 @@ def peak_bytes(device: str) -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def growth(device: str, extra: list[str], steps: int, max_n: int, root: Path) -> list[dict]:
-    """The stack's training throughput and peak memory as N doubles (CPU: the process's peak RSS, which
-    only grows, so N runs in increasing order)."""
+def grown(device: str, n: int, extra: list[str], steps: int, root: Path) -> dict:
+    """One stack of n jobs: its training throughput, and the peak memory it adds (CUDA: the peak of
+    allocated memory; CPU: the rise of this process's peak RSS from before the jobs were built, so each
+    N runs in a fresh process: scripts/bench_stacked.py --growth-child N)."""
     from aelab.training.stacked import Stack
 
+    if device == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    before = 0 if device == "cuda" else peak_bytes(device)
+    group = members(device, n, extra, root)
+    stack = Stack(group)
+    per_epoch = len(group[0].parts.data.train) // group[0].parts.trainer.batch_size
+    for batch in range(3):  # warm-up
+        stack.step(batch)
+    rate = steps_per_second(lambda b: stack.step(b % per_epoch), steps, device)
+    batch = group[0].parts.trainer.batch_size
+    return {"n": n, "aggregate_samples_per_s": rate * batch * n, "per_job_samples_per_s": rate * batch,
+            "peak_mib": (peak_bytes(device) - before) / 2**20}
+
+
+def growth(device: str, extra: list[str], steps: int, max_n: int, root: Path) -> list[dict]:
+    """grown() for N = 1, 2, 4, ... max_n (on the CPU each in its own process)."""
     rows, n = [], 1
     while n <= max_n:
         if device == "cuda":
-            torch.cuda.empty_cache()
-            torch.cuda.reset_peak_memory_stats()
-        group = members(device, n, extra, root)
-        stack = Stack(group)
-        per_epoch = len(group[0].parts.data.train) // group[0].parts.trainer.batch_size
-        stack.step(0)
-        rate = steps_per_second(lambda b: stack.step(b % per_epoch), steps, device)
-        batch = group[0].parts.trainer.batch_size
-        rows.append({"n": n, "aggregate_samples_per_s": rate * batch * n, "per_job_samples_per_s": rate * batch,
-                     "peak_mib": peak_bytes(device) / 2**20})
-        del group, stack
+            rows.append(grown(device, n, extra, steps, root / str(n)))
+        else:
+            out = root / f"growth{n}.json"
+            subprocess.run([sys.executable, __file__, "--growth-child", str(n), "--steps", str(steps), "--json", str(out),
+                            "--device", device, "--extra", " ".join(extra)], check=True, capture_output=True)
+            rows.append(json.loads(out.read_text()))
         n *= 2
     return rows
 
@@ -162,7 +175,14 @@ def main() -> None:
     p.add_argument("--skip-sweeps", action="store_true", help="only the in-process throughput")
     p.add_argument("--sweep-args", default="", help="extra overrides for the end-to-end sweeps, e.g. trainer.epochs=5")
     p.add_argument("--json", default="", help="also write the results here")
+    p.add_argument("--growth-child", type=int, default=0, help=argparse.SUPPRESS)  # one row of the growth table
+    p.add_argument("--extra", default="", help=argparse.SUPPRESS)
     args = p.parse_args()
+    if args.growth_child:
+        with tempfile.TemporaryDirectory() as tmp:
+            row = grown(args.device, args.growth_child, args.extra.split(), args.steps, Path(tmp))
+        Path(args.json).write_text(json.dumps(row))
+        return
     torch.set_num_threads(torch.get_num_threads())
     report = {"device": args.device, "gpu": torch.cuda.get_device_name() if args.device == "cuda" else None,
               "date": time.strftime("%Y-%m-%d"), "threads": torch.get_num_threads()}

@@ -169,8 +169,7 @@ def l1_seed_sweep(tmp_path_factory) -> Path:
     it, or take the `sweep` fixture's copy to write into it."""
     root = tmp_path_factory.mktemp("l1_seed_sweep")
     run_cli("train", "-m", "launcher=stacked", "reg=l1", "reg.weight=1e-3,1e-1", "trainer.seed=0,1", "trainer.epochs=2",
-            "device=cpu", "eval.probe_max_samples=300", f"hydra.sweep.dir={root / 'sweep'}",
-            "hydra.job.config.override_dirname.exclude_keys=[launcher]", cwd=root)
+            "device=cpu", "eval.probe_max_samples=300", f"hydra.sweep.dir={root / 'sweep'}", cwd=root)
     return root / "sweep"
 
 

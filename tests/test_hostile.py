@@ -35,7 +35,7 @@ def test_resume_of_a_finished_sweep_leaves_it_as_it_was(sweep, capfd):
     """Every job finished: each says so, and neither the jobs' records nor multirun.yaml change."""
     before = files(sweep)
     code, out, err = cli(capfd, "train", f"resume={sweep}")
-    assert code == 0 and out.count("finished already, its results kept") == 4, err
+    assert code == 0 and out.count("finished already, its results kept") == 4, out
     assert files(sweep) == before
 
 

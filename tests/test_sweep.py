@@ -89,12 +89,18 @@ def optuna_trials(storage: str, study: str) -> int:
 
 
 @pytest.mark.slow
-def test_optuna_study_in_memory(tmp_path):
+@pytest.mark.parametrize("launcher", ["basic", "stacked"])
+def test_optuna_study_in_memory(tmp_path, launcher):
+    """The sweeper minimises what the jobs return; with launcher=stacked, each batch of trials it hands
+    over trains as one stack, and the values it reads are each job's own."""
     plugin("hydra_optuna_sweeper")
     sweep = tmp_path / "study"
-    proc = run_cli("train", "-m", "+experiment=optuna_search", "hydra.sweeper.n_trials=3", *SHORT,
-                   f"hydra.sweep.dir={sweep}", cwd=tmp_path)
+    batch = ["hydra.sweeper.n_jobs=3"] if launcher == "stacked" else []  # the sweeper's batch: the stack
+    proc = run_cli("train", "-m", "+experiment=optuna_search", "hydra.sweeper.n_trials=3", *SHORT, *batch,
+                   f"launcher={launcher}", f"hydra.sweep.dir={sweep}", cwd=tmp_path)
     assert len(finished_jobs(sweep)) == 3
+    if launcher == "stacked":
+        assert all(j["step_mode"] == "stacked (3 jobs): eager" for j in finished_jobs(sweep))
     best = OmegaConf.load(sweep / "optimization_results.yaml")
     values = [j["val"]["recon"] for j in finished_jobs(sweep)]
     assert best.best_value == pytest.approx(min(values))  # the sweeper minimised what the runs returned

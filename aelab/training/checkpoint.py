@@ -40,16 +40,9 @@ class Position:
     schedule: Optional[dict] = None  # a per-epoch schedule's state (plateau's); per-step ones replay
 
 
-def save(parts: Parts, cfg: DictConfig, pos: Position, run_dir: Path, generator: Optional[torch.Generator] = None
-         ) -> Path:
-    """Written to a temporary file, then renamed: a crash never leaves half a checkpoint in place.
-    `generator`: the run's own random stream where it has one (a stacked job), saved as the global
-    stream of its device, which a run trained alone draws from: the checkpoint resumes either way."""
+def save(parts: Parts, cfg: DictConfig, pos: Position, run_dir: Path) -> Path:
+    """Written to a temporary file, then renamed: a crash never leaves half a checkpoint in place."""
     rng = {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
-    if generator is not None and generator.device.type == "cpu":
-        rng["cpu"] = generator.get_state()
-    elif generator is not None:
-        rng["cuda"][generator.device.index or 0] = generator.get_state()
     model = {name: own(value) for name, value in parts.model.state_dict().items()}
     state = {"model": model, "optimizer": parts.optimizer.state_dict(),
              "position": asdict(pos), "config": OmegaConf.to_container(cfg, resolve=True), "rng": rng}

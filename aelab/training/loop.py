@@ -87,15 +87,15 @@ def patience_ran_out(pos: Position, trainer: Trainer) -> bool:
 
 
 def end_epoch(parts: Parts, cfg: DictConfig, pos: Position, run_dir: Path, writer: SummaryWriter, say,
-              generator: torch.Generator | None = None, name: str = "") -> None:
+              name: str = "", measured: tuple[dict, dict] | None = None) -> None:
     """After an epoch's last step: validate, log, step a per-epoch schedule, judge (best model, early
-    stop), checkpoint (with `generator`, a stacked job's own random stream), and say the epoch's line
-    (prefixed with `name`, a stacked job's)."""
+    stop), checkpoint, and say the epoch's line (prefixed with `name`, a stacked job's). `measured`: the
+    validation objective and code activity, measured already (a stack measures its jobs together)."""
     trainer = parts.trainer
     pos.epoch, pos.order = pos.epoch + 1, None
     val_x = parts.data.val.x
-    val = evaluate(parts, val_x)
-    codes = activity(parts.model, val_x, parts.evaluation.threshold, trainer.batch_size)
+    val, codes = measured or (evaluate(parts, val_x),
+                              activity(parts.model, val_x, parts.evaluation.threshold, trainer.batch_size))
     log_terms(writer, "val", {**val, **codes}, pos.step)
     writer.add_image("val/clean_corrupted_reconstructed", image_grid(
         parts.model, val_x, parts.corruption, parts.data.image_shape, trainer.seed), pos.step)
@@ -103,7 +103,7 @@ def end_epoch(parts: Parts, cfg: DictConfig, pos: Position, run_dir: Path, write
         parts.schedule.after_epoch(val["total"])
     judge(pos, parts, val["total"])
     pos.schedule = parts.schedule.state_dict()
-    checkpoint.save(parts, cfg, pos, run_dir, generator)
+    checkpoint.save(parts, cfg, pos, run_dir)
     train = dict(zip(TERMS, (pos.epoch_sums / pos.seen).tolist()))
     stopped = ""
     if pos.stopped_epoch:

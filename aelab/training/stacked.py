@@ -15,9 +15,10 @@ from __future__ import annotations
 
 import copy
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Iterator, Optional
 
 import torch
 from omegaconf import DictConfig
@@ -31,7 +32,8 @@ from . import checkpoint
 from .checkpoint import Position
 from .faults import FiniteWatch, StopSignals, TrainingFault
 from .loop import end_epoch, start_epoch, stepped
-from .objective import TERMS
+from .monitor import ACTIVITY, sparsity
+from .objective import TERMS, batches
 from .steps import CudaGraphs, GraphBackend, GraphStep, replayable
 
 
@@ -60,6 +62,24 @@ class Member:
     def training(self) -> bool:
         trainer = self.parts.trainer
         return self.failure is None and self.pos.stopped_epoch is None and self.pos.epoch < trainer.epochs
+
+
+@contextmanager
+def own_stream(generator: torch.Generator) -> Iterator[None]:
+    """The global random stream of the generator's device is the member's own while the block runs (what
+    draws from it there, as Hutchinson's probes in the validation pass do, draws as the job alone would)."""
+    device = generator.device
+    if device.type == "cpu":
+        get, put = torch.get_rng_state, torch.set_rng_state
+    else:
+        get, put = (lambda: torch.cuda.get_rng_state(device)), (lambda state: torch.cuda.set_rng_state(state, device))
+    saved = get()
+    put(generator.get_state())
+    try:
+        yield
+    finally:
+        generator.set_state(get())
+        put(saved)
 
 
 def unstackable(parts: Parts) -> Optional[str]:
@@ -156,6 +176,39 @@ class Stack:
         latent, recon, logits = vmap(one)(self.weights, x)
         return Forward(x, latent, recon, logits)
 
+    def objective(self, clean: Tensor, generators: list[torch.Generator]) -> Tensor:
+        """Each member's (total, recon, reg) on its batch, clean (N, B, ...), its corruption drawn from
+        generators[i]: (N, 3), attached to the graph."""
+        inputs = torch.stack([m.parts.corruption(c, g) for m, c, g in zip(self.members, clean, generators)])
+        if self.input_grad:
+            inputs.requires_grad_(True)
+        fwd = self.forward(inputs, self.trace)
+        recon = self.loss(fwd, clean)
+        reg = self.penalty.term(fwd, self, **self.options)
+        total = recon if self.penalty.zero else recon + self.scale * reg
+        return torch.stack([total, recon, reg.expand_as(total)], 1)
+
+    def measure(self, x: Tensor) -> list[tuple[dict, dict]]:
+        """Each member's validation numbers on x, as training.loop.end_epoch measures a job's alone: the
+        mean objective (corruption drawn from a generator seeded with its trainer.seed) and the activity
+        of its clean codes. One stacked pass over x for all members."""
+        first = self.members[0].parts
+        n, size, device = len(self.members), first.trainer.batch_size, first.device
+        generators = [torch.Generator(device).manual_seed(m.parts.trainer.seed) for m in self.members]
+        sums, latents = torch.zeros(n, len(TERMS), device=device), []
+        for clean in batches(x, size, device):
+            stacked = clean.expand(n, *clean.shape)
+            with torch.set_grad_enabled(self.input_grad):
+                sums += self.objective(stacked, generators).detach() * len(clean)
+            with torch.no_grad():
+                latents.append(self.forward(stacked).latent)
+        latent = torch.cat(latents, 1)
+        out = []
+        for member, total, codes in zip(self.members, (sums / len(x)).tolist(), latent):
+            found, _ = sparsity(codes, member.parts.evaluation.threshold)
+            out.append((dict(zip(TERMS, total)), {name: found[name] for name in ACTIVITY}))
+        return out
+
     def probes(self, shape: tuple) -> Tensor:
         """Gaussian probes (samples, N, B, k), member i's drawn from its own stream as it would alone."""
         samples, _, *rest = shape
@@ -185,21 +238,15 @@ class Stack:
     def train(self, clean: Tensor) -> Tensor:
         """One optimizer step of every member on its batch, clean (N, B, ...); returns the detached (N, 3)
         (total, recon, reg) without a host sync."""
-        inputs = torch.stack([m.parts.corruption(c, m.generator) for m, c in zip(self.members, clean)])
-        if self.input_grad:
-            inputs.requires_grad_(True)
-        fwd = self.forward(inputs, self.trace)
-        recon = self.loss(fwd, clean)
-        reg = self.penalty.term(fwd, self, **self.options)
-        total = recon if self.penalty.zero else recon + self.scale * reg
+        terms = self.objective(clean, [m.generator for m in self.members])
         for weight in self.weights.values():
             weight.grad = None
-        total.sum().backward()  # each member's gradient is its own objective's
+        terms[:, 0].sum().backward()  # each member's gradient is its own objective's
         for i, member in enumerate(self.members):
             for name, param in member.parts.model.named_parameters():
                 param.grad = self.weights[name].grad[i]
             member.parts.optimizer.step()
-        return torch.stack([total, recon, reg.expand_as(total)], 1).detach()
+        return terms.detach()
 
 
 def fit_stack(members: list[Member], stop_hint: str, backend: Optional[GraphBackend] = None) -> tuple[float, str]:
@@ -241,7 +288,8 @@ def fit_stack(members: list[Member], stop_hint: str, backend: Optional[GraphBack
             if stop.requested:
                 for m in active:
                     m.writer.close()
-                    checkpoint.save(m.parts, m.cfg, m.pos, m.run_dir, m.generator)
+                    with own_stream(m.generator):  # saved as the global stream, which the job alone draws from
+                        checkpoint.save(m.parts, m.cfg, m.pos, m.run_dir)
                 raise stop.fault(f"after step {active[0].pos.step}; every job's checkpoint is saved in its dir; "
                                  f"{stop_hint}")
             if not any(m.failure for m in active):
@@ -251,8 +299,10 @@ def fit_stack(members: list[Member], stop_hint: str, backend: Optional[GraphBack
                     except TrainingFault as e:
                         m.failure = e
                 if not any(m.failure for m in active):
-                    for m in active:
-                        end_epoch(m.parts, m.cfg, m.pos, m.run_dir, m.writer, bar.log, m.generator, f"{m.name}: ")
+                    measured = stack.measure(first.parts.data.val.x)
+                    for m, found in zip(active, measured):
+                        with own_stream(m.generator):  # its checkpoint saves the global stream, its own here
+                            end_epoch(m.parts, m.cfg, m.pos, m.run_dir, m.writer, bar.log, f"{m.name}: ", found)
             still = [m for m in active if m.training]
             if len(still) < len(active):
                 for m in active:
