@@ -102,21 +102,41 @@ def throughput(device: str, extra: list[str], steps: int, repeat: int, root: Pat
 
 
 def peak_bytes(device: str) -> int:
+    """CUDA: the peak of allocated memory since the last reset. CPU: this process's peak resident set
+    since the last reset_peak (Linux's VmHWM, which writing 5 to /proc/self/clear_refs resets)."""
     if device == "cuda":
         return torch.cuda.max_memory_allocated()
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def grown(device: str, n: int, extra: list[str], steps: int, root: Path) -> dict:
-    """One stack of n jobs: its training throughput, and the peak memory it adds (CUDA: the peak of
-    allocated memory; CPU: the rise of this process's peak RSS from before the jobs were built, so each
-    N runs in a fresh process: scripts/bench_stacked.py --growth-child N)."""
-    from aelab.training.stacked import Stack
+def resident_bytes() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    return 0
 
+
+def reset_peak(device: str) -> int:
+    """Start measuring a new peak; returns what is resident (allocated) now, which the peak is measured from."""
     if device == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
-    before = 0 if device == "cuda" else peak_bytes(device)
+        return torch.cuda.memory_allocated()
+    Path("/proc/self/clear_refs").write_text("5")
+    return resident_bytes()
+
+
+def grown(device: str, n: int, extra: list[str], steps: int, root: Path) -> dict:
+    """One stack of n jobs: its training throughput, and the peak memory it adds from before its jobs were
+    built (their parts, the stack, its steps: CUDA's allocated memory; the CPU's resident set, each N in a
+    fresh process: scripts/bench_stacked.py --growth-child N)."""
+    from aelab.training.stacked import Stack
+
+    members(device, 1, extra, root / "warm")  # the data read and the imports made before measuring
+    before = reset_peak(device)
     group = members(device, n, extra, root)
     stack = Stack(group)
     per_epoch = len(group[0].parts.data.train) // group[0].parts.trainer.batch_size
@@ -131,6 +151,7 @@ def grown(device: str, n: int, extra: list[str], steps: int, root: Path) -> dict
 def growth(device: str, extra: list[str], steps: int, max_n: int, root: Path) -> list[dict]:
     """grown() for N = 1, 2, 4, ... max_n (on the CPU each in its own process)."""
     rows, n = [], 1
+    root.mkdir(parents=True, exist_ok=True)
     while n <= max_n:
         if device == "cuda":
             rows.append(grown(device, n, extra, steps, root / str(n)))
@@ -169,8 +190,8 @@ def installed(module: str) -> bool:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--steps", type=int, default=60, help="timed steps per round")
-    p.add_argument("--repeat", type=int, default=3, help="rounds; the best counts")
+    p.add_argument("--steps", type=int, default=200, help="timed steps per round")
+    p.add_argument("--repeat", type=int, default=5, help="rounds; the best counts")
     p.add_argument("--max-n", type=int, default=32, help="the largest stack of the growth table")
     p.add_argument("--skip-sweeps", action="store_true", help="only the in-process throughput")
     p.add_argument("--sweep-args", default="", help="extra overrides for the end-to-end sweeps, e.g. trainer.epochs=5")

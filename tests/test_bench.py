@@ -67,3 +67,24 @@ def test_sigterm_stops_the_benchmark_in_aelabs_epochs(make_cfg, monkeypatch, cap
         bench.aelab_epochs(build(make_cfg("device=cpu")), 5)
     assert stopped.value.code == 128 + signal.SIGTERM and len(epochs) == 1
     assert "bench: stopped by SIGTERM" in capsys.readouterr().err
+
+
+def test_bench_stacked_reports_throughput_growth_and_sweeps(tmp_path):
+    """scripts/bench_stacked.py end to end on tiny settings: every table it reports, and the same test
+    MSE for each job whichever launcher trained it (the stacked sweep is the basic one's, job by job)."""
+    out = tmp_path / "stacked.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench_stacked.py"), "--device", "cpu", "--steps", "3",
+                           "--repeat", "1", "--max-n", "2", "--sweep-args", "trainer.epochs=1 eval.probe=false",
+                           "--json", str(out)], capture_output=True, text=True, timeout=900, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    report = json.loads(out.read_text())
+    assert sorted(report["throughput"]) == ["digits", "mnist_shaped"]
+    for row in report["throughput"].values():
+        assert row["jobs"] == 8 and row["stacked_aggregate"] > 0 and row["alone_aggregate"] > 0
+    assert [row["n"] for row in report["growth"]] == [1, 2]
+    assert all(row["peak_mib"] > 0 for row in report["growth"])
+    sweeps = report["sweeps"]
+    assert {"stacked", "basic"} <= set(sweeps) and len(sweeps["stacked"]["test_mse"]) == 8
+    assert sweeps["stacked"]["test_mse"] == pytest.approx(sweeps["basic"]["test_mse"], rel=1e-5)
+    assert [t["target"] for t in report["targets"]][:2] == ["digits stacked / one by one, training",
+                                                              "8-job sweep, basic / stacked, end to end"]

@@ -486,3 +486,16 @@ def test_eval_projector_sets_how_many_test_codes_the_projector_shows(make_cfg, t
     (folder,) = (tmp_path / "00012").iterdir()
     assert np.loadtxt(folder / "tensors.tsv", delimiter="\t") == pytest.approx(latent[:shown].numpy(), abs=1e-6)
     assert (folder / "metadata.tsv").read_text().split() == [str(c) for c in parts.data.test.labels[:shown].tolist()]
+
+
+def test_the_pixel_probe_is_fit_once_per_data_set(make_cfg, monkeypatch):
+    """probe_pixels is the data's number: the ends of a stack's jobs (which share their data) fit it once;
+    other data, or other probe settings, fit their own."""
+    from aelab.analysis import metrics
+
+    calls = []
+    monkeypatch.setattr(metrics, "linear_probe", lambda *args: calls.append(args[-2:]) or 0.5)
+    data = build(make_cfg("device=cpu")).data
+    other = build(make_cfg("device=cpu")).data  # the same images, read again: other tensors
+    assert [metrics.pixel_probe(d, n, 0) for d, n in ((data, 300), (data, 300), (other, 300), (data, 200))] == [0.5] * 4
+    assert calls == [(300, 0), (300, 0), (200, 0)]

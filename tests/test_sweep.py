@@ -207,7 +207,8 @@ def test_misspelled_launcher_key_is_one_line_before_any_job(tmp_path, capsys):
     assert not (tmp_path / "sweep").exists()
 
 
-@pytest.mark.parametrize("launcher", ["basic", "stacked", pytest.param("parallel", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("launcher", ["basic", pytest.param("stacked", marks=pytest.mark.slow),
+                                      pytest.param("parallel", marks=pytest.mark.slow)])
 def test_a_diverged_job_does_not_stop_the_sweep(tmp_path, launcher):
     """lr=1e12 turns the loss NaN: that job leaves failed.json, the next job still runs (stacked: the
     stack goes on without it), the sweep exits 3 naming it (also when joblib ran the jobs in other

@@ -8,12 +8,15 @@ estimate, points back to the clean input) and linear-probe accuracy of the froze
 """
 from __future__ import annotations
 
+import weakref
+
 import numpy as np
 import torch
 from torch import Tensor
 
 from ..build import EvalSettings, Parts
 from ..corruptions import Corruption
+from ..data import Splits
 from ..losses import LOSSES
 from ..regularizers import jacobian_rows
 from ..training.monitor import GRID_IMAGES, codes, grid, sparsity
@@ -155,6 +158,23 @@ def linear_probe(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, t
     return float(probe.score(test_x, test_y))
 
 
+PIXEL_PROBES: dict[tuple, tuple[weakref.ref, float]] = {}  # (data's ids, settings) -> (its train images, the accuracy)
+
+
+def pixel_probe(data: Splits, max_samples: int, seed: int) -> float:
+    """linear_probe on the raw pixels: a number of the data, not of the model, so fit once per data set
+    and settings in a process (the jobs of a stacked sweep share their data: N jobs' ends fit it once)."""
+    key = (id(data.train.x), id(data.test.x), max_samples, seed)
+    held = PIXEL_PROBES.get(key)
+    if held is not None and held[0]() is data.train.x:  # the same images, not a later tensor at that address
+        return held[1]
+    as_np = lambda t: t.detach().cpu().numpy()  # noqa: E731
+    accuracy = linear_probe(as_np(data.train.x), as_np(data.train.labels), as_np(data.test.x),
+                            as_np(data.test.labels), max_samples, seed)
+    PIXEL_PROBES[key] = (weakref.ref(data.train.x), accuracy)
+    return accuracy
+
+
 def analyse(parts: Parts, settings: EvalSettings) -> tuple[dict, dict[str, Tensor]]:
     """All test metrics (flat dict for metrics.json) and the arrays behind the pictures: the test codes,
     each unit's lifetime sparsity and each test image's Jacobian spectrum."""
@@ -179,8 +199,7 @@ def analyse(parts: Parts, settings: EvalSettings) -> tuple[dict, dict[str, Tenso
         as_np = lambda t: t.detach().cpu().numpy()  # noqa: E731
         metrics["probe_latent"] = linear_probe(as_np(codes(model, train.x, batch)), as_np(train.labels), as_np(latent),
                                                as_np(test.labels), settings.probe_max_samples, seed)
-        metrics["probe_pixels"] = linear_probe(as_np(train.x), as_np(train.labels), as_np(test.x),
-                                               as_np(test.labels), settings.probe_max_samples, seed)
+        metrics["probe_pixels"] = pixel_probe(parts.data, settings.probe_max_samples, seed)
     return metrics, {"latent_activations": latent, "lifetime_sparsity": lifetime, "jacobian_spectrum": spectrum}
 
 

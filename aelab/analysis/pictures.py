@@ -20,11 +20,12 @@ def histogram_png(arrays: dict[str, Tensor], path: Path, threshold: float) -> No
     plt = pyplot()
 
     fig, (left, middle, right) = plt.subplots(1, 3, figsize=(15, 4))
-    left.hist(arrays["latent_activations"].flatten().cpu().numpy(), bins=60, color="tab:blue")
+    left.hist(arrays["latent_activations"].flatten().cpu().numpy(), bins=60, color="tab:blue", histtype="stepfilled")
     left.axvline(threshold, color="tab:red", linestyle="--", label=f"active threshold {threshold:g}")
     left.set(xlabel="latent activation", ylabel="count (test samples x units)", title="Latent activations")
     left.legend()
-    middle.hist(arrays["lifetime_sparsity"].cpu().numpy(), bins=20, range=(0, 1), color="tab:green")
+    middle.hist(arrays["lifetime_sparsity"].cpu().numpy(), bins=20, range=(0, 1), color="tab:green",
+                histtype="stepfilled")  # one polygon, not a patch per bar: a quarter of the picture's time
     middle.set(xlabel="fraction of test samples a unit is active on", ylabel="units",
                title="Lifetime sparsity per unit")
     spectrum = arrays["jacobian_spectrum"].double().cpu()

@@ -5,7 +5,7 @@ import io
 import math
 import pickle
 import zipfile
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Optional
 
@@ -44,8 +44,9 @@ def save(parts: Parts, cfg: DictConfig, pos: Position, run_dir: Path) -> Path:
     """Written to a temporary file, then renamed: a crash never leaves half a checkpoint in place."""
     rng = {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
     model = {name: own(value) for name, value in parts.model.state_dict().items()}
+    position = {f.name: getattr(pos, f.name) for f in fields(pos)}  # asdict would deep-copy every tensor first
     state = {"model": model, "optimizer": parts.optimizer.state_dict(),
-             "position": asdict(pos), "config": OmegaConf.to_container(cfg, resolve=True), "rng": rng}
+             "position": position, "config": OmegaConf.to_container(cfg, resolve=True), "rng": rng}
     path, buffer = run_dir / FILE, io.BytesIO()
     torch.save(state, buffer)  # in memory: torch's own file writer reports a full disk as an "enforce fail"
     write_whole(path, lambda tmp: tmp.write_bytes(buffer.getbuffer()))
