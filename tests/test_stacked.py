@@ -18,6 +18,7 @@ from aelab.training.steps import GraphStep
 from test_steps import Rerun
 
 QUIET = ("device=cpu", "eval.probe=false", "eval.projector=0", "trainer.epochs=2")
+SLOW = pytest.mark.slow  # in the slow tier: more of what the fast tier's cases already show
 
 
 def started(make_cfg, tmp_path, name, *overrides):
@@ -67,6 +68,7 @@ def test_each_stacked_job_ends_as_it_would_alone(make_cfg, tmp_path):
         assert_close(weights(stack[index]), alone(make_cfg, tmp_path, f"a{index}", *overrides))
 
 
+@SLOW
 def test_a_replayed_stack_trains_as_an_eager_one(make_cfg, tmp_path):
     """The stack's whole step captured once and replayed (a CPU stand-in for CUDA graphs: test_steps.Rerun)
     trains bit for bit as the eager stack: a cosine schedule's rate reaches it per job (lr_device)."""
@@ -83,6 +85,7 @@ def test_a_replayed_stack_trains_as_an_eager_one(make_cfg, tmp_path):
         assert torch.equal(one.pos.epoch_sums, other.pos.epoch_sums)
 
 
+@SLOW
 def test_permuting_the_jobs_changes_no_job(make_cfg, tmp_path):
     forward = members(make_cfg, tmp_path, "f", L1_JOBS)
     backward = members(make_cfg, tmp_path, "b", L1_JOBS[::-1])
@@ -93,20 +96,20 @@ def test_permuting_the_jobs_changes_no_job(make_cfg, tmp_path):
 
 
 @pytest.mark.parametrize("jobs", [
-    [("model=contractive", "model.hidden=[32]", "reg=contractive", f"reg.weight={w}", "corruption=masking",
-      f"corruption.prob={p}")
-     for w, p in ((0.0, 0.1), (1e-3, 0.3))],
-    [("model=sparse_kl", "reg=kl", f"reg.rho={rho}", f"reg.weight={w}", "loss=bce", "sched=cosine")
-     for rho, w in ((0.05, 0.1), (0.2, 1.0))],
-    [("model=conv", "reg=l1", f"reg.weight={w}", "corruption=block", "optim=adamw", "trainer.batch_size=256")
-     for w in (1e-3, 1e-1)],
-    [("loss=mae", "loss.reduction=sum", "optim=sgd", f"optim.lr={lr}", "corruption=salt_pepper")
-     for lr in (1e-3, 1e-2)],
-    [("model=contractive", "model.hidden=[32]", "reg=contractive", "reg.method=hutchinson", "reg.samples=2",
-      f"reg.weight={w}", "corruption=gaussian", "trainer.epochs=2") for w in (1e-3, 1e-2)],
-    [("model=conv", "model.channels=[4,8]", "model.latent_dim=8", "reg=contractive", f"reg.weight={w}",
-      "trainer.batch_size=256") for w in (1e-3, 1e-2)],
-], ids=["contractive-exact", "kl-rho-cosine", "conv-vmap", "mae-sum-sgd", "hutchinson", "conv-contractive-autograd"])
+    pytest.param([("model=contractive", "model.hidden=[32]", "reg=contractive", f"reg.weight={w}", "corruption=masking",
+                   f"corruption.prob={p}") for w, p in ((0.0, 0.1), (1e-3, 0.3))], id="contractive-exact"),
+    pytest.param([("model=sparse_kl", "reg=kl", f"reg.rho={rho}", f"reg.weight={w}", "loss=bce", "sched=cosine")
+                  for rho, w in ((0.05, 0.1), (0.2, 1.0))], id="kl-rho-cosine", marks=SLOW),
+    pytest.param([("model=conv", "reg=l1", f"reg.weight={w}", "corruption=block", "optim=adamw",
+                   "trainer.batch_size=256") for w in (1e-3, 1e-1)], id="conv-vmap", marks=SLOW),
+    pytest.param([("loss=mae", "loss.reduction=sum", "optim=sgd", f"optim.lr={lr}", "corruption=salt_pepper")
+                  for lr in (1e-3, 1e-2)], id="mae-sum-sgd", marks=SLOW),
+    pytest.param([("model=contractive", "model.hidden=[32]", "reg=contractive", "reg.method=hutchinson",
+                   "reg.samples=2", f"reg.weight={w}", "corruption=gaussian", "trainer.epochs=2") for w in (1e-3, 1e-2)],
+                 id="hutchinson"),
+    pytest.param([("model=conv", "model.channels=[4,8]", "model.latent_dim=8", "reg=contractive", f"reg.weight={w}",
+                   "trainer.batch_size=256") for w in (1e-3, 1e-2)], id="conv-contractive-autograd", marks=SLOW),
+])
 def test_every_part_stacks_exactly(make_cfg, tmp_path, jobs):
     """The exact contractive penalty (stacked closed-form Jacobian), KL with a rho per job, a conv model
     (vmapped: grouped convolutions), every corruption, each loss and reduction, SGD and AdamW, a schedule;
@@ -212,3 +215,15 @@ def test_a_stacked_sweep_leaves_runs_like_any_other(l1_seed_sweep):
         assert record["epochs_trained"] == 2 and record["steps"] == 20
         state = torch.load(job_dir / "checkpoint.pt", weights_only=True)
         assert state["model"]["enc_layers.0.weight"].untyped_storage().nbytes() == 256 * 64 * 4  # its own weights only
+
+
+@pytest.mark.parametrize("size", ["0", pytest.param("-3", marks=SLOW), pytest.param("two", marks=SLOW)])
+def test_a_bad_stack_size_is_one_line_before_the_sweep_writes(tmp_path, capfd, size):
+    from conftest import cli
+    sweep = tmp_path / "sweep"
+    code, out, err = cli(capfd, "train", "-m", "launcher=stacked", f"hydra.launcher.stack_size={size}", "reg=l1",
+                         "reg.weight=1e-3,1e-1", f"hydra.sweep.dir={sweep}")
+    assert code == 2 and "Traceback" not in err
+    line = err.strip().splitlines()[-1]  # a number below 1: aelab's words; not a number: Hydra's type check
+    assert line.startswith("error: ") and "hydra.launcher.stack_size" in line and ("whole number >= 1" in line) != (size == "two")
+    assert not (sweep / "multirun.yaml").exists()

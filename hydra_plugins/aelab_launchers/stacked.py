@@ -32,17 +32,21 @@ class StackedLauncher(BasicLauncher):
         super().__init__()
         self.stack_size = stack_size
 
+    def setup(self, **kwargs) -> None:
+        """Hydra sets the launcher up before the sweep writes anything: a bad stack_size stops it here."""
+        if isinstance(self.stack_size, bool) or not isinstance(self.stack_size, int) or self.stack_size < 1:
+            from aelab import console
+            console.error(f"hydra.launcher.stack_size: must be a whole number >= 1, got {self.stack_size!r}")
+            sys.exit(2)
+        super().setup(**kwargs)
+
     def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
-        from aelab import console
         from aelab.cli import stacking
 
         setup_globals()
         configure_log(self.config.hydra.hydra_logging, self.config.hydra.verbose)
         sweep_dir = Path(str(self.config.hydra.sweep.dir))
         sweep_dir.mkdir(parents=True, exist_ok=True)
-        if not isinstance(self.stack_size, int) or self.stack_size < 1:
-            console.error(f"hydra.launcher.stack_size: must be a whole number >= 1, got {self.stack_size!r}")
-            sys.exit(2)
         configs = []
         for idx, overrides in enumerate(job_overrides, initial_job_idx):
             config = self.hydra_context.config_loader.load_sweep_config(self.config, list(overrides))
