@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import subprocess
 import sys
 import tempfile
@@ -104,19 +103,15 @@ def throughput(device: str, extra: list[str], steps: int, repeat: int, root: Pat
 def peak_bytes(device: str) -> int:
     """CUDA: the peak of allocated memory since the last reset. CPU: this process's peak resident set
     since the last reset_peak (Linux's VmHWM, which writing 5 to /proc/self/clear_refs resets)."""
-    if device == "cuda":
-        return torch.cuda.max_memory_allocated()
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) * 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return torch.cuda.max_memory_allocated() if device == "cuda" else status_bytes("VmHWM")
 
 
-def resident_bytes() -> int:
+def status_bytes(field: str) -> int:
+    """A size this process's /proc/self/status gives (Linux: VmRSS, VmHWM), in bytes."""
     for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
+        if line.startswith(f"{field}:"):
             return int(line.split()[1]) * 1024
-    return 0
+    raise SystemExit(f"/proc/self/status has no {field}: the CPU memory figures need Linux")
 
 
 def reset_peak(device: str) -> int:
@@ -126,7 +121,7 @@ def reset_peak(device: str) -> int:
         torch.cuda.reset_peak_memory_stats()
         return torch.cuda.memory_allocated()
     Path("/proc/self/clear_refs").write_text("5")
-    return resident_bytes()
+    return status_bytes("VmRSS")
 
 
 def grown(device: str, n: int, extra: list[str], steps: int, root: Path) -> dict:
@@ -179,14 +174,6 @@ def sweep_seconds(launcher: str, extra: list[str], root: Path) -> tuple[float, l
     return seconds, [json.loads((j / "metrics.json").read_text())["test"]["mse"] for j in jobs]
 
 
-def installed(module: str) -> bool:
-    import importlib.util
-    try:
-        return importlib.util.find_spec(module) is not None
-    except ModuleNotFoundError:
-        return False
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -219,6 +206,7 @@ def main() -> None:
                                   root / "c")
         if not args.skip_sweeps:
             extra = args.sweep_args.split()
+            from aelab.cli.main import installed
             launchers = ["stacked", "basic"] + (["parallel"] if installed("hydra_plugins.hydra_joblib_launcher") else [])
             report["sweeps"] = {}
             for launcher in launchers:

@@ -1,6 +1,7 @@
 """One `aelab train` job: build the parts, train (or continue), measure the test split, write the results."""
 from __future__ import annotations
 
+import math
 import shlex
 import time
 from dataclasses import dataclass
@@ -14,10 +15,10 @@ from ..analysis.evaluate import finish
 from ..analysis.tensorboard import config_text, log_final
 from ..build import Parts, Trainer, build
 from ..data import Splits
-from ..runs import read_results, write_json
+from ..runs import FAILED, read_results, write_json
 from ..training import checkpoint
 from ..training.checkpoint import Position
-from ..training.faults import StopNow, StopSignals, environment
+from ..training.faults import StopNow, StopSignals, TrainingFault, environment
 from ..training.loop import fit, patience_ran_out
 
 
@@ -83,6 +84,15 @@ def complete(job: Started, seconds: float, step_mode: str, varied: list[str] = (
     console.summary({"train": metrics["train"], "val": metrics["val"]}, title=f"aelab: {run_dir.name}")
     console.metrics_table(metrics["test"], title="test split")
     return record
+
+
+def diverged(run_dir: Path, job_num: int, error: TrainingFault) -> float:
+    """A sweep job stopped by a NaN or inf loss: its line, failed.json in its dir (the sweep's other jobs
+    go on), and what its task returns: inf (Optuna refuses NaN; inf ranks the trial last in the study,
+    which minimises)."""
+    console.error(f"job {job_num} ({run_dir.name}): {error}")
+    write_json(run_dir / FAILED, {"error": str(error), "exit_code": error.exit_code})
+    return math.inf
 
 
 def convergence(pos: Position, trainer: Trainer) -> dict:

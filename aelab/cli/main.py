@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import importlib.util
-import math
 import shlex
 import signal
 import sys
@@ -18,7 +17,7 @@ from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
 from .. import console
 from ..registry import ConfigError
-from ..runs import FAILED, disk_full, override_values, read_results, write_json
+from ..runs import FAILED, disk_full, override_values, read_results
 from . import stacking
 from .overrides import check as check_overrides, varied_keys
 from .rundirs import (MODES, check_dirs, drop_if_nothing_ran, held, kept_unless_trained, refuse_if_busy, resume_args,
@@ -76,7 +75,7 @@ def train(cfg: DictConfig) -> float:
     try:
         # torch, once a job runs (--help stays fast); a Ctrl-C in these seconds leaves no empty run dir behind
         from ..training.faults import DISK_FULL, DIVERGED, TrainingFault, full_disk_stops
-        from .job import run
+        from .job import diverged, run
         resume = resume_mode(cfg.resume, run_dir)
         if resume == "done":  # a requeued or repeated job that already finished
             done = read_results(run_dir)
@@ -103,10 +102,9 @@ def train(cfg: DictConfig) -> float:
         if job_num is not None and (e.exit_code > 128 or e.exit_code == DISK_FULL):  # the sweep's later jobs never ran
             e = TrainingFault(f"{e}; or the whole sweep: aelab train resume={shlex.quote(hydra_cfg.sweep.dir)}",
                               e.exit_code)
-        console.error(str(e) if job_num is None else f"job {job_num} ({run_dir.name}): {e}")
         if job_num is not None and e.exit_code == DIVERGED:  # one diverged job; the sweep's others still run
-            write_json(run_dir / FAILED, {"error": str(e), "exit_code": e.exit_code})
-            return math.inf  # Optuna refuses NaN; inf ranks the trial last in the study, which minimises
+            return diverged(run_dir, job_num, e)
+        console.error(str(e) if job_num is None else f"job {job_num} ({run_dir.name}): {e}")
         sys.exit(e.exit_code)
     if job_num is None:
         console.console.print(f"results in {shown(run_dir)}; look at them: tensorboard --logdir {shown(run_dir)}",

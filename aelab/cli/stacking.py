@@ -18,7 +18,6 @@ from typing import Iterator, Optional
 from omegaconf import DictConfig, OmegaConf
 
 from .. import console
-from ..runs import FAILED, write_json
 
 # the config keys in which the jobs of one stack may differ (a key, or a section: every key under it)
 PER_JOB = ("reg.weight", "reg.rho", "corruption.noise_factor", "corruption.prob", "optim.lr", "optim.betas",
@@ -57,6 +56,7 @@ class Entry:
     job_num: int
     varied: list[str]
     mode: str = "stacked"  # how it trained, for metrics.json's step_mode
+    seconds: float = 0.0  # and for how long (a stack's: the whole stack's training time)
 
 
 class Collector:
@@ -92,7 +92,6 @@ class Collector:
         from ..training.faults import TrainingFault, full_disk_stops
         from ..training.loop import fit
         from ..training.stacked import fit_stack, unstackable
-        from .job import complete
 
         hint = f"continue with: aelab train resume={shlex.quote(str(self.sweep_dir))}"
         try:
@@ -102,17 +101,16 @@ class Collector:
                     console.console.print(f"launcher=stacked: {len(self.entries)} jobs train one by one: {reason} "
                                           f"(docs/stacked.md)", markup=False, highlight=False, soft_wrap=True)
                 for group in self.positions():
-                    members = [entry.member for entry in group]
                     if reason or len(group) == 1:
                         for entry in group:
                             m = entry.member
-                            m.seconds, entry.mode = fit(m.parts, m.cfg, m.pos, m.run_dir, m.writer)
+                            entry.seconds, entry.mode = fit(m.parts, m.cfg, m.pos, m.run_dir, m.writer)
                         continue
-                    seconds, mode = fit_stack(members, hint)
+                    seconds, mode = fit_stack([entry.member for entry in group], hint)
                     for entry in group:
-                        entry.member.seconds, entry.mode = seconds, f"stacked ({len(group)} jobs): {mode}"
+                        entry.seconds, entry.mode = seconds, f"stacked ({len(group)} jobs): {mode}"
                 for entry in self.entries:
-                    self.values[entry.job_num] = self.end(entry, complete)
+                    self.values[entry.job_num] = self.end(entry)
         except TrainingFault as e:  # stopped by a signal, or a full disk: every job's checkpoint is kept
             console.error(str(e))
             sys.exit(e.exit_code)
@@ -126,13 +124,14 @@ class Collector:
             found.setdefault((pos.epoch, pos.step, pos.batch), []).append(entry)
         return list(found.values())
 
-    def end(self, entry: Entry, complete) -> float:
+    def end(self, entry: Entry) -> float:
+        """A job's end as a run's (what its task returns), or a diverged job's record as train() leaves it."""
+        from .job import complete, diverged
+
         member = entry.member
         if member.failure is not None:
-            console.error(f"job {entry.job_num} ({member.run_dir.name}): {member.failure}")
-            write_json(member.run_dir / FAILED, {"error": str(member.failure), "exit_code": member.failure.exit_code})
-            return math.inf  # as train() returns for a diverged job
-        return complete(entry.started, member.seconds, entry.mode, entry.varied)["val"]["recon"]
+            return diverged(member.run_dir, entry.job_num, member.failure)
+        return complete(entry.started, entry.seconds, entry.mode, entry.varied)["val"]["recon"]
 
 
 collecting: Optional[Collector] = None  # set while a stacked launcher sets up a group's jobs

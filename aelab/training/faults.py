@@ -118,9 +118,8 @@ class StopSignals(Signals):
             console.console.print(f"{name} after step {step}: checkpoint saved to {saved}; the requeued job "
                                   f"continues from it", markup=False, highlight=False, soft_wrap=True)
             handover(self.received, None)
-        raise TrainingFault(f"stopped by {name} after step {step}; checkpoint saved to {saved}; "
-                            f"continue with: aelab train resume={shlex.quote(str(saved.parent))}",
-                            exit_code=128 + self.received)
+        raise self.fault(f"after step {step}; checkpoint saved to {saved}; "
+                         f"continue with: aelab train resume={shlex.quote(str(saved.parent))}")
 
 
 class StopNow(Signals):

@@ -49,7 +49,6 @@ class Member:
     generator: torch.Generator = None  # the job's own random stream (shuffles, corruption noise)
     watch: Optional[FiniteWatch] = None
     failure: Optional[TrainingFault] = None  # it diverged: the stack went on without it
-    seconds: float = 0.0  # its share of the stack's training time
 
     def __post_init__(self):
         if self.generator is None:  # started where the job's build (torch.manual_seed, the model's init) left it
@@ -117,9 +116,10 @@ class Stack:
         models = [m.parts.model for m in members]
         self.template = models[0]
         self.names = [name for name, _ in self.template.named_parameters()]
-        params = [dict(model.named_parameters()) for model in models]
-        self.weights = {name: torch.stack([p[name].detach() for p in params]).requires_grad_() for name in self.names}
-        for i, p in enumerate(params):
+        self.params = [dict(model.named_parameters()) for model in models]  # each member's, by name
+        self.weights = {name: torch.stack([p[name].detach() for p in self.params]).requires_grad_()
+                        for name in self.names}
+        for i, p in enumerate(self.params):
             for name in self.names:
                 p[name].data = self.weights[name].data[i]
         first = members[0].parts
@@ -242,8 +242,8 @@ class Stack:
         for weight in self.weights.values():
             weight.grad = None
         terms[:, 0].sum().backward()  # each member's gradient is its own objective's
-        for i, member in enumerate(self.members):
-            for name, param in member.parts.model.named_parameters():
+        for i, (member, params) in enumerate(zip(self.members, self.params)):
+            for name, param in params.items():
                 param.grad = self.weights[name].grad[i]
             member.parts.optimizer.step()
         return terms.detach()
@@ -269,7 +269,6 @@ def fit_stack(members: list[Member], stop_hint: str, backend: Optional[GraphBack
     description = f"train {len(active)} stacked jobs (at most {trainer.epochs} epochs)"
     with console.progress(trainer.epochs * steps_per_epoch, first.pos.step, description) as bar, StopSignals() as stop:
         stack = Stack(active, backend, bar.log)
-        mode = stack.mode
         while active:
             for m in active:
                 if m.pos.order is None:
@@ -311,6 +310,5 @@ def fit_stack(members: list[Member], stop_hint: str, backend: Optional[GraphBack
                 active = still
                 if active:
                     stack = Stack(active, backend, bar.log)
-            mode = stack.mode
         bar.end_here()
-    return time.perf_counter() - started, mode
+    return time.perf_counter() - started, stack.mode  # the last stack's
