@@ -72,12 +72,59 @@ class SplitFusedAdam(torch.optim.Adam):
             torch._foreach_add_(steps, 1)
             cut = params[0].is_cuda if self.cut is None else self.cut
             lists = split(params, grads, exp_avgs, exp_avg_sqs, steps, cut=cut)
-            kernel = torch._fused_adamw_ if group["decoupled_weight_decay"] else torch._fused_adam_
-            for (p, g, m, v, s), _ in self._group_tensors_by_device_and_dtype(lists).values():
-                kernel(p, g, m, v, [], s, lr=group.get("lr_device", group["lr"]), beta1=group["betas"][0],
-                       beta2=group["betas"][1], weight_decay=group["weight_decay"], eps=group["eps"], amsgrad=False,
-                       maximize=group["maximize"])
+            for tensors, _ in self._group_tensors_by_device_and_dtype(lists).values():
+                kernel(group, *tensors)
         return loss
+
+    def tensors(self) -> list[list[Tensor]]:
+        """Its one group's params, exp_avgs, exp_avg_sqs and step counts, its state made where a step has
+        not made it yet (as torch's Adam makes it): what `steps_together` hands the kernel."""
+        (group,) = self.param_groups
+        for p in group["params"]:
+            state = self.state[p]
+            if not state:
+                state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)  # fused: on p's device
+                state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        states = [self.state[p] for p in group["params"]]
+        return [list(group["params"]), [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states],
+                [s["step"] for s in states]]
+
+
+def kernel(group: dict, params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor],
+           exp_avg_sqs: list[Tensor], steps: list[Tensor]) -> None:
+    """torch's fused Adam (AdamW) kernel on these tensors, with the group's settings (its rate from
+    `lr_device` where a schedule keeps one)."""
+    fused = torch._fused_adamw_ if group["decoupled_weight_decay"] else torch._fused_adam_
+    fused(params, grads, exp_avgs, exp_avg_sqs, [], steps, lr=group.get("lr_device", group["lr"]),
+          beta1=group["betas"][0], beta2=group["betas"][1], weight_decay=group["weight_decay"], eps=group["eps"],
+          amsgrad=False, maximize=group["maximize"])
+
+
+def together(optimizers: list[torch.optim.Optimizer]) -> bool:
+    """Whether `steps_together` can step these optimizers: aelab's Adams (AdamW) of one param group each."""
+    return all(type(o) is SplitFusedAdam and len(o.param_groups) == 1 for o in optimizers)
+
+
+@torch.no_grad()
+def steps_together(optimizers: list[SplitFusedAdam], tensors: list[list[list[Tensor]]],
+                   grads: list[list[Tensor]]) -> None:
+    """One step of each optimizer (its `tensors()`, its gradients `grads` in its params' order, which
+    need not be set on the params): one kernel call for all the optimizers whose settings agree (one per
+    distinct setting), each tensor still its own in that call, so each optimizer's numbers are those of
+    its own step(), bit for bit, without the N calls' Python work (a stacked sweep's step)."""
+    calls: dict[tuple, tuple[dict, list[list[Tensor]]]] = {}
+    for optimizer, (params, exp_avgs, exp_avg_sqs, steps), own in zip(optimizers, tensors, grads):
+        group = optimizer.param_groups[0]
+        key = (group["lr"], "lr_device" in group, tuple(group["betas"]), group["eps"], group["weight_decay"],
+               group["decoupled_weight_decay"], group["maximize"])
+        _, lists = calls.setdefault(key, (group, [[], [], [], [], []]))
+        for column, part in zip(lists, (params, own, exp_avgs, exp_avg_sqs, steps)):
+            column.extend(part)
+        optimizer._opt_called = True  # what Optimizer.step's wrapper tells an lr scheduler (it stepped)
+    for group, lists in calls.values():
+        torch._foreach_add_(lists[4], 1)
+        kernel(group, *lists)
 
 
 def split(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], exp_avg_sqs: list[Tensor],

@@ -599,9 +599,7 @@ INVALID = st.one_of(
 )
 
 
-@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(key=st.sampled_from(KEYS), value=INVALID)
-def test_random_invalid_values_never_traceback(tmp_path, capfd, key, value):
+def never_traceback(tmp_path, capfd, key, value):
     group, name = key
     run_dir = tmp_path / uuid.uuid4().hex
     argv = ["train", *([group] if group else []), f"{name}={value}", "device=cpu", f"hydra.run.dir={run_dir}"]
@@ -609,3 +607,19 @@ def test_random_invalid_values_never_traceback(tmp_path, capfd, key, value):
     assert code not in (0, None), (argv, out)
     assert "Traceback" not in out + err and err.strip(), (argv, err)
     assert not (run_dir / "metrics.json").exists()
+
+
+RANDOM = dict(deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+
+
+@settings(max_examples=12, **RANDOM)  # about 0.7 s each: a few in the fast tier, many in the slow one
+@given(key=st.sampled_from(KEYS), value=INVALID)
+def test_random_invalid_values_never_traceback(tmp_path, capfd, key, value):
+    never_traceback(tmp_path, capfd, key, value)
+
+
+@pytest.mark.slow
+@settings(max_examples=100, **RANDOM)
+@given(key=st.sampled_from(KEYS), value=INVALID)
+def test_many_random_invalid_values_never_traceback(tmp_path, capfd, key, value):
+    never_traceback(tmp_path, capfd, key, value)

@@ -6,7 +6,7 @@ import pytest
 import torch
 from hypothesis import given, strategies as st
 
-from aelab.optim import CHUNK, TENSORS_PER_LAUNCH, SplitFusedAdam, piece_size, split
+from aelab.optim import CHUNK, TENSORS_PER_LAUNCH, SplitFusedAdam, piece_size, split, steps_together, together
 
 
 def seed_mlp(seed=0):
@@ -37,6 +37,32 @@ def test_same_parameters_and_state_as_torch_fused_adam(decoupled, weight_decay):
     for sa, sb in zip(mine.state_dict()["state"].values(), reference.state_dict()["state"].values()):
         assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
         assert sa["step"].item() == 7
+
+
+def test_adams_stepped_together_step_as_each_alone():
+    """A stacked sweep's optimizers in one kernel call per setting (here: two rates, one of them a
+    schedule's lr_device, and AdamW's decoupled decay): every parameter and state bit for bit its own."""
+    settings = [dict(lr=1e-3), dict(lr=1e-3), dict(lr=3e-3), dict(lr=1e-3, decoupled_weight_decay=True, weight_decay=0.1)]
+    models = [(seed_mlp(i), seed_mlp(i)) for i in range(len(settings))]
+    alone = [SplitFusedAdam(a.parameters(), **kw) for (a, _), kw in zip(models, settings)]
+    joint = [SplitFusedAdam(b.parameters(), **kw) for (_, b), kw in zip(models, settings)]
+    joint[2].param_groups[0]["lr_device"] = torch.tensor(3e-3, dtype=torch.float64)  # as schedules.start sets it
+    assert together(joint) and not together([torch.optim.SGD(seed_mlp().parameters(), lr=0.1)])
+    tensors = [optimizer.tensors() for optimizer in joint]
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(5):
+        x = torch.rand(16, 784, generator=gen)
+        grads = []
+        for (a, b), optimizer in zip(models, alone):
+            optimizer.zero_grad(set_to_none=True)
+            torch.nn.functional.mse_loss(torch.sigmoid(a(x)), x).backward()
+            optimizer.step()
+            grads.append(torch.autograd.grad(torch.nn.functional.mse_loss(torch.sigmoid(b(x)), x), list(b.parameters())))
+        steps_together(joint, tensors, grads)
+    for (a, b), one, other in zip(models, alone, joint):
+        assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
+        for sa, sb in zip(one.state_dict()["state"].values(), other.state_dict()["state"].values()):
+            assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
 
 
 def test_the_seed_mlp_is_cut_and_fills_one_launch():

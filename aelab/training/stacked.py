@@ -28,6 +28,7 @@ from torch.utils.tensorboard import SummaryWriter
 from .. import console
 from ..build import Parts
 from ..models import Forward, MLPAutoencoder, jacobian_sq_norm
+from ..optim import steps_together, together
 from . import checkpoint
 from .checkpoint import Position
 from .faults import FiniteWatch, StopSignals, TrainingFault
@@ -132,12 +133,18 @@ class Stack:
         self.input_grad = first.input_grad
         if not isinstance(self.template, MLPAutoencoder):  # other models: their own forward, vmapped over the stack
             self.skeleton = copy.deepcopy(self.template).to("meta")
+        self.optimizers = [m.parts.optimizer for m in members]
+        self.adam: Optional[list] = None  # eager Adams: their tensors, stepped together (optim.steps_together)
         self.run: Callable[[Tensor], None] = self.recorded
         if replayable([m.parts for m in members], backend, say):
             shape = (len(members), first.trainer.batch_size, *first.data.train.x.shape[1:])
-            self.run = GraphStep(self.recorded, shape, Optimizers([m.parts.optimizer for m in members]),
+            self.run = GraphStep(self.recorded, shape, Optimizers(self.optimizers),
                                  backend or CudaGraphs(tuple(m.generator for m in members)),
                                  required=first.trainer.cuda_graph == "on", say=say)
+        elif together(self.optimizers):  # a graph replays each member's own step: its rate may change
+            self.adam = [optimizer.tensors() for optimizer in self.optimizers]
+            for params, (own, *_) in zip(self.params, self.adam):
+                assert all(a is b for a, b in zip(own, params.values())), "the optimizer's params are the model's"
 
     @property
     def mode(self) -> str:
@@ -242,10 +249,14 @@ class Stack:
         for weight in self.weights.values():
             weight.grad = None
         terms[:, 0].sum().backward()  # each member's gradient is its own objective's
-        for i, (member, params) in enumerate(zip(self.members, self.params)):
+        if self.adam is not None:
+            grads = [self.weights[name].grad.unbind() for name in self.names]
+            steps_together(self.optimizers, self.adam, [list(own) for own in zip(*grads)])
+            return terms.detach()
+        for i, (optimizer, params) in enumerate(zip(self.optimizers, self.params)):
             for name, param in params.items():
                 param.grad = self.weights[name].grad[i]
-            member.parts.optimizer.step()
+            optimizer.step()
         return terms.detach()
 
 
