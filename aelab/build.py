@@ -43,6 +43,7 @@ class Trainer:
     patience: int | None  # stop after this many epochs without a relative improvement of min_delta; None: never
     min_delta: float  # an improvement of the validation objective counts when it is at least this fraction
     min_epochs: int  # no early stop, and no per-epoch schedule step, before this many epochs
+    checkpoint_every: float  # seconds between an epoch end's checkpoints (0: every epoch; the first and last always)
 
     @property
     def window(self) -> int:
@@ -150,7 +151,8 @@ def trainer_settings(node) -> Trainer:
                        patience=None if node.patience is None else number(node.patience, "patience", low=1,
                                                                           integer=True),
                        min_delta=number(node.min_delta, "min_delta", low=0, high=1, high_open=True),
-                       min_epochs=number(node.min_epochs, "min_epochs", low=0, integer=True))
+                       min_epochs=number(node.min_epochs, "min_epochs", low=0, integer=True),
+                       checkpoint_every=number(node.checkpoint_every, "checkpoint_every", low=0))
     except ConfigError as e:
         raise e.within("trainer") from None
 

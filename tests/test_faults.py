@@ -355,6 +355,42 @@ def test_nan_loss_stops_at_once_naming_step_and_terms(tmp_path):
     assert not (run_dir / "metrics.json").exists() and not (run_dir / "checkpoint.pt").exists()
 
 
+def test_checkpoints_every_few_seconds_and_a_killed_run_resumes_to_the_same_end(tmp_path, make_cfg, monkeypatch):
+    """trainer.checkpoint_every: an epoch's end writes checkpoint.pt after the first and the last epoch and,
+    between them, once that many seconds have passed (0: after every epoch). A run killed between two
+    (an error out of epoch 4's end leaves its dir as a SIGKILL would) resumes from epoch 1's, trains
+    epochs 2 to 4 again, and ends with the weights of the run never killed."""
+    from aelab.cli.job import run
+    from aelab.training import loop
+
+    saved, real_save = [], checkpoint.save
+    monkeypatch.setattr(checkpoint, "save", lambda parts, cfg, pos, run_dir: saved.append(pos.epoch) or
+                        real_save(parts, cfg, pos, run_dir))
+    quiet = ("device=cpu", "trainer.epochs=5", "trainer.patience=null", "eval.probe=false", "eval.projector=0")
+    for every, written in (("1000", [1, 5]), ("0", [1, 2, 3, 4, 5])):
+        saved.clear()
+        run(make_cfg(*quiet, f"trainer.checkpoint_every={every}"), tmp_path / every)
+        assert saved == written
+    killed, real_judge = tmp_path / "killed", loop.judge
+
+    def killing(pos, parts, val_total):
+        if pos.epoch == 4:
+            raise KeyboardInterrupt("killed")
+        real_judge(pos, parts, val_total)
+    monkeypatch.setattr(loop, "judge", killing)
+    with pytest.raises(KeyboardInterrupt):
+        run(make_cfg(*quiet, "trainer.checkpoint_every=1000"), killed)
+    assert torch.load(killed / "checkpoint.pt", weights_only=True)["position"]["epoch"] == 1
+    monkeypatch.setattr(loop, "judge", real_judge)
+    saved.clear()
+    run(make_cfg(*quiet, "trainer.checkpoint_every=1000", "resume=true"), killed, resume=True)
+    assert saved == [2, 5]  # the resumed run's first epoch, and its last
+    for every in ("1000", "0"):
+        want = torch.load(tmp_path / every / "checkpoint.pt", weights_only=True)["model"]
+        got = torch.load(killed / "checkpoint.pt", weights_only=True)["model"]
+        assert all(torch.equal(got[k], want[k]) for k in want)
+
+
 def test_nan_after_a_good_epoch_keeps_the_good_checkpoint(tmp_path, make_cfg):
     from aelab.training.faults import TrainingFault
     from aelab.optim import SplitFusedAdam

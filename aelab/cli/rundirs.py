@@ -20,8 +20,8 @@ LOCK = ".aelab.lock"  # locked (flock) by the process that trains in a run or sw
 HYDRA_ONLY = {".hydra", "train.log", LOCK}  # what a run dir holds before its job has written anything
 # how long and where a resumed run goes on, and how it is measured: not what it trains
 RESUME_MAY_CHANGE = ("trainer.epochs", "trainer.patience", "trainer.min_delta", "trainer.min_epochs",
-                     "trainer.log_every", "trainer.cuda_graph", "trainer.compile", "trainer.tf32", "device", "eval",
-                     "sample", "hydra")
+                     "trainer.log_every", "trainer.checkpoint_every", "trainer.cuda_graph", "trainer.compile",
+                     "trainer.tf32", "device", "eval", "sample", "hydra")
 # Hydra's flags that choose what a call does, one per call: the name aelab's messages give → how it is typed
 MODES = {"--run": ("-r", "--run"), "-m": ("-m", "--multirun"), "--cfg": ("-c", "--cfg"), "--info": ("-i", "--info"),
          "--shell-completion": ("-sc", "--shell-completion")}

@@ -22,7 +22,7 @@ from .. import console
 # the config keys in which the jobs of one stack may differ (a key, or a section: every key under it)
 PER_JOB = ("reg.weight", "reg.rho", "corruption.noise_factor", "corruption.prob", "optim.lr", "optim.betas",
            "optim.weight_decay", "optim.momentum", "trainer.seed", "trainer.patience", "trainer.min_delta",
-           "trainer.min_epochs", "trainer.log_every", "sched", "eval", "sample", "resume")
+           "trainer.min_epochs", "trainer.log_every", "trainer.checkpoint_every", "sched", "eval", "sample", "resume")
 
 
 def structure(cfg: DictConfig) -> str:

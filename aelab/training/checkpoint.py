@@ -4,6 +4,7 @@ from __future__ import annotations
 import io
 import math
 import pickle
+import time
 import zipfile
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -38,6 +39,22 @@ class Position:
     improved_epoch: int = 0  # the last epoch that did
     stopped_epoch: Optional[int] = None  # the epoch after which trainer.patience stopped the run
     schedule: Optional[dict] = None  # a per-epoch schedule's state (plateau's); per-step ones replay
+
+
+class Cadence:
+    """When an epoch's end writes the checkpoint: after the first epoch and the last (trainer.epochs, or
+    an early stop), and otherwise once trainer.checkpoint_every seconds have passed since the last one.
+    A digits epoch trains in about 20 ms and its checkpoint (1.7 MB) took 3 to 7 ms to write."""
+
+    def __init__(self, every: float):
+        self.every, self.last = every, -math.inf
+
+    def due(self, pos: Position, epochs: int) -> bool:
+        now = time.monotonic()
+        if self.last == -math.inf or pos.epoch >= epochs or pos.stopped_epoch is not None or now - self.last >= self.every:
+            self.last = now
+            return True
+        return False
 
 
 def save(parts: Parts, cfg: DictConfig, pos: Position, run_dir: Path) -> Path:

@@ -1,4 +1,5 @@
-"""The loop: for each epoch, train steps over a fresh shuffle, then validate, log and checkpoint; the
+"""The loop: for each epoch, train steps over a fresh shuffle, then validate, log and checkpoint (every
+trainer.checkpoint_every seconds); the
 learning-rate schedule stepped with it, and the run stopped once the validation objective stops
 improving (trainer.patience)."""
 from __future__ import annotations
@@ -87,10 +88,11 @@ def patience_ran_out(pos: Position, trainer: Trainer) -> bool:
 
 
 def end_epoch(parts: Parts, cfg: DictConfig, pos: Position, run_dir: Path, writer: SummaryWriter, say,
-              name: str = "", measured: tuple[dict, dict] | None = None) -> None:
+              cadence: checkpoint.Cadence, name: str = "", measured: tuple[dict, dict] | None = None) -> None:
     """After an epoch's last step: validate, log, step a per-epoch schedule, judge (best model, early
-    stop), checkpoint, and say the epoch's line (prefixed with `name`, a stacked job's). `measured`: the
-    validation objective and code activity, measured already (a stack measures its jobs together)."""
+    stop), checkpoint when the cadence says so, and say the epoch's line (prefixed with `name`, a stacked
+    job's). `measured`: the validation objective and code activity, measured already (a stack measures
+    its jobs together)."""
     trainer = parts.trainer
     pos.epoch, pos.order = pos.epoch + 1, None
     val_x = parts.data.val.x
@@ -103,7 +105,8 @@ def end_epoch(parts: Parts, cfg: DictConfig, pos: Position, run_dir: Path, write
         parts.schedule.after_epoch(val["total"])
     judge(pos, parts, val["total"])
     pos.schedule = parts.schedule.state_dict()
-    checkpoint.save(parts, cfg, pos, run_dir)
+    if cadence.due(pos, trainer.epochs):
+        checkpoint.save(parts, cfg, pos, run_dir)
     train = dict(zip(TERMS, (pos.epoch_sums / pos.seen).tolist()))
     stopped = ""
     if pos.stopped_epoch:
@@ -119,6 +122,7 @@ def fit(parts: Parts, cfg: DictConfig, pos: Position, run_dir: Path, writer: Sum
     checkpoint after each epoch; a SIGINT or SIGTERM saves one mid-epoch and exits with the command that
     continues. Returns (seconds, the step's mode)."""
     trainer, started = parts.trainer, time.perf_counter()
+    cadence = checkpoint.Cadence(trainer.checkpoint_every)
     steps_per_epoch = -(-len(parts.data.train) // trainer.batch_size)
     parts.schedule.start(parts.optimizer, parts.device, trainer.epochs * steps_per_epoch, steps_per_epoch,
                          pos.step, pos.schedule)
@@ -134,7 +138,7 @@ def fit(parts: Parts, cfg: DictConfig, pos: Position, run_dir: Path, writer: Sum
             if stop.requested:
                 writer.close()
                 stop.exit(checkpoint.save(parts, cfg, pos, run_dir), pos.step)
-            end_epoch(parts, cfg, pos, run_dir, writer, bar.log)
+            end_epoch(parts, cfg, pos, run_dir, writer, bar.log, cadence)
             if pos.stopped_epoch:
                 bar.end_here()
     return time.perf_counter() - started, getattr(step, "mode", "eager")

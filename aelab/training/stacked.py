@@ -49,6 +49,7 @@ class Member:
     name: str  # the job's dir name, which its lines start with
     generator: torch.Generator = None  # the job's own random stream (shuffles, corruption noise)
     watch: Optional[FiniteWatch] = None
+    cadence: Optional[checkpoint.Cadence] = None
     failure: Optional[TrainingFault] = None  # it diverged: the stack went on without it
 
     def __post_init__(self):
@@ -274,6 +275,7 @@ def fit_stack(members: list[Member], stop_hint: str, backend: Optional[GraphBack
         parts.schedule.start(parts.optimizer, parts.device, trainer.epochs * steps_per_epoch, steps_per_epoch,
                              m.pos.step, m.pos.schedule)
         m.watch = FiniteWatch(parts.device, TERMS, m.run_dir / checkpoint.FILE, m.pos.step)
+        m.cadence = checkpoint.Cadence(trainer.checkpoint_every)
     active = [m for m in members if m.training]
     if not active:
         return 0.0, "eager"
@@ -312,7 +314,8 @@ def fit_stack(members: list[Member], stop_hint: str, backend: Optional[GraphBack
                     measured = stack.measure(first.parts.data.val.x)
                     for m, found in zip(active, measured):
                         with own_stream(m.generator):  # its checkpoint saves the global stream, its own here
-                            end_epoch(m.parts, m.cfg, m.pos, m.run_dir, m.writer, bar.log, f"{m.name}: ", found)
+                            end_epoch(m.parts, m.cfg, m.pos, m.run_dir, m.writer, bar.log, m.cadence, f"{m.name}: ",
+                                      found)
             still = [m for m in active if m.training]
             if len(still) < len(active):
                 for m in active:
