@@ -6,7 +6,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from aelab.build import GROUPS
-from conftest import FAST, events, run_cli, run_process
+from conftest import FAST, events, run_cli
 
 SIX_TAGS = {f"{split}/{term}" for split in ("train", "val") for term in ("total", "recon", "reg")}
 ROOT = Path(__file__).resolve().parents[1]
@@ -43,7 +43,7 @@ def test_train_help_and_cfg_job(tmp_path):
 
 def test_bce_kl_run_writes_events_metrics_and_checkpoint(tmp_path):
     run_dir = tmp_path / "run"
-    proc = run_process("train", "loss=bce", "reg=kl", "trainer.epochs=2", "trainer.log_every=5", "device=cpu",
+    proc = run_cli("train", "loss=bce", "reg=kl", "trainer.epochs=2", "trainer.log_every=5", "device=cpu",
                    "eval.noise.masking.prob=[0.1,0.5]", f"hydra.run.dir={run_dir}", cwd=tmp_path)
     assert proc.stdout.strip().splitlines()[-1] == "results in run; look at them: tensorboard --logdir run"
     acc = events(run_dir)
@@ -121,7 +121,7 @@ def test_devices(tmp_path):
 
 
 def test_two_job_multirun_makes_two_run_dirs(tmp_path):
-    proc = run_process("train", "-m", "reg=l1", "reg.weight=1e-3,1e-1", *FAST, cwd=tmp_path)
+    proc = run_cli("train", "-m", "reg=l1", "reg.weight=1e-3,1e-1", *FAST, cwd=tmp_path)
     (sweep,) = (tmp_path / "outputs" / "multirun").glob("*/*")
     where = sweep.relative_to(tmp_path)  # said last, as the user would type it where they are
     assert proc.stdout.strip().splitlines()[-1] == (
