@@ -215,6 +215,8 @@ def test_a_stacked_sweep_leaves_runs_like_any_other(l1_seed_sweep):
         assert record["epochs_trained"] == 2 and record["steps"] == 20
         state = torch.load(job_dir / "checkpoint.pt", weights_only=True)
         assert state["model"]["enc_layers.0.weight"].untyped_storage().nbytes() == 256 * 64 * 4  # its own weights only
+        counts = [s["step"] for s in state["optimizer"]["state"].values()]  # and its own step counts
+        assert all(c.item() == 20 and c.untyped_storage().nbytes() == 4 for c in counts) and len(counts) == 12
 
 
 @pytest.mark.parametrize("size", ["0", pytest.param("-3", marks=SLOW), pytest.param("two", marks=SLOW)])

@@ -62,7 +62,10 @@ def save(parts: Parts, cfg: DictConfig, pos: Position, run_dir: Path) -> Path:
     rng = {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
     model = {name: own(value) for name, value in parts.model.state_dict().items()}
     position = {f.name: getattr(pos, f.name) for f in fields(pos)}  # asdict would deep-copy every tensor first
-    state = {"model": model, "optimizer": parts.optimizer.state_dict(),
+    optimizer = parts.optimizer.state_dict()
+    optimizer["state"] = {key: {name: own(value) if isinstance(value, Tensor) else value for name, value in s.items()}
+                          for key, s in optimizer["state"].items()}  # a stacked job's step counts: views
+    state = {"model": model, "optimizer": optimizer,
              "position": position, "config": OmegaConf.to_container(cfg, resolve=True), "rng": rng}
     path, buffer = run_dir / FILE, io.BytesIO()
     torch.save(state, buffer)  # in memory: torch's own file writer reports a full disk as an "enforce fail"
@@ -71,8 +74,8 @@ def save(parts: Parts, cfg: DictConfig, pos: Position, run_dir: Path) -> Path:
 
 
 def own(tensor: Tensor) -> Tensor:
-    """The tensor in storage of its own: a stacked job's weights are views of the stack's, which
-    torch.save would write whole."""
+    """The tensor in storage of its own: a stacked job's weights (and its optimizer's step counts) are
+    views of the stack's, which torch.save would write whole."""
     return tensor.clone() if tensor.untyped_storage().nbytes() > tensor.nbytes else tensor
 
 

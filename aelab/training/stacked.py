@@ -136,6 +136,7 @@ class Stack:
             self.skeleton = copy.deepcopy(self.template).to("meta")
         self.optimizers = [m.parts.optimizer for m in members]
         self.adam: Optional[list] = None  # eager Adams: their tensors, stepped together (optim.steps_together)
+        self.counts: Optional[Tensor] = None  # their step counts, of which theirs are views
         self.run: Callable[[Tensor], None] = self.recorded
         if replayable([m.parts for m in members], backend, say):
             shape = (len(members), first.trainer.batch_size, *first.data.train.x.shape[1:])
@@ -146,6 +147,12 @@ class Stack:
             self.adam = [optimizer.tensors() for optimizer in self.optimizers]
             for params, (own, *_) in zip(self.params, self.adam):
                 assert all(a is b for a, b in zip(own, params.values())), "the optimizer's params are the model's"
+            self.counts = torch.stack([count for *_, counts in self.adam for count in counts])
+            views = iter(self.counts.unbind())  # each step count a view of the stack's: one add counts all
+            for optimizer, (params, *_, counts) in zip(self.optimizers, self.adam):
+                counts[:] = [next(views) for _ in counts]
+                for param, count in zip(params, counts):
+                    optimizer.state[param]["step"] = count
 
     @property
     def mode(self) -> str:
@@ -252,7 +259,7 @@ class Stack:
         terms[:, 0].sum().backward()  # each member's gradient is its own objective's
         if self.adam is not None:
             grads = [self.weights[name].grad.unbind() for name in self.names]
-            steps_together(self.optimizers, self.adam, [list(own) for own in zip(*grads)])
+            steps_together(self.optimizers, self.adam, [list(own) for own in zip(*grads)], self.counts)
             return terms.detach()
         for i, (optimizer, params) in enumerate(zip(self.optimizers, self.params)):
             for name, param in params.items():
