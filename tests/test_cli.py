@@ -83,10 +83,16 @@ def test_bce_kl_run_writes_events_metrics_and_checkpoint(tmp_path):
 
 
 def test_default_run_learns(tmp_path):
+    """The validation loss falls; TensorBoard has it every epoch, and the validation picture at the epochs
+    the terminal shows (the first 10, every 10th, the last)."""
     run_dir = tmp_path / "run"
-    run_cli("train", "trainer.epochs=10", f"hydra.run.dir={run_dir}", cwd=tmp_path)
-    val = [e.value for e in events(run_dir).Scalars("val/total")]
-    assert val[-1] < 0.6 * val[0]
+    run = run_cli("train", "trainer.epochs=12", f"hydra.run.dir={run_dir}", cwd=tmp_path)
+    acc = events(run_dir)
+    val = acc.Scalars("val/total")
+    assert val[-1].value < 0.6 * val[0].value
+    shown = [val[epoch - 1].step for epoch in (*range(1, 11), 12)]
+    assert [e.step for e in acc.Images("val/clean_corrupted_reconstructed")] == shown
+    assert "epoch 12/12" in run.stdout and "epoch 11/12" not in run.stdout
 
 
 @pytest.mark.parametrize("group,extra", [

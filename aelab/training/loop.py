@@ -87,6 +87,12 @@ def patience_ran_out(pos: Position, trainer: Trainer) -> bool:
             and pos.epoch - pos.improved_epoch >= trainer.patience)
 
 
+def shown(pos: Position, trainer: Trainer) -> bool:
+    """The epochs a run shows (its line in the terminal, the validation picture in TensorBoard): the first
+    10, every 10th, and the last (a converging run trains hundreds)."""
+    return pos.epoch <= 10 or pos.epoch % 10 == 0 or pos.stopped_epoch is not None or pos.epoch == trainer.epochs
+
+
 def end_epoch(parts: Parts, cfg: DictConfig, pos: Position, run_dir: Path, writer: SummaryWriter, say,
               cadence: checkpoint.Cadence, name: str = "", measured: tuple[dict, dict] | None = None) -> None:
     """After an epoch's last step: validate, log, step a per-epoch schedule, judge (best model, early
@@ -99,8 +105,6 @@ def end_epoch(parts: Parts, cfg: DictConfig, pos: Position, run_dir: Path, write
     val, codes = measured or (evaluate(parts, val_x),
                               activity(parts.model, val_x, parts.evaluation.threshold, trainer.batch_size))
     log_terms(writer, "val", {**val, **codes}, pos.step)
-    writer.add_image("val/clean_corrupted_reconstructed", image_grid(
-        parts.model, val_x, parts.corruption, parts.data.image_shape, trainer.seed), pos.step)
     if pos.epoch > trainer.min_epochs:  # a model on its first plateau keeps its rate (trainer.min_epochs)
         parts.schedule.after_epoch(val["total"])
     judge(pos, parts, val["total"])
@@ -112,7 +116,9 @@ def end_epoch(parts: Parts, cfg: DictConfig, pos: Position, run_dir: Path, write
     if pos.stopped_epoch:
         stopped = (f"  (stopped: {pos.epoch - pos.improved_epoch} epochs without a {trainer.min_delta:.2%} "
                    f"improvement; the lowest validation loss, kept: epoch {pos.best_epoch})")
-    if pos.epoch <= 10 or pos.epoch % 10 == 0 or pos.stopped_epoch or pos.epoch == trainer.epochs:
+    if shown(pos, trainer):  # the picture costs 2 ms; TensorBoard keeps 10 of a tag's images unless told more
+        writer.add_image("val/clean_corrupted_reconstructed", image_grid(
+            parts.model, val_x, parts.corruption, parts.data.image_shape, trainer.seed), pos.step)
         say(f"{name}epoch {pos.epoch}/{trainer.epochs}  train {console.format_terms(train)}  |  val "
             f"{console.format_terms(val)}  active {codes['population_sparsity']:.3g}{stopped}")
 
