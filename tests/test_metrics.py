@@ -446,6 +446,40 @@ def test_latent_picture_puts_each_class_where_its_codes_lie():
         assert latent_picture(flat, labels[:20]).shape[0] == 3
 
 
+def test_kept_figures_draw_what_fresh_ones_draw(tmp_path):
+    """A run's end draws histograms.png, the latents picture and the labelled grids into the figures the
+    last run's end drew (a sweep's next job, in the same process): the pixels are those of fresh
+    figures, whatever the last one showed (other units, classes, ranges, a spectrum decades away, other
+    images and labels)."""
+    from PIL import Image
+    from aelab.analysis import figures
+    from aelab.analysis.pictures import histogram_png, labelled, latent_picture
+
+    def drawn(units: int, classes: int, scale: float, seed: int, path):
+        generator = torch.Generator().manual_seed(seed)
+        latent = torch.rand(300, units, generator=generator) * scale
+        spectrum = torch.rand(300, units, generator=generator).sort(dim=1, descending=True).values * scale ** 3
+        arrays = {"latent_activations": latent, "lifetime_sparsity": torch.rand(units, generator=generator),
+                  "jacobian_spectrum": spectrum + 1e-3}
+        histogram_png(arrays, path, threshold=0.1 * scale)
+        rows = grid(torch.rand(24, 1, 8, 8, generator=generator), (1, 8, 8), columns=8)
+        return (np.asarray(Image.open(path)), latent_picture(latent, torch.arange(300) % classes),
+                labelled(rows, [f"row {seed}", "input", f"MSE {scale:05.2f}"]))
+
+    def artists():  # what each kept figure's axes hold: the last use's drawing, no earlier one's under it
+        return {name: [len([*ax.lines, *ax.patches, *ax.collections, *ax.images]) for ax in fig.axes]
+                for name, fig in figures.KEPT.items()}
+
+    figures.KEPT.clear()
+    fresh, held = drawn(32, 10, 1.0, 0, tmp_path / "fresh.png"), artists()
+    figures.KEPT.clear()
+    drawn(8, 3, 40.0, 1, tmp_path / "before.png")
+    assert len(figures.KEPT) == 3  # the same names: each is drawn again below
+    kept = drawn(32, 10, 1.0, 0, tmp_path / "kept.png")
+    assert np.array_equal(kept[0], fresh[0]) and torch.equal(kept[1], fresh[1]) and torch.equal(kept[2], fresh[2])
+    assert artists() == held
+
+
 def test_the_projector_holds_the_test_codes_once(tmp_path):
     """TensorBoard's Projector files: the codes (tensors.tsv), their classes (metadata.tsv) and images
     (sprite.png); written again at the same step, the earlier ones are replaced, not kept beside."""

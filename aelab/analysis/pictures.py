@@ -11,15 +11,25 @@ from torch import Tensor
 from ..build import EvalSettings, Parts
 from ..runs import write_whole
 from ..training.monitor import grid, image_grid, square
-from .figures import label_rows, pyplot, save_figure
+from .figures import kept_figure, label_rows, pyplot, save_figure
 from .metrics import denoised, feature_grid, principal_components, typical_activation
+
+
+def histogram_figure():
+    """histograms.png's figure: three panels, the right one's scale logarithmic, fixed margins (tight_layout's:
+    it measured every label's extent each time, 0.4 s of a digits run's end)."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(15, 4))
+    fig.subplots(1, 3)[2].set_yscale("log")
+    fig.subplots_adjust(left=0.05, right=0.99, bottom=0.13, top=0.92, wspace=0.22)
+    return fig
 
 
 def histogram_png(arrays: dict[str, Tensor], path: Path, threshold: float) -> None:
     """Latent activations, lifetime sparsity per unit and the encoder Jacobian's singular values."""
-    plt = pyplot()
-
-    fig, (left, middle, right) = plt.subplots(1, 3, figsize=(15, 4))
+    fig = kept_figure("histograms", histogram_figure)
+    left, middle, right = fig.axes
     left.hist(arrays["latent_activations"].flatten().cpu().numpy(), bins=60, color="tab:blue", histtype="stepfilled")
     left.axvline(threshold, color="tab:red", linestyle="--", label=f"active threshold {threshold:g}")
     left.set(xlabel="latent activation", ylabel="count (test samples x units)", title="Latent activations")
@@ -33,23 +43,28 @@ def histogram_png(arrays: dict[str, Tensor], path: Path, threshold: float) -> No
     low, high = spectrum.quantile(0.1, dim=0).numpy(), spectrum.quantile(0.9, dim=0).numpy()
     right.fill_between(index, low, high, color="tab:purple", alpha=0.25, label="10-90% of test images")
     right.plot(index, spectrum.mean(0).numpy(), color="tab:purple", label="mean")
-    right.set_yscale("log")
     right.set(xlabel="singular value, largest first", ylabel="singular value of J_f(x)",
               title="Encoder Jacobian spectrum")
     right.legend()
-    fig.subplots_adjust(left=0.05, right=0.99, bottom=0.13, top=0.92, wspace=0.22)  # tight_layout's, fixed: it
-    save_figure(fig, path, dpi=100)  # measured every label's extent each time (0.4 s of a digits run's end)
+    save_figure(fig, path, dpi=100)
 
 
 def labelled(picture: Tensor, labels: list[str]) -> Tensor:
     """A metrics.grid picture of len(labels) rows of images, with each row's label to its left, drawn
     at a readable size: (3, H, W) in [0, 1]."""
-    plt = pyplot()
     _, height, width = picture.shape
     scale = max(1, round(480 / width))  # screen pixels per image pixel
     margin = 7 * max(map(len, labels)) + 16  # the labels' width, in screen pixels (fontsize 9 at 100 dpi)
-    fig = plt.figure(figsize=((width * scale + margin) / 100, height * scale / 100), dpi=100)
-    ax = fig.add_axes((margin / (width * scale + margin), 0, width * scale / (width * scale + margin), 1))
+
+    def make():
+        from matplotlib.figure import Figure
+
+        fig = Figure(figsize=((width * scale + margin) / 100, height * scale / 100), dpi=100)
+        fig.add_axes((margin / (width * scale + margin), 0, width * scale / (width * scale + margin), 1))
+        return fig
+
+    fig = kept_figure(f"labelled {width}x{height}+{margin}", make)
+    ax = fig.axes[0]
     ax.imshow(picture.permute(1, 2, 0).numpy(), interpolation="nearest")
     label_rows(ax, height, labels, fontsize=9)
     return figure_pixels(fig)
@@ -67,12 +82,12 @@ def figure_pixels(fig) -> Tensor:
 def latent_picture(latent: Tensor, labels: Tensor) -> Tensor:
     """The test codes on their two leading principal components, one colour per class: how the code
     space lays out the digits (a 1-unit code along one axis)."""
-    plt = pyplot()
     points, share = (t.cpu() for t in principal_components(latent))
     across = points[:, 1] if points.shape[1] > 1 else torch.zeros(len(points), dtype=points.dtype)
     labels = labels.cpu()
     size = min(16, max(3, 3000 / len(labels)))  # dots that neither vanish in a few hundred nor blot out thousands
-    fig, ax = plt.subplots(figsize=(5.5, 4.5), dpi=100)
+    fig = kept_figure("latents", latent_figure)
+    ax = fig.axes[0]
     for number, label in enumerate(labels.unique().tolist()):
         mine = labels == label
         ax.scatter(points[mine, 0].numpy(), across[mine].numpy(), s=size, alpha=0.7, linewidths=0,
@@ -84,8 +99,17 @@ def latent_picture(latent: Tensor, labels: Tensor) -> Tensor:
     ax.set_ylabel(f"principal component 2 ({share[1]:.0%})" if len(share) > 1 else "(a code of one unit)")
     ax.set_title(f"{len(labels)} test codes ({latent.shape[1]} units), by class", fontsize=10)
     ax.legend(title="class", fontsize=7, title_fontsize=7, markerscale=1.5, loc="center left", bbox_to_anchor=(1, 0.5))
-    fig.subplots_adjust(left=0.13, right=0.84, bottom=0.11, top=0.93)  # fixed margins: tight_layout's, measured
     return figure_pixels(fig)
+
+
+def latent_figure():
+    """latents.png's figure: one panel, its margins fixed (tight_layout's, measured)."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(5.5, 4.5), dpi=100)
+    fig.add_subplot()
+    fig.subplots_adjust(left=0.13, right=0.84, bottom=0.11, top=0.93)
+    return fig
 
 
 def denoising_picture(parts: Parts, settings: EvalSettings, test: dict[str, float]) -> Tensor | None:
