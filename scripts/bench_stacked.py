@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -159,8 +160,11 @@ def growth(device: str, extra: list[str], steps: int, max_n: int, root: Path) ->
     return rows
 
 
-def sweep_seconds(launcher: str, extra: list[str], root: Path) -> tuple[float, list[float]]:
-    """`aelab train -m launcher=L reg=l1 reg.weight=<8>` in a fresh process: wall seconds, each job's test MSE."""
+def sweep_seconds(launcher: str, extra: list[str], root: Path) -> dict:
+    """`aelab train -m launcher=L reg=l1 reg.weight=<8>` in a fresh process: wall seconds, each job's test
+    MSE, the seconds its jobs trained (a stack's once: its jobs share them), and where the jobs end one
+    after another (a stack's: after all trained), the median gap between two jobs' finishes: one job's
+    end (test metrics, probes, pictures, files) in a warm process."""
     sweep = root / f"sweep_{launcher}"
     command = [sys.executable, "-m", "aelab", "train", "-m", f"launcher={launcher}", "reg=l1",
                f"reg.weight={','.join(WEIGHTS)}", f"hydra.sweep.dir={sweep}",
@@ -171,7 +175,12 @@ def sweep_seconds(launcher: str, extra: list[str], root: Path) -> tuple[float, l
     if proc.returncode != 0:
         raise SystemExit(f"launcher={launcher} failed ({proc.returncode}):\n{proc.stderr[-2000:]}")
     jobs = sorted((p for p in sweep.iterdir() if p.is_dir()), key=lambda p: int(p.name.split("_")[0]))
-    return seconds, [json.loads((j / "metrics.json").read_text())["test"]["mse"] for j in jobs]
+    records = [json.loads((j / "metrics.json").read_text()) for j in jobs]
+    stacked = launcher == "stacked"
+    finished = [r["finished_at"] for r in records]
+    return {"seconds": seconds, "test_mse": [r["test"]["mse"] for r in records],
+            "training_seconds": max(r["seconds"] for r in records) if stacked else sum(r["seconds"] for r in records),
+            "end_seconds": statistics.median(b - a for a, b in zip(finished, finished[1:])) if stacked else None}
 
 
 def main() -> None:
@@ -210,8 +219,7 @@ def main() -> None:
             launchers = ["stacked", "basic"] + (["parallel"] if installed("hydra_plugins.hydra_joblib_launcher") else [])
             report["sweeps"] = {}
             for launcher in launchers:
-                seconds, mse = sweep_seconds(launcher, extra, root)
-                report["sweeps"][launcher] = {"seconds": seconds, "test_mse": mse}
+                report["sweeps"][launcher] = sweep_seconds(launcher, extra, root)
     show(report)
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
@@ -247,9 +255,13 @@ def show(report: dict) -> None:
               f"{row['peak_mib']:,.0f} |")
     targets = [("digits stacked / one by one, training", report["throughput"]["digits"]["x"], 1.5)]
     if "sweeps" in report:
-        print("\n| launcher | end to end (s) | test MSE of the 8 jobs |\n|---|---|---|")
+        print("\n| launcher | end to end (s) | training (s) | a job's end, warm (s) | test MSE of the 8 jobs |"
+              "\n|---|---|---|---|---|")
         for launcher, row in report["sweeps"].items():
-            print(f"| {launcher} | {row['seconds']:.1f} | {' '.join(f'{m:.5f}' for m in row['test_mse'])} |")
+            end = "" if row["end_seconds"] is None else f"{row['end_seconds']:.2f}"
+            training = "" if launcher == "parallel" else f"{row['training_seconds']:.1f}"  # 2 workers at once
+            print(f"| {launcher} | {row['seconds']:.1f} | {training} | {end} | "
+                  f"{' '.join(f'{m:.5f}' for m in row['test_mse'])} |")
         sweeps = report["sweeps"]
         targets.append(("8-job sweep, basic / stacked, end to end", sweeps["basic"]["seconds"] /
                         sweeps["stacked"]["seconds"], 2.5))

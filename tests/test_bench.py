@@ -86,5 +86,7 @@ def test_bench_stacked_reports_throughput_growth_and_sweeps(tmp_path):
     sweeps = report["sweeps"]
     assert {"stacked", "basic"} <= set(sweeps) and len(sweeps["stacked"]["test_mse"]) == 8
     assert sweeps["stacked"]["test_mse"] == pytest.approx(sweeps["basic"]["test_mse"], rel=1e-5)
+    assert sweeps["stacked"]["end_seconds"] > 0 and sweeps["basic"]["end_seconds"] is None  # one job's end, warm
+    assert 0 < sweeps["stacked"]["training_seconds"] < sweeps["stacked"]["seconds"]
     assert [t["target"] for t in report["targets"]][:2] == ["digits stacked / one by one, training",
                                                               "8-job sweep, basic / stacked, end to end"]
