@@ -446,7 +446,7 @@ def test_latent_picture_puts_each_class_where_its_codes_lie():
         assert latent_picture(flat, labels[:20]).shape[0] == 3
 
 
-def test_kept_figures_draw_what_fresh_ones_draw(tmp_path):
+def test_kept_figures_draw_what_fresh_ones_draw(tmp_path, monkeypatch):
     """A run's end draws histograms.png, the latents picture and the labelled grids into the figures the
     last run's end drew (a sweep's next job, in the same process): the pixels are those of fresh
     figures, whatever the last one showed (other units, classes, ranges, a spectrum decades away, other
@@ -478,6 +478,10 @@ def test_kept_figures_draw_what_fresh_ones_draw(tmp_path):
     kept = drawn(32, 10, 1.0, 0, tmp_path / "kept.png")
     assert np.array_equal(kept[0], fresh[0]) and torch.equal(kept[1], fresh[1]) and torch.equal(kept[2], fresh[2])
     assert artists() == held
+    monkeypatch.setattr(figures, "MAX_KEPT", 4)
+    for size in range(2):  # more sizes than it keeps: the latest kept, the first made gone
+        labelled(torch.rand(3, 12, 12 + size), ["a"])
+    assert len(figures.KEPT) == 4 and "histograms" not in figures.KEPT and "latents" in figures.KEPT
 
 
 def test_the_projector_holds_the_test_codes_once(tmp_path):

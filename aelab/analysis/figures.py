@@ -18,6 +18,7 @@ def pyplot():
 
 
 KEPT: dict[str, object] = {}  # the figures every run's end draws again, by name: made once per process
+MAX_KEPT = 16  # a long process (a test session, `aelab eval` over many sizes) keeps the latest made only
 
 
 def kept_figure(name: str, make):
@@ -31,6 +32,8 @@ def kept_figure(name: str, make):
     fig = KEPT.get(name)
     if fig is None:
         pyplot()  # matplotlib set up as for every picture
+        if len(KEPT) == MAX_KEPT:
+            KEPT.pop(next(iter(KEPT)))  # the first made
         fig = KEPT[name] = make()
         FigureCanvasAgg(fig)
         return fig
