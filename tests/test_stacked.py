@@ -15,6 +15,7 @@ from aelab.training import stacked
 from aelab.training.loop import fit
 from aelab.training.stacked import Member, fit_stack, unstackable
 from aelab.training.steps import GraphStep
+from conftest import events
 from test_steps import Rerun
 
 QUIET = ("device=cpu", "eval.probe=false", "eval.projector=0", "trainer.epochs=2")
@@ -32,6 +33,7 @@ def alone(make_cfg, tmp_path, name, *overrides) -> dict:
     """The job trained by itself, as `aelab train` trains it: its final weights."""
     cfg, run_dir, s = started(make_cfg, tmp_path, name, *overrides)
     fit(s.parts, cfg, s.pos, run_dir, s.writer)
+    s.writer.flush()
     return {k: v.clone() for k, v in s.parts.model.state_dict().items()}
 
 
@@ -60,12 +62,20 @@ L1_JOBS = [("reg=l1", "reg.weight=0.001"),
 
 
 def test_each_stacked_job_ends_as_it_would_alone(make_cfg, tmp_path):
-    """Different weights, seeds (so init, shuffles and noise), learning rates and corruption levels."""
+    """Different weights, seeds (so init, shuffles and noise), learning rates and corruption levels: the
+    final weights, and each epoch's validation numbers in TensorBoard (measured for the stack at once)."""
     stack = members(make_cfg, tmp_path, "s", L1_JOBS)
     fit_stack(stack, "")
     for index, overrides in enumerate(L1_JOBS):
         assert stack[index].pos.epoch == 2 and stack[index].pos.step == 2 * 10
         assert_close(weights(stack[index]), alone(make_cfg, tmp_path, f"a{index}", *overrides))
+        stack[index].writer.flush()
+        got, want = events(stack[index].run_dir), events(tmp_path / f"a{index}")
+        tags = [tag for tag in want.Tags()["scalars"] if tag.startswith("val/")]
+        assert len(tags) == 6 and sorted(got.Tags()["scalars"]) == sorted(want.Tags()["scalars"])
+        for tag in tags:
+            assert [e.value for e in got.Scalars(tag)] == pytest.approx([e.value for e in want.Scalars(tag)],
+                                                                        rel=1e-5, abs=1e-7), tag
 
 
 @SLOW

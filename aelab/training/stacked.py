@@ -191,32 +191,42 @@ class Stack:
         latent, recon, logits = vmap(one)(self.weights, x)
         return Forward(x, latent, recon, logits)
 
-    def objective(self, clean: Tensor, generators: list[torch.Generator]) -> Tensor:
+    def objective(self, clean: Tensor, generators: list[torch.Generator]) -> tuple[Tensor, Forward]:
         """Each member's (total, recon, reg) on its batch, clean (N, B, ...), its corruption drawn from
-        generators[i]: (N, 3), attached to the graph."""
-        inputs = torch.stack([m.parts.corruption(c, g) for m, c, g in zip(self.members, clean, generators)])
-        if self.input_grad:
-            inputs.requires_grad_(True)
+        generators[i]: (N, 3), attached to the graph; and the forward pass (`inputs` is `clean` itself
+        where no member corrupts it: corruption=none hands each batch back as it is)."""
+        rows = clean.unbind()
+        corrupted = [m.parts.corruption(c, g) for m, c, g in zip(self.members, rows, generators)]
+        if self.input_grad or any(x is not c for x, c in zip(corrupted, rows)):
+            inputs = torch.stack(corrupted)  # a leaf of its own where the penalty takes gradients at it
+            inputs.requires_grad_(self.input_grad)
+        else:
+            inputs = clean
         fwd = self.forward(inputs, self.trace)
         recon = self.loss(fwd, clean)
         reg = self.penalty.term(fwd, self, **self.options)
         total = recon if self.penalty.zero else recon + self.scale * reg
-        return torch.stack([total, recon, reg.expand_as(total)], 1)
+        return torch.stack([total, recon, reg.expand_as(total)], 1), fwd
 
     def measure(self, x: Tensor) -> list[tuple[dict, dict]]:
         """Each member's validation numbers on x, as training.loop.end_epoch measures a job's alone: the
         mean objective (corruption drawn from a generator seeded with its trainer.seed) and the activity
-        of its clean codes. One stacked pass over x for all members."""
+        of its clean codes. One stacked pass over x for all members (the objective's forward gives the
+        codes where the inputs are clean)."""
         first = self.members[0].parts
         n, size, device = len(self.members), first.trainer.batch_size, first.device
         generators = [torch.Generator(device).manual_seed(m.parts.trainer.seed) for m in self.members]
         sums, latents = torch.zeros(n, len(TERMS), device=device), []
         for clean in batches(x, size, device):
-            stacked = clean.expand(n, *clean.shape)
+            stacked = clean.expand(n, *clean.shape).contiguous()  # each its own rows, as in training
             with torch.set_grad_enabled(self.input_grad):
-                sums += self.objective(stacked, generators).detach() * len(clean)
-            with torch.no_grad():
-                latents.append(self.forward(stacked).latent)
+                terms, fwd = self.objective(stacked, generators)
+            sums += terms.detach() * len(clean)
+            if fwd.inputs is stacked:
+                latents.append(fwd.latent.detach())
+            else:
+                with torch.no_grad():
+                    latents.append(self.forward(stacked).latent)
         latent = torch.cat(latents, 1)
         out = []
         for member, total, codes in zip(self.members, (sums / len(x)).tolist(), latent):
@@ -253,7 +263,7 @@ class Stack:
     def train(self, clean: Tensor) -> Tensor:
         """One optimizer step of every member on its batch, clean (N, B, ...); returns the detached (N, 3)
         (total, recon, reg) without a host sync."""
-        terms = self.objective(clean, [m.generator for m in self.members])
+        terms, _ = self.objective(clean, [m.generator for m in self.members])
         for weight in self.weights.values():
             weight.grad = None
         terms[:, 0].sum().backward()  # each member's gradient is its own objective's
