@@ -25,7 +25,8 @@ def kept_figure(name: str, make):
     """The figure `name` (a matplotlib Figure, made by `make()` the first time), cleared of what its last
     use drew: its axes, scales, ticks and fonts stay laid out, so a sweep's next job draws it for about
     half a fresh figure's cost (the histograms: 0.1 s instead of 0.2). A use sets everything it shows
-    but what `make` sets; the pixels are a fresh figure's (tested). Not pyplot's: nothing to close."""
+    but what `make` sets; the pixels are a fresh figure's (tested). Not pyplot's, so pyplot's close (in
+    save_figure, figure_pixels) leaves it as it is."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.transforms import Bbox
 
