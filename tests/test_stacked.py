@@ -139,6 +139,18 @@ def test_every_part_stacks_exactly(make_cfg, tmp_path, jobs):
         assert_close(weights(stack[index]), alone(make_cfg, tmp_path, f"a{index}", *overrides), rtol=1e-4, atol=1e-5)
 
 
+def test_the_stacked_linear_layer_differentiates_as_torch_does():
+    """Its own backward (the weight's gradient in the weight's layout), once and twice (Hutchinson's
+    estimate differentiates through it), against autograd's numerical check in float64."""
+    h, weight, bias = (torch.randn(shape, dtype=torch.float64, requires_grad=True) for shape in
+                       ((3, 5, 4), (3, 2, 4), (3, 2)))
+    assert torch.autograd.gradcheck(stacked._StackedLinear.apply, (h, weight, bias))
+    assert torch.autograd.gradgradcheck(stacked._StackedLinear.apply, (h, weight, bias))
+    out = stacked._StackedLinear.apply(h, weight, bias)
+    out.backward(torch.ones_like(out))
+    assert weight.grad.is_contiguous() and torch.equal(out, torch.baddbmm(bias.unsqueeze(1), h, weight.mT))
+
+
 def test_a_diverging_job_stops_alone(make_cfg, tmp_path):
     """optim.lr=1e12 sends job 1 to NaN; it leaves the stack with the single run's message, and the
     others end bitwise as a stack without it ends."""

@@ -165,7 +165,7 @@ class Stack:
         return self.vmapped_forward(x)
 
     def linear(self, prefix: str, h: Tensor) -> Tensor:
-        return torch.baddbmm(self.weights[f"{prefix}.bias"].unsqueeze(1), h, self.weights[f"{prefix}.weight"].mT)
+        return _StackedLinear.apply(h, self.weights[f"{prefix}.weight"], self.weights[f"{prefix}.bias"])
 
     def mlp_forward(self, x: Tensor, trace: bool) -> Forward:
         model = self.template
@@ -276,6 +276,26 @@ class Stack:
                 param.grad = self.weights[name].grad[i]
             optimizer.step()
         return terms.detach()
+
+
+class _StackedLinear(torch.autograd.Function):
+    """N linear layers on N batches: h (N, B, in), weight (N, out, in), bias (N, out) -> (N, B, out), with
+    the weight's gradient computed as grad^T h, in the weight's own layout, as torch computes a single
+    Linear's (autograd's baddbmm gives h^T grad, whose transpose the weight's .grad then copies: a tenth
+    of a digits stack's step). Twice differentiable (Hutchinson's estimate differentiates through it)."""
+
+    @staticmethod
+    def forward(ctx, h: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
+        ctx.save_for_backward(h, weight)
+        return torch.baddbmm(bias.unsqueeze(1), h, weight.mT)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        h, weight = ctx.saved_tensors
+        grad_h = torch.bmm(grad, weight) if ctx.needs_input_grad[0] else None
+        grad_weight = torch.bmm(grad.mT, h) if ctx.needs_input_grad[1] else None
+        grad_bias = grad.sum(1) if ctx.needs_input_grad[2] else None
+        return grad_h, grad_weight, grad_bias
 
 
 def fit_stack(members: list[Member], stop_hint: str, backend: Optional[GraphBackend] = None) -> tuple[float, str]:
