@@ -21,6 +21,15 @@ from conftest import run_cli
 EXPERIMENTS = sorted(p.stem for p in (Path(__file__).resolve().parents[1] / "configs" / "experiment").glob("*.yaml"))
 
 
+@pytest.fixture(autouse=True)
+def close_kept_plots():
+    """Tests that keep a plot to read it (plots.save monkeypatched) leave its figure open: closed here,
+    so that pyplot does not warn of too many open figures."""
+    yield
+    if "matplotlib.pyplot" in sys.modules:
+        sys.modules["matplotlib.pyplot"].close("all")
+
+
 def test_report_folds_seeds_and_writes_table_csv_markdown_plots(sweep):
     proc = run_cli("report", str(sweep), cwd=sweep)
     assert "aelab report" in proc.stdout and "4 runs" in proc.stdout
