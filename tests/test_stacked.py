@@ -146,9 +146,12 @@ def test_the_stacked_linear_layer_differentiates_as_torch_does():
                        ((3, 5, 4), (3, 2, 4), (3, 2)))
     assert torch.autograd.gradcheck(stacked._StackedLinear.apply, (h, weight, bias))
     assert torch.autograd.gradgradcheck(stacked._StackedLinear.apply, (h, weight, bias))
-    out = stacked._StackedLinear.apply(h, weight, bias)
-    out.backward(torch.ones_like(out))
-    assert weight.grad.is_contiguous() and torch.equal(out, torch.baddbmm(bias.unsqueeze(1), h, weight.mT))
+    out, torchs = stacked._StackedLinear.apply(h, weight, bias), torch.baddbmm(bias.unsqueeze(1), h, weight.mT)
+    assert torch.equal(out, torchs)
+    grad = torch.randn_like(out)
+    (own,), (autograds,) = (torch.autograd.grad(y, weight, grad) for y in (out, torchs))
+    assert own.is_contiguous() and not autograds.is_contiguous()  # autograd's: a transpose, for .grad to copy
+    torch.testing.assert_close(own, autograds)
 
 
 def test_a_diverging_job_stops_alone(make_cfg, tmp_path):
